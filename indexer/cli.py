@@ -1,0 +1,155 @@
+"""`tracin` command line: index, inspect, demo, serve.
+
+Errors in the user's input print one line naming the problem and exit with status 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from indexer.checkpoints import CheckpointError
+from indexer.config import ConfigError
+
+
+class UsageError(Exception):
+    pass
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from indexer.config import load_config
+    from indexer.pipeline import build_index
+
+    config = load_config(args.config)
+    if args.batch_size:
+        from dataclasses import replace
+
+        config = replace(config, index=replace(config.index, batch_size=args.batch_size))
+    result = build_index(config, args.out, overwrite=args.force, show_progress=not args.quiet)
+    print(f"indexed {result.count} examples into {result.path} (dim {result.dim}) in {result.seconds:.1f}s")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from indexer.store import IndexDirectory
+
+    index = IndexDirectory.open(args.dir, verify=not args.no_verify)
+    m = index.manifest
+    sizes = {p.name: p.stat().st_size for p in sorted(Path(args.dir).rglob("*")) if p.is_file()}
+    if args.json:
+        print(json.dumps({"manifest": m, "sizes": sizes}, indent=2))
+        return 0
+    print(f"index      {index.path}")
+    print(f"task       {m['task']['ref']} {m['task']['args'] or ''}")
+    print(f"examples   {m['count']}   embedding dim {m['embedding_dim']}")
+    proj = m["projection"]
+    print(f"projection {proj['kind']} dim={proj['dim']} seed={proj['seed']} fingerprint={proj['fingerprint'][:16]}")
+    f = m["faiss"]
+    extra = f"  recall@10 {f.get('recall_at_10')}" if f["approximate"] else ""
+    print(f"faiss      {f['factory']} ({'approximate' if f['approximate'] else 'exact'}){extra}")
+    for c in m["checkpoints"]:
+        print(f"checkpoint {c['file']}  lr={c['lr']:g}  sha256={c['sha256'][:12]}")
+    for layer in m["layers"]:
+        print(f"layer      {layer['name']:<24} {layer['kind']:<9} {layer['shape'][0]}x{layer['shape'][1]}"
+              f" -> {layer['projection']} {layer['dim']}")
+    total = sum(sizes.values())
+    print(f"size       {total / 1e6:.1f} MB  ({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in sizes.items() if v > 1e5)})")
+    order = index.self_influence.argsort()[::-1][: args.top]
+    print(f"top {len(order)} self-influence:")
+    for rank, row in enumerate(order, 1):
+        ex = index.examples[row]
+        flags = {k: v for k, v in ex["display"].items() if isinstance(v, (bool, int, float)) and k != "row"}
+        print(f"  {rank:>3}. {ex['id']:<16} label={ex['label']!s:<6} score={index.self_influence[row]:.4g} {flags or ''}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from indexer.config import load_config
+    from indexer.demo.digits import train_digits
+    from indexer.pipeline import build_index
+
+    out = Path(args.out)
+    index_dir = out / "index"
+    t0 = time.perf_counter()
+    if index_dir.exists() and not args.force:
+        print(f"demo index already at {index_dir} (use --force to rebuild)")
+    else:
+        config_path = train_digits(out / "run", epochs=args.epochs)
+        t1 = time.perf_counter()
+        result = build_index(load_config(config_path), index_dir, overwrite=True, show_progress=not args.quiet)
+        print(f"trained digits MLP in {t1 - t0:.1f}s; indexed {result.count} examples in {result.seconds:.1f}s "
+              f"-> {index_dir}")
+    if args.no_serve:
+        return 0
+    return _serve(index_dir, args.host, args.port)
+
+
+def _serve(index_dir: Path, host: str, port: int) -> int:
+    try:
+        from service.server import serve
+    except ImportError as exc:  # the service package is part of this distribution
+        raise UsageError(f"the service is not available: {exc}") from exc
+    return serve(index_dir, host=host, port=port)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    return _serve(Path(args.dir), args.host, args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tracin", description="TracIn influence indexing and serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("index", help="build an index directory from a TOML config")
+    p.add_argument("config", help="TOML config (task, checkpoints, layers, projection, index)")
+    p.add_argument("--out", required=True, help="index directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing index directory")
+    p.add_argument("--batch-size", type=int, default=None, help="override index.batch_size")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_cmd_index)
+
+    p = sub.add_parser("inspect", help="summarise an index directory")
+    p.add_argument("dir")
+    p.add_argument("--top", type=int, default=10, help="how many top self-influence examples to list")
+    p.add_argument("--json", action="store_true", help="print the manifest and file sizes as JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    p.set_defaults(fn=_cmd_inspect)
+
+    p = sub.add_parser("demo", help="train the embedded digits demo, index it and serve it")
+    p.add_argument("--out", default=".tracin/demo", help="work directory (checkpoints, config, index)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--force", action="store_true", help="retrain and rebuild even if an index exists")
+    p.add_argument("--no-serve", action="store_true", help="only build the index")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("serve", help="serve an index directory over HTTP")
+    p.add_argument("dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(fn=_cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, CheckpointError, FileExistsError, UsageError) as exc:
+        print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001
+        from indexer.store import IndexDirectoryError
+
+        if isinstance(exc, IndexDirectoryError):
+            print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

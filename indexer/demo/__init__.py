@@ -1,0 +1,1 @@
+"""Embedded examples that need no download."""

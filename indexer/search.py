@@ -1,0 +1,76 @@
+"""Top proponents / opponents from a FAISS inner-product index.
+
+Proponents: the largest e(z_train) . q  (search q; keep scores > 0).
+Opponents:  the most negative e(z_train) . q  (search -q, negate the scores back; keep scores < 0).
+An optional row subset (e.g. one training label) is applied inside FAISS with an ID selector, so the
+k results are the true top-k of the subset, not a post-filtered short list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+
+@dataclass
+class Hits:
+    rows: np.ndarray  # int64 [h]
+    scores: np.ndarray  # float32 [h]
+
+
+def _search_params(index: faiss.Index, selector, params: dict) -> faiss.SearchParameters | None:
+    if selector is None and not params:
+        return None
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexIVF):
+        sp = faiss.SearchParametersIVF()
+    elif isinstance(base, faiss.IndexHNSW):
+        sp = faiss.SearchParametersHNSW()
+    else:
+        sp = faiss.SearchParameters()
+    for name, value in params.items():
+        setattr(sp, name, value)
+    if selector is not None:
+        sp.sel = selector
+    return sp
+
+
+def row_selector(rows: np.ndarray):
+    """A FAISS selector for a set of rows (kept alive by the caller along with the search params)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    return faiss.IDSelectorBatch(rows.size, faiss.swig_ptr(rows)), rows
+
+
+def top_k(index: faiss.Index, query: np.ndarray, k: int, sign: int = 1, rows: np.ndarray | None = None,
+          params: dict | None = None) -> Hits:
+    """Largest sign * (e . q) hits, returned as (rows, e . q) with sign * score > 0."""
+    if k <= 0:
+        return Hits(np.empty(0, np.int64), np.empty(0, np.float32))
+    q = np.ascontiguousarray((sign * query).reshape(1, -1), dtype=np.float32)
+    keep = None
+    selector = None
+    if rows is not None:
+        selector, keep = row_selector(rows)
+        k = min(k, int(keep.size))
+        if k == 0:
+            return Hits(np.empty(0, np.int64), np.empty(0, np.float32))
+    sp = _search_params(index, selector, params or {})
+    k = min(k, index.ntotal)
+    scores, ids = index.search(q, k, params=sp) if sp is not None else index.search(q, k)
+    del keep
+    scores, ids = scores[0], ids[0]
+    ok = (ids >= 0) & (scores > 0)
+    return Hits(ids[ok].astype(np.int64), (sign * scores[ok]).astype(np.float32))
+
+
+def build_faiss_index(factory: str, dim: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"index.factory: FAISS cannot build {factory!r}: {str(exc).splitlines()[-1]}") from None
+
+
+def is_approximate(index: faiss.Index) -> bool:
+    base = faiss.downcast_index(index)
+    return not isinstance(base, faiss.IndexFlat)
