@@ -144,3 +144,25 @@ class Embedder:
     def predict(self, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted labels, probabilities) of the model at the last checkpoint."""
         return self.task.predict(self.per_checkpoint[-1].outputs(inputs))
+
+
+def load_embedder(index_dir, device: str | torch.device = "cpu") -> tuple[Task, Embedder]:
+    """Rebuild the task, the projection plan and every checkpoint's model from an opened
+    `indexer.store.IndexDirectory`, refusing on a projection fingerprint mismatch."""
+    from indexer.config import TaskRef
+    from indexer.store import IndexDirectoryError
+
+    manifest = index_dir.manifest
+    task = TaskRef(manifest["task"]["ref"], dict(manifest["task"].get("args") or {})).build()
+    proj = manifest["projection"]
+    checkpoints = [Checkpoint(path, lr) for path, lr in index_dir.checkpoint_paths()]
+    plan = ProjectionPlan.build(task.build_model(), proj.get("layer_patterns"), proj["kind"], proj["dim"],
+                                proj["seed"], len(checkpoints))
+    if plan.fingerprint() != proj["fingerprint"]:
+        raise IndexDirectoryError(
+            f"{index_dir.path}: the projection rebuilt here (fingerprint {plan.fingerprint()[:16]}) does not match "
+            f"the manifest ({proj['fingerprint'][:16]}); torch or the task's model changed since indexing"
+        )
+    if plan.total_dim != int(manifest["embedding_dim"]):
+        raise IndexDirectoryError(f"{index_dir.path}: rebuilt embedding dim {plan.total_dim} != manifest")
+    return task, Embedder(task, checkpoints, plan, device)
