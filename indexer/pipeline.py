@@ -64,7 +64,10 @@ def prepare(config: IndexConfig) -> tuple[Task, list[Checkpoint], ProjectionPlan
             raise ConfigError(str(exc)) from None
     plan = ProjectionPlan.build(model, config.layers, config.projection.kind, config.projection.dim,
                                 config.projection.seed, len(checkpoints))
-    build_faiss_index(config.index.factory, plan.total_dim)  # fails early on a bad factory string
+    try:
+        build_faiss_index(config.index.factory, plan.total_dim)  # fails early on a bad factory string
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if config.index.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"index.device: {config.index.device!r} requested but CUDA is not available")
     return task, checkpoints, plan

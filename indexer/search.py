@@ -68,7 +68,8 @@ def build_faiss_index(factory: str, dim: int) -> faiss.Index:
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise ValueError(f"index.factory: FAISS cannot build {factory!r}: {str(exc).splitlines()[-1]}") from None
+        reason = str(exc).strip().splitlines()[-1].rsplit(": ", 1)[-1]
+        raise ValueError(f"index.factory: FAISS cannot build {factory!r}: {reason}") from None
 
 
 def is_approximate(index: faiss.Index) -> bool:

@@ -1,0 +1,70 @@
+"""The embedded digits demo through the real `tracin` command line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.store import IndexDirectory
+
+ROOT = Path(__file__).parents[1]
+
+
+def tracin(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "indexer.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("demo")
+    started = time.perf_counter()
+    tracin("demo", "--out", str(out), "--no-serve", "--quiet")
+    return out, time.perf_counter() - started
+
+
+def test_demo_builds_in_well_under_a_minute(demo):
+    out, seconds = demo
+    assert seconds < 60
+    index = IndexDirectory.open(out / "index")
+    assert index.count == 1500 and len(index.manifest["checkpoints"]) == 5
+    lrs = [c["lr"] for c in index.manifest["checkpoints"]]
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 5  # decaying lr, recorded per checkpoint
+    assert len(index.queries) == 297 and len(index.queries[0]["example"]["pixels"]) == 64
+
+
+def test_self_influence_finds_the_flipped_labels(demo):
+    index = IndexDirectory.open(demo[0] / "index")
+    flipped = np.array([e["display"]["flipped"] for e in index.examples])
+    assert 0.09 < flipped.mean() < 0.11
+    for e in index.examples:
+        assert (e["label"] != e["display"]["original_label"]) == e["display"]["flipped"]
+    top = np.argsort(-index.self_influence)[: int(0.1 * index.count)]
+    assert flipped[top].mean() > 0.6  # random ranking would find ~0.1
+
+
+def test_inspect_prints_summary_and_json(demo):
+    text = tracin("inspect", str(demo[0] / "index"), "--top", "3").stdout
+    assert "sketch dim=256" in text and "fc1" in text and "top 3 self-influence" in text
+    data = json.loads(tracin("inspect", str(demo[0] / "index"), "--json").stdout)
+    assert data["manifest"]["count"] == 1500 and data["sizes"]["index.faiss"] > 0
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    proc = tracin("inspect", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "manifest.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tracin("index", str(tmp_path / "none.toml"), "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
+    (tmp_path / "bad.toml").write_text("task = 'x:y'\n[projection]\ndim = 'big'\n")
+    proc = tracin("index", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "checkpoints" in proc.stderr
