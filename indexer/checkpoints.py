@@ -60,7 +60,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             from safetensors.torch import load_file
 
             return load_file(str(path)), {}
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if isinstance(payload, dict) and "state_dict" in payload:

@@ -42,6 +42,9 @@ def resolve_checkpoints(specs: list[tuple[Path, float | None]]) -> list[Checkpoi
     return out
 
 
+GAUSSIAN_MAX_ENTRIES = 1 << 26  # 512 MiB of float64 per layer and checkpoint
+
+
 @dataclass
 class ProjectionPlan:
     """Traced layers and the drawn projectors for every checkpoint (CPU, float64)."""
@@ -56,6 +59,15 @@ class ProjectionPlan:
     def build(cls, model: nn.Module, layer_patterns: list[str] | None, kind: str, dim: int, seed: int,
               checkpoints: int) -> "ProjectionPlan":
         layers = select_layers(model, layer_patterns)
+        if kind == "gaussian":
+            from indexer.config import ConfigError
+
+            for layer in layers:
+                if layer.size > dim and layer.size * dim > GAUSSIAN_MAX_ENTRIES:
+                    raise ConfigError(
+                        f"projection.kind: a dense gaussian for layer {layer.name!r} ({layer.m}x{layer.n}) needs "
+                        f"{layer.size * dim:,} entries per checkpoint; use kind = \"sketch\" for layers this large"
+                    )
         projectors = [[make_projector(layer, kind, dim, seed, c) for layer in layers] for c in range(checkpoints)]
         return cls(kind, dim, seed, layers, projectors)
 

@@ -40,9 +40,9 @@ class BuildResult:
     embed_seconds: float
 
 
-def _config_hash(config: IndexConfig, checkpoints: list[Checkpoint]) -> str:
+def _config_hash(config: IndexConfig, digests: list[str]) -> str:
     data = config.to_json()
-    data["checkpoint_sha256"] = [sha256_file(c.path) for c in checkpoints]
+    data["checkpoint_sha256"] = digests
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -85,7 +85,8 @@ def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
     if count == 0:
         raise ConfigError("task: training_set() is empty")
 
-    work = out.parent / f".{out.name}.partial-{_config_hash(config, checkpoints)}"
+    digests = [sha256_file(c.path) for c in checkpoints]
+    work = out.parent / f".{out.name}.partial-{_config_hash(config, digests)}"
     work.mkdir(parents=True, exist_ok=True)
     state_file = work / PROGRESS_FILE
     done = json.loads(state_file.read_text())["done"] if state_file.is_file() else []
@@ -129,7 +130,7 @@ def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
         faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE)
         np.save(staging.path / SELF_INFLUENCE_FILE, self_influence)
         _write_examples(task, examples, staging.path)
-        ckpt_entries = _copy_checkpoints(checkpoints, staging.path)
+        ckpt_entries = _copy_checkpoints(checkpoints, digests, staging.path)
         names = [INDEX_FILE, SELF_INFLUENCE_FILE, EXAMPLES_FILE]
         if (staging.path / QUERIES_FILE).is_file():
             names.append(QUERIES_FILE)
@@ -231,11 +232,11 @@ def _write_examples(task: Task, examples: ExampleSet, directory: Path) -> None:
         ))
 
 
-def _copy_checkpoints(checkpoints: list[Checkpoint], directory: Path) -> list[dict]:
+def _copy_checkpoints(checkpoints: list[Checkpoint], digests: list[str], directory: Path) -> list[dict]:
     (directory / CHECKPOINT_DIR).mkdir()
     entries = []
-    for i, ckpt in enumerate(checkpoints):
+    for i, (ckpt, digest) in enumerate(zip(checkpoints, digests)):
         name = f"{CHECKPOINT_DIR}/{i:02d}-{ckpt.path.name}"
         shutil.copyfile(ckpt.path, directory / name)
-        entries.append({"file": name, "source": str(ckpt.path), "lr": ckpt.lr, "sha256": sha256_file(directory / name)})
+        entries.append({"file": name, "source": str(ckpt.path), "lr": ckpt.lr, "sha256": digest})
     return entries
