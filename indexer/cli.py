@@ -20,14 +20,26 @@ class UsageError(Exception):
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from indexer.config import load_config
-    from indexer.pipeline import build_index
+    from indexer.pipeline import build_index, build_shard, merge_shards
 
     config = load_config(args.config)
     if args.batch_size:
         from dataclasses import replace
 
         config = replace(config, index=replace(config.index, batch_size=args.batch_size))
-    result = build_index(config, args.out, overwrite=args.force, show_progress=not args.quiet)
+    if args.shard and args.merge:
+        raise UsageError("--shard and --merge are separate steps")
+    if args.shard:
+        shard, _, shards = args.shard.partition("/")
+        if not (shard.isdigit() and shards.isdigit()):
+            raise UsageError(f"--shard: expected I/N such as 0/8, got {args.shard!r}")
+        path = build_shard(config, args.out, int(shard), int(shards), show_progress=not args.quiet)
+        print(f"shard {shard}/{shards} written to {path}")
+        return 0
+    if args.merge:
+        result = merge_shards(config, args.out, args.merge, overwrite=args.force)
+    else:
+        result = build_index(config, args.out, overwrite=args.force, show_progress=not args.quiet)
     print(f"indexed {result.count} examples into {result.path} (dim {result.dim}) in {result.seconds:.1f}s")
     return 0
 
@@ -108,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing index directory")
     p.add_argument("--batch-size", type=int, default=None, help="override index.batch_size")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shard", metavar="I/N", help="embed only shard I of N (e.g. $SLURM_ARRAY_TASK_ID/8)")
+    p.add_argument("--merge", metavar="N", type=int, help="build the index from N finished shards")
     p.set_defaults(fn=_cmd_index)
 
     p = sub.add_parser("inspect", help="summarise an index directory")

@@ -75,18 +75,118 @@ def prepare(config: IndexConfig) -> tuple[Task, list[Checkpoint], ProjectionPlan
 
 def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
                 progress: Callable[[int, int], None] | None = None, show_progress: bool = False) -> BuildResult:
+    """Embed every training example at every checkpoint and write the index directory `out`."""
     started = time.perf_counter()
-    task, checkpoints, plan = prepare(config)
-    out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (use --force to replace it)")
-    examples = task.training_set()
-    count, dim = len(examples), plan.total_dim
-    if count == 0:
-        raise ConfigError("task: training_set() is empty")
+    job = _Job.prepare(config, out, overwrite)
+    work = job.out.parent / f".{job.out.name}.partial-{job.config_hash}"
+    vectors, self_influence, seconds = _embed_rows(job, 0, job.count, work, progress, show_progress)
+    result = _finalize(job, vectors, self_influence, started, seconds)
+    del vectors
+    shutil.rmtree(work, ignore_errors=True)
+    return result
 
-    digests = [sha256_file(c.path) for c in checkpoints]
-    work = out.parent / f".{out.name}.partial-{_config_hash(config, digests)}"
+
+def shard_dir(out: Path, shard: int, shards: int) -> Path:
+    return Path(out).resolve().parent / f"{Path(out).name}.shards" / f"shard-{shard:05d}-of-{shards:05d}"
+
+
+def shard_rows(count: int, shard: int, shards: int) -> tuple[int, int]:
+    """Contiguous example range of one shard (sizes differ by at most one)."""
+    return count * shard // shards, count * (shard + 1) // shards
+
+
+def build_shard(config: IndexConfig, out: str | Path, shard: int, shards: int,
+                show_progress: bool = False) -> Path:
+    """Embed one contiguous range of examples (run one per job-array task / torchrun rank), into
+    `<out>.shards/shard-i-of-n/`; `merge_shards` then builds the index directory `out`."""
+    if not 0 <= shard < shards:
+        raise ConfigError(f"--shard: expected i/n with 0 <= i < n, got {shard}/{shards}")
+    job = _Job.prepare(config, out, overwrite=True)
+    start, stop = shard_rows(job.count, shard, shards)
+    final = shard_dir(job.out, shard, shards)
+    work = final.with_name(final.name + f".partial-{job.config_hash}")
+    vectors, self_influence, seconds = _embed_rows(job, start, stop, work, None, show_progress)
+    np.save(work / SELF_INFLUENCE_FILE, self_influence)
+    (work / "shard.json").write_text(json.dumps({"config_hash": job.config_hash, "start": start, "stop": stop,
+                                                 "embed_seconds": seconds}))
+    del vectors
+    if final.exists():
+        shutil.rmtree(final)
+    work.rename(final)
+    return final
+
+
+def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: bool = False) -> BuildResult:
+    """Build the index directory from `shards` finished shards of the same config."""
+    started = time.perf_counter()
+    job = _Job.prepare(config, out, overwrite)
+    work = job.out.parent / f".{job.out.name}.merge-{job.config_hash}"
+    work.mkdir(parents=True, exist_ok=True)
+    vectors = np.lib.format.open_memmap(work / "vectors.npy", mode="w+", dtype=np.float32,
+                                        shape=(job.count, job.plan.total_dim))
+    self_influence = np.zeros(job.count, dtype=np.float64)
+    seconds = 0.0
+    for shard in range(shards):
+        directory = shard_dir(job.out, shard, shards)
+        info_file = directory / "shard.json"
+        if not info_file.is_file():
+            raise ConfigError(f"shard {shard}/{shards} is missing or unfinished ({directory})")
+        info = json.loads(info_file.read_text())
+        if info["config_hash"] != job.config_hash:
+            raise ConfigError(f"shard {shard}/{shards} was built from another config or other checkpoints")
+        start, stop = info["start"], info["stop"]
+        if (start, stop) != shard_rows(job.count, shard, shards):
+            raise ConfigError(f"shard {shard}/{shards} covers rows {start}..{stop}, not its own range")
+        part = np.load(directory / "vectors.npy", mmap_mode="r")
+        for s in range(0, stop - start, 65536):
+            vectors[start + s:start + min(s + 65536, stop - start)] = part[s:s + 65536]
+        self_influence[start:stop] = np.load(directory / SELF_INFLUENCE_FILE)
+        seconds += info["embed_seconds"]
+    vectors.flush()
+    result = _finalize(job, vectors, self_influence, started, seconds)
+    del vectors
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(job.out.parent / f"{job.out.name}.shards", ignore_errors=True)
+    return result
+
+
+@dataclass
+class _Job:
+    """A validated build: config, task, checkpoints (+ sha256), projection plan, training set."""
+
+    config: IndexConfig
+    out: Path
+    overwrite: bool
+    task: Task
+    checkpoints: list[Checkpoint]
+    digests: list[str]
+    plan: ProjectionPlan
+    examples: ExampleSet
+    config_hash: str
+
+    @property
+    def count(self) -> int:
+        return len(self.examples)
+
+    @classmethod
+    def prepare(cls, config: IndexConfig, out: str | Path, overwrite: bool) -> "_Job":
+        task, checkpoints, plan = prepare(config)
+        out = Path(out).resolve()
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists (use --force to replace it)")
+        examples = task.training_set()
+        if len(examples) == 0:
+            raise ConfigError("task: training_set() is empty")
+        digests = [sha256_file(c.path) for c in checkpoints]
+        return cls(config, out, overwrite, task, checkpoints, digests, plan, examples,
+                   _config_hash(config, digests))
+
+
+def _embed_rows(job: _Job, start_row: int, stop_row: int, work: Path,
+                progress: Callable[[int, int], None] | None, show_progress: bool):
+    """Vectors [rows, D] (float32 memmap in `work`) and exact self-influence for rows
+    start_row..stop_row; checkpoints outside, batches inside; resumable per checkpoint."""
+    count, dim, plan = stop_row - start_row, job.plan.total_dim, job.plan
     work.mkdir(parents=True, exist_ok=True)
     state_file = work / PROGRESS_FILE
     done = json.loads(state_file.read_text())["done"] if state_file.is_file() else []
@@ -95,27 +195,28 @@ def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
     si_file = work / "self_influence.partial.npy"
     self_influence = np.load(si_file) if done else np.zeros(count, dtype=np.float64)
 
-    batch_size = config.index.batch_size
+    batch_size = job.config.index.batch_size
     batches = (count + batch_size - 1) // batch_size
-    bar = _progress_bar(len(checkpoints) * batches, show_progress)
+    total = len(job.checkpoints) * batches
+    bar = _progress_bar(total, show_progress)
     embed_seconds, offset = 0.0, 0
-    for c, ckpt in enumerate(checkpoints):
+    for c, ckpt in enumerate(job.checkpoints):
         width = sum(p.dim for p in plan.projectors[c])
         if c in done:
             offset += width
             bar.update(batches)
             continue
         t0 = time.perf_counter()
-        embedder = CheckpointEmbedder(task, ckpt, c, plan, config.index.device)
-        for start in range(0, count, batch_size):
+        embedder = CheckpointEmbedder(job.task, ckpt, c, plan, job.config.index.device)
+        for b, start in enumerate(range(0, count, batch_size)):
             stop = min(start + batch_size, count)
-            inputs, labels = examples.batch(start, stop)
+            inputs, labels = job.examples.batch(start_row + start, start_row + stop)
             vec, sq = embedder.embed(inputs, labels)
             vectors[start:stop, offset:offset + width] = vec.detach().to("cpu", torch.float32).numpy()
             self_influence[start:stop] += sq.detach().to("cpu", torch.float64).numpy()
             bar.update(1)
             if progress:
-                progress(c * batches + start // batch_size + 1, len(checkpoints) * batches)
+                progress(c * batches + b + 1, total)
         embed_seconds += time.perf_counter() - t0
         vectors.flush()
         np.save(si_file, self_influence)
@@ -124,40 +225,44 @@ def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
         offset += width
         del embedder
     bar.close()
+    return vectors, self_influence, embed_seconds
 
-    staging = StagingDirectory(out, overwrite=overwrite)
+
+def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, started: float,
+              embed_seconds: float) -> BuildResult:
+    """Write FAISS index, self-influence, examples, checkpoints and manifest; rename into place."""
+    config, plan = job.config, job.plan
+    staging = StagingDirectory(job.out, overwrite=job.overwrite)
     try:
         faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE)
         np.save(staging.path / SELF_INFLUENCE_FILE, self_influence)
-        _write_examples(task, examples, staging.path)
-        ckpt_entries = _copy_checkpoints(checkpoints, digests, staging.path)
+        _write_examples(job.task, job.examples, staging.path)
+        ckpt_entries = _copy_checkpoints(job.checkpoints, job.digests, staging.path)
         names = [INDEX_FILE, SELF_INFLUENCE_FILE, EXAMPLES_FILE]
         if (staging.path / QUERIES_FILE).is_file():
             names.append(QUERIES_FILE)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "task": {"ref": config.task.ref, "args": config.task.args, "class_names": _class_names(task)},
+            "task": {"ref": config.task.ref, "args": config.task.args, "class_names": _class_names(job.task)},
             "checkpoints": ckpt_entries,
             "layers": plan.describe(),
             "projection": {"kind": plan.kind, "dim": plan.dim, "seed": plan.seed, "layer_patterns": config.layers,
                            "dim_per_checkpoint": plan.checkpoint_dim, "fingerprint": plan.fingerprint()},
-            "embedding_dim": dim,
-            "count": count,
+            "embedding_dim": plan.total_dim,
+            "count": job.count,
             "faiss": faiss_info,
             "files": file_hashes(staging.path, names),
             "versions": library_versions(),
             "build": {"seconds": round(time.perf_counter() - started, 3), "embed_seconds": round(embed_seconds, 3),
-                      "batch_size": batch_size, "device": config.index.device},
+                      "batch_size": config.index.batch_size, "device": config.index.device},
         }
         (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        del vectors
         staging.commit()
     except BaseException:
         staging.abort()
         raise
-    shutil.rmtree(work, ignore_errors=True)
-    return BuildResult(out, count, dim, time.perf_counter() - started, embed_seconds)
+    return BuildResult(job.out, job.count, plan.total_dim, time.perf_counter() - started, embed_seconds)
 
 
 def _class_names(task: Task) -> list[str] | None:

@@ -181,3 +181,22 @@ def test_tampered_index_is_refused(tmp_path, ckpts):
     (tmp_path / "index" / "examples.jsonl").unlink()
     with pytest.raises(IndexDirectoryError, match="examples.jsonl is missing"):
         IndexDirectory.open(tmp_path / "index", verify=False)
+
+
+def test_shards_merge_into_the_same_index(tmp_path, ckpts):
+    reference = _build(tmp_path, ckpts, "reference", kind="sketch", dim=16)
+    config = tmp_path / "config.toml"
+    from tests.test_demo_cli import tracin
+
+    # merging before every shard is done names the missing shard
+    proc = tracin("index", str(config), "--out", str(tmp_path / "index"), "--merge", "3", check=False)
+    assert proc.returncode == 2 and "shard 0/3 is missing" in proc.stderr
+    for shard in (2, 0, 1):  # any order, as a job array would run them
+        tracin("index", str(config), "--out", str(tmp_path / "index"), "--shard", f"{shard}/3", "--quiet")
+    tracin("index", str(config), "--out", str(tmp_path / "index"), "--merge", "3")
+    merged = IndexDirectory.open(tmp_path / "index")
+    np.testing.assert_allclose(merged.index.reconstruct_n(0, 40), reference.index.reconstruct_n(0, 40),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(merged.self_influence, reference.self_influence, rtol=1e-12)
+    assert merged.manifest["projection"] == reference.manifest["projection"]
+    assert not (tmp_path / "index.shards").exists()
