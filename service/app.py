@@ -1,0 +1,143 @@
+"""`create_app(settings)`: the FastAPI app, with a lifespan that loads the index directory once.
+
+    uvicorn --factory service.app:app_from_env      # settings from TRACIN_* environment variables
+    tracin serve DIR                                 # loads first (clear errors), then runs uvicorn
+
+Middlewares, outermost first: metrics -> CORS (only when origins are configured) -> bearer key (only
+when TRACIN_API_KEY is set) -> body size limit (413) -> routes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+from fastapi.middleware import Middleware
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.engine import Engine, ServiceStartupError, configure_threads, load_engine, open_task
+from service.errors import BearerAuth, BodySizeLimit, install_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import build_router
+from service.schemas import make_influence_request
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """TracIn influence retrieval: which training examples made this prediction?
+
+`POST /influence` embeds an example's loss gradients with the same code that built the index and
+returns the training examples with the largest positive TracIn scores (proponents) and the most
+negative ones (opponents). `GET /self-influence/top` lists training examples by exact self-influence
+(mislabeled, rare or odd examples first). Every 4xx is JSON: `{"error", "message", "detail": [{"field", ...}]}`.
+"""
+
+
+def _openapi_examples(engine: Engine | None, settings: Settings) -> dict[str, Any] | None:
+    if engine is None:
+        return None
+    out: dict[str, Any] = {}
+    query = next((q for q in engine.queries if q.get("example") is not None), None)
+    if query is not None:
+        out["held-out example"] = {"summary": f"held-out example {query.get('id')}",
+                                   "value": {"example": query["example"], "k": settings.default_k}}
+    if engine.examples:
+        first = engine.examples[0]["id"]
+        out["training example"] = {"summary": f"explain training example {first}",
+                                   "value": {"train_id": first, "k": settings.default_k}}
+        out["label filter"] = {"summary": "only proponents/opponents with training label 0",
+                               "value": {"train_id": first, "k": settings.default_k,
+                                         "filter_label": int(engine.labels[0])}}
+    return out or None
+
+
+def _manifest_examples(settings: Settings) -> dict[str, Any] | None:
+    """OpenAPI examples before the engine is loaded (factory path): read the small files only."""
+    try:
+        path = settings.index_dir
+        with open(path / "queries.jsonl", encoding="utf-8") as handle:
+            query = json.loads(handle.readline())
+        return {"held-out example": {"summary": f"held-out example {query.get('id')}",
+                                     "value": {"example": query["example"], "k": settings.default_k}}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The service app. Without `engine`, the lifespan loads the index named by `settings.index_dir`
+    (the task is rebuilt here already, so that the request schema documents the task's example)."""
+    settings = settings or Settings()
+    task = engine.task if engine is not None else open_task(settings)
+    metrics = Metrics()
+    request_model = make_influence_request(task.example_schema, settings.max_k, settings.default_k)
+    examples = _openapi_examples(engine, settings) if engine is not None else _manifest_examples(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loaded = engine
+        if loaded is None:
+            configure_threads(settings)
+            try:
+                loaded = await anyio.to_thread.run_sync(load_engine, settings)
+            except ServiceStartupError as exc:
+                log.error("tracin-service cannot start: %s", exc)
+                raise
+        loaded.metrics = metrics
+        app.state.engine = loaded
+        app.state.limiter = anyio.CapacityLimiter(settings.effective_compute_threads)
+        metrics.index_examples.set(loaded.count)
+        metrics.index_dim.set(int(loaded.index_dir.manifest["embedding_dim"]))
+        metrics.load_seconds.set(loaded.load_seconds)
+        app.state.ready = True
+        metrics.ready.set(1)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            metrics.ready.set(0)
+
+    middleware = [Middleware(MetricsMiddleware, metrics=metrics)]
+    if settings.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                     allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                                     max_age=600))
+    if settings.api_key is not None:
+        middleware.append(Middleware(BearerAuth, api_key=settings.api_key.get_secret_value()))
+    middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes))
+
+    from indexer import __version__
+
+    app = FastAPI(title="tracin-service", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  middleware=middleware)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = False
+    install_handlers(app)
+    app.include_router(build_router(request_model, settings, examples))
+    if settings.api_key is not None:
+        _document_bearer(app)
+    return app
+
+
+def _document_bearer(app: FastAPI) -> None:
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer"}
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def app_from_env() -> FastAPI:
+    """ASGI factory for `uvicorn --factory service.app:app_from_env` (settings from TRACIN_* variables)."""
+    return create_app(Settings())

@@ -1,0 +1,427 @@
+"""The loaded index and the query logic, without HTTP: what the routes call (in a worker thread).
+
+`load_engine(settings)` opens and verifies the index directory once (manifest, checkpoints kept in
+memory, projection, FAISS index, self-influence order, examples table) and refuses with a
+`ServiceStartupError` naming the problem. `Engine.influence` embeds a query with the indexer's own
+embedding function (`indexer.embedding.Embedder`) and searches the FAISS index with
+`indexer.search.top_k`; no gradient or projection math lives here.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import ApiError
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+class ServiceStartupError(RuntimeError):
+    """The index directory cannot be served; the message says why."""
+
+
+def configure_threads(settings: Settings) -> None:
+    """torch intra-op threads for the machine (one request's backward is small: more threads than CPUs
+    only add contention); FAISS OpenMP threads when configured."""
+    import torch
+
+    torch.set_num_threads(settings.effective_torch_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran in this process
+        pass
+    if settings.faiss_threads:
+        import faiss
+
+        faiss.omp_set_num_threads(settings.faiss_threads)
+
+
+def open_task(settings: Settings):
+    """Rebuild only the Task from the manifest (light: for the request schema at app creation)."""
+    import json
+
+    from indexer.config import ConfigError, TaskRef
+
+    path = _index_path(settings)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        ref = manifest["task"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ServiceStartupError(f"{path}: cannot read manifest.json: {exc}") from None
+    try:
+        task = TaskRef(ref["ref"], dict(ref.get("args") or {})).build()
+    except ConfigError as exc:
+        raise ServiceStartupError(f"{path}: cannot rebuild the task: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - user task code failing to construct
+        raise ServiceStartupError(f"{path}: cannot rebuild the task {ref.get('ref')!r}: "
+                                  f"{type(exc).__name__}: {exc}") from None
+    _check_schema(task, path)
+    return task
+
+
+def _index_path(settings: Settings) -> Path:
+    if settings.index_dir is None:
+        raise ServiceStartupError("no index directory: set TRACIN_INDEX_DIR or run `tracin serve DIR`")
+    path = Path(settings.index_dir).expanduser()
+    if not path.is_dir():
+        raise ServiceStartupError(f"{path}: no such index directory")
+    return path
+
+
+def _check_schema(task, path: Path) -> None:
+    from pydantic import BaseModel
+
+    schema = getattr(task, "example_schema", None)
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise ServiceStartupError(f"{path}: task {type(task).__name__} has no example_schema (a pydantic model of "
+                                  "one JSON example); the service cannot accept queries for it")
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    index_dir: Any  # indexer.store.IndexDirectory
+    task: Any  # indexer.task.Task
+    embedder: Any  # indexer.embedding.Embedder
+    search_params: dict[str, Any]
+    labels: np.ndarray  # int64 [N]
+    id_to_row: dict[str, int]
+    si_order: np.ndarray  # rows by descending self-influence
+    si_rank: np.ndarray  # 1-based rank of each row
+    rows_by_label: dict[int, np.ndarray]
+    si_order_by_label: dict[int, np.ndarray]
+    num_classes: int | None
+    reconstruct_error: str | None
+    load_seconds: float = 0.0
+    metrics: Any = None
+    class_names: list[str] | None = field(default=None)
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return self.index_dir.count
+
+    @property
+    def approximate(self) -> bool:
+        return self.index_dir.approximate
+
+    @property
+    def examples(self) -> list[dict[str, Any]]:
+        return self.index_dir.examples
+
+    @property
+    def queries(self) -> list[dict[str, Any]]:
+        return self.index_dir.queries
+
+    def label_name(self, label: int) -> str:
+        return self.task.label_name(int(label))
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.metrics is not None:
+                self.metrics.stage.labels(name).observe(time.perf_counter() - t0)
+
+    # -- input checks --------------------------------------------------------------------------
+    def parse_label(self, value: int | str, field_name: str, loc: list | None = None) -> int:
+        try:
+            label = self.task.parse_label(value)
+        except ValueError as exc:
+            raise ApiError(422, "unknown_label", field_name, str(exc), loc) from None
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise ApiError(422, "unknown_label", field_name,
+                           f"label {value!r} is out of range 0..{self.num_classes - 1}", loc)
+        return label
+
+    def label_rows(self, value: int | str, field_name: str, loc: list | None = None) -> tuple[int, np.ndarray]:
+        label = self.parse_label(value, field_name, loc)
+        rows = self.rows_by_label.get(label)
+        if rows is None or rows.size == 0:
+            raise ApiError(422, "no_examples", field_name,
+                           f"no training example has label {self.label_name(label)!r}", loc)
+        return label, rows
+
+    def row_of(self, example_id: str, field_name: str, status: int = 422, loc: list | None = None) -> int:
+        row = self.id_to_row.get(example_id)
+        if row is None:
+            raise ApiError(status, "unknown_id", field_name, f"no training example has id {example_id!r}", loc)
+        return row
+
+    # -- queries -------------------------------------------------------------------------------
+    def embed_examples(self, examples: list[Any], labels: list[int] | None = None) -> dict[str, Any]:
+        """Encode validated examples, predict, embed with `labels` (default: the predictions).
+
+        The vectors come from the indexer's `Embedder.embed`, the function that built the index."""
+        import torch
+
+        try:
+            inputs = self.task.encode(examples)
+        except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:
+            raise ApiError(422, "invalid_example", "example", f"the task cannot encode this example: {exc}") from None
+        with self.stage("predict"):
+            predicted, probabilities = self.embedder.predict(inputs)
+        probabilities = probabilities.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(probabilities).all()):
+            raise ApiError(422, "non_finite_output", "example", "the model's output is not finite for this example")
+        classes = int(probabilities.shape[-1]) if probabilities.dim() > 1 else None
+        if labels is None:
+            used = [int(x) for x in predicted.tolist()]
+        else:
+            used = labels
+            if classes is not None:
+                for label in used:
+                    if not 0 <= label < classes:
+                        raise ApiError(422, "unknown_label", "label",
+                                       f"label {label} is out of range 0..{classes - 1} for this model")
+        with self.stage("embed"):
+            embedding = self.embedder.embed(inputs, torch.tensor(used, dtype=torch.long))
+        vectors = embedding.vectors.detach().to("cpu")
+        self_influence = embedding.self_influence.detach().to("cpu", torch.float64)
+        if not (bool(torch.isfinite(vectors).all()) and bool(torch.isfinite(self_influence).all())):
+            raise ApiError(422, "non_finite_gradient", "example",
+                           "the loss gradient of this example is not finite (inputs too large for the model?)")
+        return {"vectors": vectors, "self_influence": self_influence, "predicted": predicted.tolist(),
+                "probabilities": probabilities, "labels": used}
+
+    def influence(self, req: Any, started: float | None = None) -> dict[str, Any]:
+        """POST /influence for a validated request model (see service.schemas.make_influence_request)."""
+        from indexer.search import top_k
+
+        started = time.perf_counter() if started is None else started
+        if (req.example is None) == (req.train_id is None):
+            raise ApiError(422, "invalid", "example", "give exactly one of `example` or `train_id`")
+        rows = None
+        if req.filter_label is not None:
+            _, rows = self.label_rows(req.filter_label, "filter_label")
+        query: dict[str, Any] = {"train_id": None, "self_influence": None, "embedding": None}
+        self_row = None
+        if req.train_id is not None:
+            if req.label is not None:
+                raise ApiError(422, "invalid", "label", "cannot be combined with train_id: the stored vector was "
+                                                        "computed with the training label")
+            self_row = self.row_of(req.train_id, "train_id")
+            if self.reconstruct_error is not None:
+                raise ApiError(422, "unsupported", "train_id", self.reconstruct_error)
+            with self.stage("lookup"):
+                vector = np.asarray(self.index_dir.index.reconstruct(int(self_row)), dtype=np.float32)
+            label_used = int(self.labels[self_row])
+            prediction = None
+            query.update(train_id=req.train_id, self_influence=float(self.index_dir.self_influence[self_row]))
+        else:
+            label = self.parse_label(req.label, "label") if req.label is not None else None
+            out = self.embed_examples([req.example], None if label is None else [label])
+            vector = out["vectors"][0].numpy().astype(np.float32)
+            label_used = out["labels"][0]
+            predicted = int(out["predicted"][0])
+            prediction = {"label": predicted, "label_name": self.label_name(predicted),
+                          "probabilities": out["probabilities"][0].tolist()}
+            query["self_influence"] = float(out["self_influence"][0])
+        if req.include_embedding:
+            query["embedding"] = vector.astype(np.float64).tolist()
+
+        k = int(req.k)
+        skip_self = bool(req.exclude_self) and self_row is not None
+        with self.stage("search"):
+            pro = top_k(self.index_dir.index, vector, k + (1 if skip_self else 0), 1, rows, self.search_params)
+            opp = top_k(self.index_dir.index, vector, k, -1, rows, self.search_params)
+        proponents = self._hits(pro.rows, pro.scores, k, self_row if skip_self else None)
+        opponents = self._hits(opp.rows, opp.scores, k, None)
+        return {
+            "prediction": prediction,
+            "label_used": label_used,
+            "label_used_name": self.label_name(label_used),
+            "query": query,
+            "proponents": proponents,
+            "opponents": opponents,
+            "index": {"approximate": self.approximate, "count": self.count,
+                      "candidates": int(rows.size) if rows is not None else self.count},
+            "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        }
+
+    def _hits(self, rows: np.ndarray, scores: np.ndarray, k: int, skip: int | None) -> list[dict[str, Any]]:
+        out = []
+        for row, score in zip(rows.tolist(), scores.tolist()):
+            if skip is not None and row == skip:
+                continue
+            if not math.isfinite(score):
+                continue
+            ex = self.examples[row]
+            out.append({"id": ex["id"], "score": score, "label": int(ex["label"]), "display": ex.get("display") or {}})
+            if len(out) == k:
+                break
+        return out
+
+    def self_influence_page(self, k: int, offset: int, label: int | str | None) -> dict[str, Any]:
+        if label is None:
+            order, label_value = self.si_order, None
+        else:
+            label_value, _ = self.label_rows(label, "label", ["query", "label"])
+            order = self.si_order_by_label[label_value]
+        rows = order[offset:offset + k].tolist()
+        si = self.index_dir.self_influence
+        items = [{"id": self.examples[r]["id"], "score": float(si[r]), "label": int(self.labels[r]),
+                  "display": self.examples[r].get("display") or {}, "rank": int(self.si_rank[r])} for r in rows]
+        return {"items": items, "total": int(order.size), "offset": offset, "k": k, "label": label_value}
+
+    def example_info(self, example_id: str) -> dict[str, Any]:
+        row = self.row_of(example_id, "id", status=404, loc=["path", "id"])
+        ex = self.examples[row]
+        return {"id": ex["id"], "row": row, "label": int(ex["label"]), "label_name": self.label_name(ex["label"]),
+                "display": ex.get("display") or {}, "self_influence": float(self.index_dir.self_influence[row]),
+                "rank": int(self.si_rank[row])}
+
+    def queries_page(self, offset: int, limit: int) -> dict[str, Any]:
+        items = [{"id": str(q.get("id")), "label": q.get("label"), "example": q.get("example"),
+                  "display": q.get("display") or {}} for q in self.queries[offset:offset + limit]]
+        return {"items": items, "total": len(self.queries), "offset": offset, "limit": limit}
+
+    def index_info(self) -> dict[str, Any]:
+        m = self.index_dir.manifest
+        faiss_info = dict(m.get("faiss", {}))
+        faiss_info["search_params_in_use"] = self.search_params
+        return {
+            "path": str(self.index_dir.path),
+            "task": {"ref": m["task"]["ref"], "args": m["task"].get("args") or {}},
+            "class_names": self.class_names,
+            "count": self.count,
+            "embedding_dim": int(m["embedding_dim"]),
+            "approximate": self.approximate,
+            "faiss": faiss_info,
+            "projection": {k: v for k, v in m["projection"].items()},
+            "checkpoints": [{"file": c["file"], "lr": c["lr"], "sha256": c["sha256"]} for c in m["checkpoints"]],
+            "layers": m.get("layers", []),
+            "queries": len(self.queries),
+            "created_at": m.get("created_at"),
+            "versions": {str(k): str(v) for k, v in (m.get("versions") or {}).items()},
+            "mmap": self.settings.mmap,
+            "max_k": self.settings.max_k,
+            "example_schema": self.task.example_schema.model_json_schema(),
+        }
+
+    def warm_up(self) -> None:
+        """One query through every stage, so the first real request does not pay for lazy init."""
+        from types import SimpleNamespace
+
+        example = next((q.get("example") for q in self.queries if q.get("example") is not None), None)
+        if example is not None:
+            try:
+                validated = self.task.example_schema.model_validate(example)
+            except Exception as exc:  # noqa: BLE001
+                raise ServiceStartupError(f"{self.index_dir.path}: the stored held-out example "
+                                          f"{self.queries[0].get('id')!r} does not fit the task's example_schema: "
+                                          f"{exc}") from None
+            req = SimpleNamespace(example=validated, train_id=None, label=None, filter_label=None, k=10,
+                                  exclude_self=False, include_embedding=False)
+        elif self.reconstruct_error is None:
+            req = SimpleNamespace(example=None, train_id=self.examples[0]["id"], label=None, filter_label=None,
+                                  k=10, exclude_self=False, include_embedding=False)
+        else:
+            return
+        try:
+            self.influence(req)
+        except ApiError as exc:
+            raise ServiceStartupError(f"{self.index_dir.path}: a warm-up query failed: {exc.field}: {exc.message}") \
+                from None
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Open, verify and load the index directory; refuse with ServiceStartupError on any problem."""
+    import faiss
+
+    from indexer.checkpoints import CheckpointError
+    from indexer.config import ConfigError
+    from indexer.embedding import load_embedder
+    from indexer.store import IndexDirectory, IndexDirectoryError
+
+    t0 = time.perf_counter()
+    path = _index_path(settings)
+    try:
+        index_dir = IndexDirectory.open(path, mmap=settings.mmap, verify=settings.verify_checksums)
+    except IndexDirectoryError as exc:
+        raise ServiceStartupError(str(exc)) from None
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
+        raise ServiceStartupError(f"{path}: cannot read the index directory: {type(exc).__name__}: {exc}") from None
+
+    try:
+        task, embedder = load_embedder(index_dir, device=settings.device)
+    except IndexDirectoryError as exc:
+        raise ServiceStartupError(str(exc)) from None
+    except (ConfigError, CheckpointError) as exc:
+        raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - user task code; the message must reach the operator
+        raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {type(exc).__name__}: {exc}") from None
+    _check_schema(task, path)
+
+    manifest = index_dir.manifest
+    class_names = list(task.class_names) if task.class_names is not None else None
+    indexed_names = manifest["task"].get("class_names")
+    if indexed_names is not None and class_names is not None and list(indexed_names) != class_names:
+        raise ServiceStartupError(f"{path}: the task's class names {class_names[:10]} differ from those recorded at "
+                                  f"indexing {list(indexed_names)[:10]}")
+
+    params = dict(manifest.get("faiss", {}).get("search_params") or {})
+    params.update(settings.faiss_params)
+    if params:
+        base = faiss.downcast_index(index_dir.index)
+        kind = ("IVF" if isinstance(base, faiss.IndexIVF) else "HNSW" if isinstance(base, faiss.IndexHNSW) else "")
+        probe_type = {"IVF": faiss.SearchParametersIVF, "HNSW": faiss.SearchParametersHNSW}.get(kind,
+                                                                                                faiss.SearchParameters)
+        unknown = sorted(name for name in params if name == "sel" or not hasattr(probe_type, name))
+        if unknown:
+            raise ServiceStartupError(f"{path}: FAISS search parameters {unknown} do not apply to this "
+                                      f"{type(base).__name__} index (TRACIN_FAISS_PARAMS / index.search_params)")
+
+    labels = np.asarray([int(e["label"]) for e in index_dir.examples], dtype=np.int64)
+    id_to_row: dict[str, int] = {}
+    for row, ex in enumerate(index_dir.examples):
+        id_to_row.setdefault(str(ex["id"]), row)
+    if len(id_to_row) != len(index_dir.examples):
+        log.warning("%s: %d duplicate example ids; GET /examples and train_id use the first row of each",
+                    path, len(index_dir.examples) - len(id_to_row))
+    si = np.asarray(index_dir.self_influence, dtype=np.float64)
+    si_order = np.argsort(-si, kind="stable")
+    si_rank = np.empty_like(si_order)
+    si_rank[si_order] = np.arange(1, si.size + 1)
+    rows_by_label = {int(lab): np.flatnonzero(labels == lab).astype(np.int64) for lab in np.unique(labels)}
+    ordered_labels = labels[si_order]
+    si_order_by_label = {lab: si_order[ordered_labels == lab] for lab in rows_by_label}
+
+    reconstruct_error = _enable_reconstruct(index_dir.index)
+    engine = Engine(
+        settings=settings, index_dir=index_dir, task=task, embedder=embedder, search_params=params,
+        labels=labels, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank, rows_by_label=rows_by_label,
+        si_order_by_label=si_order_by_label, num_classes=len(class_names) if class_names is not None else None,
+        reconstruct_error=reconstruct_error, class_names=class_names,
+    )
+    if settings.warmup:
+        engine.warm_up()
+    engine.load_seconds = time.perf_counter() - t0
+    return engine
+
+
+def _enable_reconstruct(index) -> str | None:
+    """None when stored vectors can be read back (train_id queries); else why not."""
+    import faiss
+
+    base = faiss.downcast_index(index)
+    try:
+        if isinstance(base, faiss.IndexIVF):
+            base.make_direct_map()
+        if index.ntotal:
+            index.reconstruct(0)
+        return None
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        log.warning("train_id queries are disabled: FAISS cannot reconstruct stored vectors (%s)", reason)
+        return f"this index cannot return stored vectors ({type(base).__name__}: {reason}); post the example instead"

@@ -1,0 +1,258 @@
+"""Errors as JSON: every 4xx names the field at fault; bodies over the limit get 413.
+
+Every error response has the same shape (also for FastAPI's own validation errors and for 404/405):
+
+    {"error": "validation_error", "message": "example.pixels: List should have at least 64 items ...",
+     "detail": [{"loc": ["body", "example", "pixels"], "field": "example.pixels", "msg": "...", "type": "..."}]}
+
+The offending input is never echoed back (it may be huge, or a NaN that JSON cannot carry), and no
+traceback ever reaches a client.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterable, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("service")
+
+_LOC_ROOTS = ("body", "query", "path", "header", "cookie")
+
+
+class ApiError(Exception):
+    """An error for the client: status code, machine-readable code, the field at fault, a message."""
+
+    def __init__(self, status: int, code: str, field: str, message: str, loc: Sequence[str | int] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.field, self.message = status, code, field, message
+        self.loc = list(loc) if loc is not None else ["body", *field.split(".")] if field else ["body"]
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+def field_name(loc: Iterable[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in _LOC_ROOTS:
+        parts = parts[1:] or parts
+    return ".".join(parts) if parts else "body"
+
+
+def error_body(status_code: str, detail: list[dict[str, Any]], message: str | None = None) -> dict[str, Any]:
+    if message is None:
+        message = "; ".join(f"{d['field']}: {d['msg']}" for d in detail[:5]) or status_code
+    return {"error": status_code, "message": message, "detail": detail}
+
+
+def error_response(status: int, code: str, field: str, message: str, loc: Sequence[str | int] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    loc = list(loc) if loc is not None else [field]
+    detail = [{"loc": loc, "field": field, "msg": message, "type": code}]
+    return JSONResponse(error_body(code, detail, f"{field}: {message}"), status_code=status, headers=headers)
+
+
+def _clean_msg(msg: Any) -> str:
+    text = str(msg)
+    return text[:500]
+
+
+def validation_detail(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for err in errors[:20]:
+        loc = [p if isinstance(p, (str, int)) else str(p) for p in err.get("loc", ())]
+        msg = _clean_msg(err.get("msg", "invalid"))
+        if err.get("type") == "json_invalid":  # loc is ("body", character offset)
+            reason = (err.get("ctx") or {}).get("error")
+            where = f" at character {loc[1]}" if len(loc) > 1 else ""
+            msg = f"invalid JSON{where}" + (f": {_clean_msg(reason)}" if reason else "")
+            loc = ["body"]
+        out.append({"loc": loc, "field": field_name(loc), "msg": msg, "type": str(err.get("type", "value_error"))})
+    return out
+
+
+def non_finite_paths(value: Any, loc: tuple = (), limit: int = 5) -> list[tuple]:
+    """Paths of NaN / +-Infinity floats inside a (validated, dumped) JSON-like value."""
+    found: list[tuple] = []
+
+    def walk(v: Any, path: tuple) -> None:
+        if len(found) >= limit:
+            return
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                found.append(path)
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                walk(item, path + (k,))
+        elif isinstance(v, (list, tuple)):
+            for i, item in enumerate(v):
+                walk(item, path + (i,))
+
+    walk(value, loc)
+    return found
+
+
+def reject_non_finite(value: Any, loc: tuple) -> None:
+    paths = non_finite_paths(value, loc)
+    if paths:
+        detail = [{"loc": ["body", *p], "field": field_name(p), "msg": "must be a finite number (NaN and Infinity "
+                   "are not allowed)", "type": "finite_number"} for p in paths]
+        raise RequestValidationError([{"loc": d["loc"], "msg": d["msg"], "type": d["type"]} for d in detail])
+
+
+async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    detail = validation_detail(list(exc.errors()))
+    return JSONResponse(error_body("validation_error", detail), status_code=422)
+
+
+async def _api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return error_response(exc.status, exc.code, exc.field, exc.message, exc.loc, headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type", 422: "invalid"}
+
+
+async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    if exc.status_code in (404, 405):
+        field, loc = "path", ["path"]
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+    else:
+        field, loc = "body", ["body"]
+        message = str(exc.detail)
+    return error_response(exc.status_code, code, field, message, loc, getattr(exc, "headers", None))
+
+
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body("internal_error", [], "internal server error (logged on the server)"),
+                        status_code=500)
+
+
+def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(ApiError, _api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(Exception, _unhandled)
+
+
+# -- ASGI middlewares ----------------------------------------------------------------------------
+
+async def send_json(send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    import json
+
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _too_large_body(limit: int) -> dict[str, Any]:
+    msg = f"request body is larger than {limit} bytes"
+    return error_body("body_too_large", [{"loc": ["body"], "field": "body", "msg": msg, "type": "body_too_large"}],
+                      f"body: {msg}")
+
+
+class BodySizeLimit:
+    """413 for request bodies over `max_bytes`: at once from Content-Length, or while streaming.
+
+    The rest of an oversized body is read and dropped (up to `drain_bytes`) before answering, so the
+    client gets the 413 instead of a connection reset in the middle of its upload."""
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int = 64 << 20):
+        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
+
+    async def _drain(self, receive, already: int) -> None:
+        seen = already
+        while seen <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = None
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                length = value
+                break
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return await send_json(send, 400, error_body("bad_request", [
+                    {"loc": ["header", "content-length"], "field": "content-length",
+                     "msg": "not an integer", "type": "bad_request"}], "content-length: not an integer"))
+            if declared > self.max_bytes:
+                if declared <= self.drain_bytes:
+                    await self._drain(receive, 0)
+                return await send_json(send, 413, _too_large_body(self.max_bytes), [(b"connection", b"close")])
+
+        received = 0
+        limit = self.max_bytes
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    if message.get("more_body", False):
+                        await self._drain(receive, received)
+                    raise BodyTooLarge(limit)
+            return message
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await send_json(send, 413, _too_large_body(limit), [(b"connection", b"close")])
+
+
+class BearerAuth:
+    """Every route but the health probes needs `Authorization: Bearer <key>` when a key is set."""
+
+    OPEN = frozenset({"/healthz", "/readyz"})
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") in self.OPEN or scope.get("method") == "OPTIONS":
+            return await self.app(scope, receive, send)
+        import hmac
+
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+                break
+        if not hmac.compare_digest(given, self.expected):
+            msg = "missing bearer token" if not given else "invalid bearer token"
+            body = error_body("unauthorized", [{"loc": ["header", "authorization"], "field": "authorization",
+                                                 "msg": msg, "type": "unauthorized"}], f"authorization: {msg}")
+            return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+        return await self.app(scope, receive, send)

@@ -1,0 +1,112 @@
+"""HTTP routes: thin mappings from requests to `service.engine.Engine` calls.
+
+No `from __future__ import annotations` here: FastAPI must see the request model built at app creation
+as a real annotation, not a string.
+"""
+import time
+from typing import Any, Optional
+
+import anyio
+from fastapi import APIRouter, Body, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from service.errors import reject_non_finite
+from service.schemas import (
+    ErrorResponse, ExampleInfo, Health, IndexInfo, InfluenceResponse, QueryPage, Ready, SelfInfluencePage,
+)
+from service.settings import Settings
+
+ERRORS = {
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer key (when TRACIN_API_KEY is set)"},
+    413: {"model": ErrorResponse, "description": "request body over TRACIN_MAX_BODY_BYTES"},
+    422: {"model": ErrorResponse, "description": "invalid input; `detail[].field` names the field"},
+}
+NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown id"}}
+
+
+def _engine(request: Request):
+    return request.app.state.engine
+
+
+def build_router(request_model: type[BaseModel], settings: Settings,
+                 examples: Optional[dict[str, Any]] = None) -> APIRouter:
+    router = APIRouter()
+    max_page = settings.max_page
+
+    @router.post("/influence", response_model=InfluenceResponse, responses=ERRORS, tags=["influence"],
+                 summary="Top proponents and opponents of a prediction")
+    async def influence(request: Request,
+                        body: request_model = Body(..., openapi_examples=examples or None)) -> Any:  # type: ignore[valid-type]
+        """Embed the posted `example` with the indexer's embedding function (loss on `label`, default the
+        model's prediction at the last checkpoint) or take the stored vector of training example
+        `train_id`, then return the `k` training examples with the largest positive TracIn scores
+        (proponents) and the `k` with the most negative (opponents). `filter_label` restricts the
+        search to training examples of one label inside FAISS."""
+        started = time.perf_counter()
+        if body.example is not None:
+            reject_non_finite(body.example.model_dump(mode="python"), ("example",))
+        return await anyio.to_thread.run_sync(_engine(request).influence, body, started,
+                                              limiter=request.app.state.limiter)
+
+    @router.get("/self-influence/top", response_model=SelfInfluencePage, responses=ERRORS, tags=["influence"],
+                summary="Training examples by descending exact self-influence")
+    async def self_influence_top(
+        request: Request,
+        k: int = Query(10, ge=1, le=max_page, description=f"items per page (1..{max_page})"),
+        offset: int = Query(0, ge=0, description="items to skip"),
+        label: Optional[str] = Query(None, description="only training examples with this label (integer or "
+                                                       "class name)"),
+    ) -> Any:
+        """Mislabeled, rare and odd training examples first: self-influence sum_i lr_i ||g_i(z)||^2, exact."""
+        return _engine(request).self_influence_page(k, offset, label)
+
+    @router.get("/examples/{id:path}", response_model=ExampleInfo, responses={**ERRORS, **NOT_FOUND},
+                tags=["examples"], summary="One training example")
+    async def example(request: Request, id: str = Path(..., description="training example id")) -> Any:
+        return _engine(request).example_info(id)
+
+    @router.get("/queries", response_model=QueryPage, responses=ERRORS, tags=["examples"],
+                summary="Held-out examples shipped with the index (ready to post to /influence)")
+    async def queries(request: Request,
+                      offset: int = Query(0, ge=0),
+                      limit: int = Query(100, ge=1, le=max_page)) -> Any:
+        return _engine(request).queries_page(offset, limit)
+
+    @router.get("/index", response_model=IndexInfo, responses=ERRORS, tags=["service"],
+                summary="Summary of the served index (manifest)")
+    async def index_info(request: Request) -> Any:
+        return _engine(request).index_info()
+
+    @router.get("/healthz", response_model=Health, tags=["service"], summary="Liveness")
+    async def healthz() -> Any:
+        return {"status": "ok"}
+
+    @router.get("/readyz", response_model=Ready, tags=["service"], summary="Readiness: index loaded",
+                responses={503: {"model": Ready}})
+    async def readyz(request: Request) -> Any:
+        engine = getattr(request.app.state, "engine", None)
+        if engine is None or not getattr(request.app.state, "ready", False):
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready", "count": engine.count, "load_seconds": round(engine.load_seconds, 3)}
+
+    @router.get("/metrics", tags=["service"], summary="Prometheus metrics", response_class=Response,
+                responses={200: {"content": {"text/plain": {}}}})
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/", tags=["service"], summary="Service links")
+    async def root(request: Request) -> Any:
+        engine = getattr(request.app.state, "engine", None)
+        return {
+            "service": "tracin-service",
+            "index": str(engine.index_dir.path) if engine is not None else None,
+            "count": engine.count if engine is not None else None,
+            "docs": "/docs",
+            "routes": ["POST /influence", "GET /self-influence/top", "GET /examples/{id}", "GET /queries",
+                       "GET /index", "GET /healthz", "GET /readyz", "GET /metrics"],
+        }
+
+    return router

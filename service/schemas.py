@@ -1,0 +1,167 @@
+"""Request and response models. Imports only pydantic, so the client can use them without torch.
+
+The request model of POST /influence is built at app creation from the task's `example_schema`, so the
+OpenAPI document (/docs) shows the real example fields of the served task.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
+
+Label = Union[StrictInt, StrictStr]
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+class Hit(BaseModel):
+    """One training example in a proponent / opponent list."""
+
+    id: str
+    score: float = Field(description="TracIn score e(train) . e(query) (> 0 for proponents, < 0 for opponents)")
+    label: int = Field(description="training label (index into the task's class names)")
+    display: dict[str, Any] = Field(default_factory=dict, description="task display fields (image, text, flags)")
+
+
+class Prediction(BaseModel):
+    label: int = Field(description="predicted label at the last checkpoint")
+    label_name: str
+    probabilities: list[float]
+
+
+class QueryInfo(BaseModel):
+    train_id: Optional[str] = Field(None, description="set when the query is a stored training example")
+    self_influence: Optional[float] = Field(None, description="exact sum_i lr_i ||g_i(query)||^2")
+    embedding: Optional[list[float]] = Field(None, description="the query embedding (only with include_embedding)")
+
+
+class IndexBrief(BaseModel):
+    approximate: bool = Field(description="true when the FAISS index is approximate (IVF, HNSW, PQ ...)")
+    count: int = Field(description="training examples in the index")
+    candidates: int = Field(description="training examples searched (the label subset when filter_label is set)")
+
+
+class InfluenceResponse(BaseModel):
+    prediction: Optional[Prediction] = Field(None, description="null for train_id queries (no gradient work)")
+    label_used: int = Field(description="label of the query loss: `label` if given, else the prediction "
+                                        "(train_id: the stored training label)")
+    label_used_name: str
+    query: QueryInfo
+    proponents: list[Hit] = Field(description="largest positive scores first")
+    opponents: list[Hit] = Field(description="most negative scores first")
+    index: IndexBrief
+    took_ms: float = Field(description="server-side time of this request in milliseconds")
+
+
+class SelfInfluenceItem(BaseModel):
+    id: str
+    score: float = Field(description="exact self-influence sum_i lr_i ||g_i(z)||^2")
+    label: int
+    display: dict[str, Any] = Field(default_factory=dict)
+    rank: int = Field(description="1-based rank by descending self-influence among all training examples")
+
+
+class SelfInfluencePage(BaseModel):
+    items: list[SelfInfluenceItem]
+    total: int = Field(description="training examples matching the label filter (all when no filter)")
+    offset: int
+    k: int
+    label: Optional[int] = None
+
+
+class ExampleInfo(BaseModel):
+    id: str
+    row: int
+    label: int
+    label_name: str
+    display: dict[str, Any] = Field(default_factory=dict)
+    self_influence: float
+    rank: int = Field(description="1-based rank by descending self-influence")
+
+
+class QueryExample(BaseModel):
+    id: str
+    label: Optional[int] = None
+    example: Optional[dict[str, Any]] = Field(None, description="the example in the task's schema: post it as "
+                                                                "`example` to POST /influence")
+    display: dict[str, Any] = Field(default_factory=dict)
+
+
+class QueryPage(BaseModel):
+    items: list[QueryExample]
+    total: int
+    offset: int
+    limit: int
+
+
+class CheckpointInfo(BaseModel):
+    file: str
+    lr: float
+    sha256: str
+
+
+class IndexInfo(BaseModel):
+    path: str
+    task: dict[str, Any]
+    class_names: Optional[list[str]] = None
+    count: int
+    embedding_dim: int
+    approximate: bool
+    faiss: dict[str, Any]
+    projection: dict[str, Any]
+    checkpoints: list[CheckpointInfo]
+    layers: list[dict[str, Any]]
+    queries: int = Field(description="held-out examples listed by GET /queries")
+    created_at: Optional[str] = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    mmap: bool
+    max_k: int
+    example_schema: dict[str, Any] = Field(description="JSON schema of one example of this task")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    count: Optional[int] = None
+    load_seconds: Optional[float] = None
+
+
+class ErrorItem(BaseModel):
+    loc: list[Union[str, int]]
+    field: str = Field(description="the field at fault, dotted (e.g. example.pixels.3)")
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. validation_error, not_found, body_too_large")
+    message: str
+    detail: list[ErrorItem]
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+class _InfluenceRequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def make_influence_request(example_schema: type[BaseModel], max_k: int, default_k: int) -> type[BaseModel]:
+    """The POST /influence body for one task: give `example` (gradient work) or `train_id` (stored vector)."""
+    return create_model(
+        "InfluenceRequest",
+        __base__=_InfluenceRequestBase,
+        example=(Optional[example_schema], Field(None, description="the query example in the task's schema")),
+        train_id=(Optional[StrictStr], Field(None, description="explain a training example from its stored "
+                                                               "vector instead (no gradient work)")),
+        label=(Optional[Label], Field(None, description="label for the query loss (integer or class name); "
+                                                        "default: the model's prediction at the last checkpoint")),
+        k=(StrictInt, Field(default_k, ge=1, le=max_k, description=f"proponents and opponents to return (1..{max_k})")),
+        filter_label=(Optional[Label], Field(None, description="only search training examples with this label "
+                                                               "(applied inside FAISS with an ID selector)")),
+        exclude_self=(bool, Field(False, description="train_id queries: leave the example itself out of the "
+                                                     "proponents")),
+        include_embedding=(bool, Field(False, description="return the query embedding (debugging)")),
+    )

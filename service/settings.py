@@ -1,0 +1,90 @@
+"""Service settings: environment variables with the prefix TRACIN_ (pydantic-settings).
+
+    TRACIN_INDEX_DIR           index directory to serve (required; `tracin serve DIR` sets it)
+    TRACIN_HOST / TRACIN_PORT  where `python -m service.server` listens (`tracin serve` flags win)
+    TRACIN_API_KEY             optional bearer key; when set every route but /healthz and /readyz needs
+                               `Authorization: Bearer <key>`
+    TRACIN_CORS_ORIGINS        comma-separated (or JSON list) allowed origins; empty = CORS closed
+    TRACIN_MAX_K               largest k for POST /influence (default 100)
+    TRACIN_MAX_PAGE            largest k / limit for the listing routes (default 1000)
+    TRACIN_FAISS_PARAMS        JSON object of FAISS search parameters, e.g. {"nprobe": 32}; overrides
+                               the manifest's index.search_params
+    TRACIN_FAISS_THREADS       OpenMP threads FAISS may use per search (default: FAISS's own default)
+    TRACIN_MMAP                open the FAISS index memory-mapped (default false)
+    TRACIN_VERIFY_CHECKSUMS    verify every file's sha256 against the manifest at start (default true)
+    TRACIN_TORCH_THREADS       torch intra-op threads (default: the CPUs this process may use)
+    TRACIN_COMPUTE_THREADS     requests doing gradient / search work at once (default: min(4, CPUs))
+    TRACIN_MAX_BODY_BYTES      larger request bodies get 413 (default 1 MiB)
+    TRACIN_DEVICE              torch device for query gradients (default cpu)
+    TRACIN_WARMUP              run one query at start so the first request is not slow (default true)
+    TRACIN_LOG_LEVEL / TRACIN_ACCESS_LOG   uvicorn logging (default info / true)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRACIN_", extra="ignore", validate_default=True)
+
+    index_dir: Path | None = Field(None, description="index directory to serve")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="bearer key; unset = no authentication")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_k: int = Field(100, ge=1, le=100_000)
+    default_k: int = Field(10, ge=1)
+    max_page: int = Field(1000, ge=1, le=1_000_000)
+    faiss_params: dict[str, int | float] = Field(default_factory=dict)
+    faiss_threads: int | None = Field(None, ge=1)
+    mmap: bool = False
+    verify_checksums: bool = True
+    torch_threads: int | None = Field(None, ge=1)
+    compute_threads: int | None = Field(None, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    device: str = "cpu"
+    warmup: bool = True
+    log_level: str = "info"
+    access_log: bool = True
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("default_k")
+    @classmethod
+    def _default_k_fits(cls, value: int, info) -> int:
+        max_k = info.data.get("max_k")
+        return min(value, max_k) if max_k else value
+
+    @property
+    def effective_torch_threads(self) -> int:
+        return self.torch_threads or available_cpus()
+
+    @property
+    def effective_compute_threads(self) -> int:
+        return self.compute_threads or min(4, available_cpus())
