@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from service.errors import reject_non_finite
+from service.errors import ApiError, reject_non_finite
 from service.schemas import (
     ErrorResponse, ExampleInfo, Health, IndexInfo, InfluenceResponse, QueryPage, Ready, SelfInfluencePage,
 )
@@ -26,7 +26,10 @@ NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown id"}}
 
 
 def _engine(request: Request):
-    return request.app.state.engine
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None or not getattr(request.app.state, "ready", False):
+        raise ApiError(503, "not_ready", "index", "the index is not loaded (yet); see GET /readyz", ["index"])
+    return engine
 
 
 def build_router(request_model: type[BaseModel], settings: Settings,
