@@ -103,6 +103,7 @@ class Engine:
     load_seconds: float = 0.0
     metrics: Any = None
     class_names: list[str] | None = field(default=None)
+    flat_vectors: np.ndarray | None = None  # exact Flat index: a view of the stored vectors (one-pass search)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -196,8 +197,6 @@ class Engine:
 
     def influence(self, req: Any, started: float | None = None) -> dict[str, Any]:
         """POST /influence for a validated request model (see service.schemas.make_influence_request)."""
-        from indexer.search import top_k
-
         started = time.perf_counter() if started is None else started
         if (req.example is None) == (req.train_id is None):
             raise ApiError(422, "invalid", "example", "give exactly one of `example` or `train_id`")
@@ -233,10 +232,10 @@ class Engine:
         k = int(req.k)
         skip_self = bool(req.exclude_self) and self_row is not None
         with self.stage("search"):
-            pro = top_k(self.index_dir.index, vector, k + (1 if skip_self else 0), 1, rows, self.search_params)
-            opp = top_k(self.index_dir.index, vector, k, -1, rows, self.search_params)
-        proponents = self._hits(pro.rows, pro.scores, k, self_row if skip_self else None)
-        opponents = self._hits(opp.rows, opp.scores, k, None)
+            (pro_rows, pro_scores), (opp_rows, opp_scores) = self.search(vector, k + (1 if skip_self else 0), k,
+                                                                         rows)
+        proponents = self._hits(pro_rows, pro_scores, k, self_row if skip_self else None)
+        opponents = self._hits(opp_rows, opp_scores, k, None)
         return {
             "prediction": prediction,
             "label_used": label_used,
@@ -248,6 +247,21 @@ class Engine:
                       "candidates": int(rows.size) if rows is not None else self.count},
             "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
         }
+
+    def search(self, vector: np.ndarray, k_pro: int, k_opp: int, rows: np.ndarray | None = None):
+        """((rows, scores) of the proponents, (rows, scores) of the opponents) for a float32 query.
+
+        A label subset (`rows`) is searched inside FAISS with an ID selector (`indexer.search.top_k`), as
+        is every approximate index. An exact inner-product `Flat` index without a subset takes one BLAS
+        pass over the stored vectors for both ends instead of two FAISS scans (same exact top-k)."""
+        from indexer.search import top_k
+
+        if self.flat_vectors is not None and rows is None:
+            return _both_ends(self.flat_vectors @ vector, k_pro, k_opp)
+        index = self.index_dir.index
+        pro = top_k(index, vector, k_pro, 1, rows, self.search_params)
+        opp = top_k(index, vector, k_opp, -1, rows, self.search_params)
+        return (pro.rows, pro.scores), (opp.rows, opp.scores)
 
     def _hits(self, rows: np.ndarray, scores: np.ndarray, k: int, skip: int | None) -> list[dict[str, Any]]:
         out = []
@@ -335,6 +349,33 @@ class Engine:
                 from None
 
 
+def _ends(scores: np.ndarray, k: int, sign: int) -> tuple[np.ndarray, np.ndarray]:
+    signed = sign * scores
+    k = min(k, signed.size)
+    if k <= 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    part = np.argpartition(-signed, k - 1)[:k] if k < signed.size else np.arange(signed.size)
+    part = part[signed[part] > 0]
+    part = part[np.lexsort((part, -signed[part]))]  # by score, ties by row
+    return part.astype(np.int64), scores[part].astype(np.float32)
+
+
+def _both_ends(scores: np.ndarray, k_pro: int, k_opp: int):
+    return _ends(scores, k_pro, 1), _ends(scores, k_opp, -1)
+
+
+def _flat_vectors(index) -> np.ndarray | None:
+    """A read-only [N, D] float32 view of an exact inner-product Flat index's stored vectors."""
+    import faiss
+
+    base = faiss.downcast_index(index)
+    if not isinstance(base, faiss.IndexFlat) or base.metric_type != faiss.METRIC_INNER_PRODUCT or not base.ntotal:
+        return None
+    view = faiss.rev_swig_ptr(base.get_xb(), base.ntotal * base.d).reshape(base.ntotal, base.d)
+    view.flags.writeable = False
+    return view
+
+
 def load_engine(settings: Settings) -> Engine:
     """Open, verify and load the index directory; refuse with ServiceStartupError on any problem."""
     import faiss
@@ -398,11 +439,12 @@ def load_engine(settings: Settings) -> Engine:
     si_order_by_label = {lab: si_order[ordered_labels == lab] for lab in rows_by_label}
 
     reconstruct_error = _enable_reconstruct(index_dir.index)
+    flat = _flat_vectors(index_dir.index) if settings.search == "auto" else None
     engine = Engine(
         settings=settings, index_dir=index_dir, task=task, embedder=embedder, search_params=params,
         labels=labels, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank, rows_by_label=rows_by_label,
         si_order_by_label=si_order_by_label, num_classes=len(class_names) if class_names is not None else None,
-        reconstruct_error=reconstruct_error, class_names=class_names,
+        reconstruct_error=reconstruct_error, class_names=class_names, flat_vectors=flat,
     )
     if settings.warmup:
         engine.warm_up()

@@ -10,6 +10,9 @@
     TRACIN_FAISS_PARAMS        JSON object of FAISS search parameters, e.g. {"nprobe": 32}; overrides
                                the manifest's index.search_params
     TRACIN_FAISS_THREADS       OpenMP threads FAISS may use per search (default: FAISS's own default)
+    TRACIN_SEARCH              auto (default): an exact Flat index answers an unfiltered query with one
+                               BLAS pass for proponents and opponents together; faiss: always two FAISS
+                               searches (q and -q). Label filters and approximate indexes always use FAISS.
     TRACIN_MMAP                open the FAISS index memory-mapped (default false)
     TRACIN_VERIFY_CHECKSUMS    verify every file's sha256 against the manifest at start (default true)
     TRACIN_TORCH_THREADS       torch intra-op threads (default: the CPUs this process may use)
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -50,6 +53,7 @@ class Settings(BaseSettings):
     max_page: int = Field(1000, ge=1, le=1_000_000)
     faiss_params: dict[str, int | float] = Field(default_factory=dict)
     faiss_threads: int | None = Field(None, ge=1)
+    search: Literal["auto", "faiss"] = "auto"
     mmap: bool = False
     verify_checksums: bool = True
     torch_threads: int | None = Field(None, ge=1)

@@ -229,6 +229,16 @@ def test_mmap_serves_the_same_answers():
     assert plain == mapped
 
 
+def test_one_pass_flat_search_equals_two_faiss_searches():
+    one_pass = _answers(_settings(mlp_index()))
+    faiss_only = _answers(_settings(mlp_index(), search="faiss"))
+    assert len(one_pass) == 6
+    for a, b in zip(one_pass, faiss_only):
+        for name in ("proponents", "opponents"):
+            assert [h["id"] for h in a[name]] == [h["id"] for h in b[name]]
+            assert [h["score"] for h in a[name]] == pytest.approx([h["score"] for h in b[name]], rel=1e-6)
+
+
 def test_approximate_ivf_index_with_search_parameters():
     path = build_mlp_index("ivf", factory="IVF4,Flat", search_params={"nprobe": 4})
     exact = _answers(_settings(mlp_index()))
