@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.middleware import Middleware
 from fastapi.middleware.cors import CORSMiddleware
 
+from service.dashboard import mount_dashboard
 from service.engine import Engine, ServiceStartupError, configure_threads, load_engine, open_task
 from service.errors import BearerAuth, BodySizeLimit, install_handlers
 from service.metrics import Metrics, MetricsMiddleware
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(build_router(request_model, settings, examples))
     if settings.api_key is not None:
         _document_bearer(app)
+    mount_dashboard(app)
     return app
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from service.errors import ApiError
 from service.settings import Settings
 
 log = logging.getLogger("service")
+
+PARALLEL_SCAN_FLOATS = 1 << 22  # Flat indexes above 16 MB are scanned in parallel row blocks
 
 
 class ServiceStartupError(RuntimeError):
@@ -104,6 +107,7 @@ class Engine:
     metrics: Any = None
     class_names: list[str] | None = field(default=None)
     flat_vectors: np.ndarray | None = None  # exact Flat index: a view of the stored vectors (one-pass search)
+    search_pool: Any = None  # ThreadPoolExecutor for block-parallel scans of large Flat indexes
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -257,11 +261,34 @@ class Engine:
         from indexer.search import top_k
 
         if self.flat_vectors is not None and rows is None:
-            return _both_ends(self.flat_vectors @ vector, k_pro, k_opp)
+            return _both_ends(self.flat_scores(vector), k_pro, k_opp)
         index = self.index_dir.index
         pro = top_k(index, vector, k_pro, 1, rows, self.search_params)
         opp = top_k(index, vector, k_opp, -1, rows, self.search_params)
         return (pro.rows, pro.scores), (opp.rows, opp.scores)
+
+    def flat_scores(self, vector: np.ndarray) -> np.ndarray:
+        """e . q for every stored vector with FAISS's SIMD kernel (no BLAS thread pool spinning against
+        torch's), in row blocks on `search_threads` threads for large indexes (FAISS releases the GIL)."""
+        import faiss
+
+        view = self.flat_vectors
+        count, dim = view.shape
+        query = np.ascontiguousarray(vector, dtype=np.float32)
+        out = np.empty(count, dtype=np.float32)
+
+        def block(bounds: tuple[int, int]) -> None:
+            start, stop = bounds
+            faiss.fvec_inner_products_ny(faiss.swig_ptr(out[start:stop]), faiss.swig_ptr(query),
+                                         faiss.swig_ptr(view[start:stop]), dim, stop - start)
+
+        parts = self.settings.effective_search_threads if count * dim >= PARALLEL_SCAN_FLOATS else 1
+        if parts <= 1 or self.search_pool is None:
+            block((0, count))
+        else:
+            edges = [count * i // parts for i in range(parts + 1)]
+            list(self.search_pool.map(block, zip(edges[:-1], edges[1:])))
+        return out
 
     def _hits(self, rows: np.ndarray, scores: np.ndarray, k: int, skip: int | None) -> list[dict[str, Any]]:
         out = []
@@ -445,6 +472,8 @@ def load_engine(settings: Settings) -> Engine:
         labels=labels, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank, rows_by_label=rows_by_label,
         si_order_by_label=si_order_by_label, num_classes=len(class_names) if class_names is not None else None,
         reconstruct_error=reconstruct_error, class_names=class_names, flat_vectors=flat,
+        search_pool=(ThreadPoolExecutor(settings.effective_search_threads, thread_name_prefix="tracin-scan")
+                     if flat is not None and settings.effective_search_threads > 1 else None),
     )
     if settings.warmup:
         engine.warm_up()

@@ -13,6 +13,7 @@
     TRACIN_SEARCH              auto (default): an exact Flat index answers an unfiltered query with one
                                BLAS pass for proponents and opponents together; faiss: always two FAISS
                                searches (q and -q). Label filters and approximate indexes always use FAISS.
+    TRACIN_SEARCH_THREADS      threads scanning one large Flat index in row blocks (default: the CPUs)
     TRACIN_MMAP                open the FAISS index memory-mapped (default false)
     TRACIN_VERIFY_CHECKSUMS    verify every file's sha256 against the manifest at start (default true)
     TRACIN_TORCH_THREADS       torch intra-op threads (default: the CPUs this process may use)
@@ -54,6 +55,7 @@ class Settings(BaseSettings):
     faiss_params: dict[str, int | float] = Field(default_factory=dict)
     faiss_threads: int | None = Field(None, ge=1)
     search: Literal["auto", "faiss"] = "auto"
+    search_threads: int | None = Field(None, ge=1)
     mmap: bool = False
     verify_checksums: bool = True
     torch_threads: int | None = Field(None, ge=1)
@@ -88,6 +90,10 @@ class Settings(BaseSettings):
     @property
     def effective_torch_threads(self) -> int:
         return self.torch_threads or available_cpus()
+
+    @property
+    def effective_search_threads(self) -> int:
+        return self.search_threads or available_cpus()
 
     @property
     def effective_compute_threads(self) -> int:

@@ -229,8 +229,11 @@ def test_mmap_serves_the_same_answers():
     assert plain == mapped
 
 
-def test_one_pass_flat_search_equals_two_faiss_searches():
-    one_pass = _answers(_settings(mlp_index()))
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_one_pass_flat_search_equals_two_faiss_searches(monkeypatch, blocks):
+    if blocks > 1:  # scan even this tiny index in 3 parallel row blocks
+        monkeypatch.setattr("service.engine.PARALLEL_SCAN_FLOATS", 1)
+    one_pass = _answers(_settings(mlp_index(), search_threads=blocks))
     faiss_only = _answers(_settings(mlp_index(), search="faiss"))
     assert len(one_pass) == 6
     for a, b in zip(one_pass, faiss_only):
