@@ -210,11 +210,11 @@ def test_cors_closed_by_default_and_open_for_configured_origins():
         assert "access-control-allow-origin" not in r.headers
 
 
-def _answers(settings: Settings) -> list[dict]:
+def _answers(settings: Settings, k: int = 5) -> list[dict]:
     with TestClient(create_app(settings)) as client:
         queries = client.get("/queries").json()["items"]
         out = []
-        for body in [{"example": q["example"], "k": 5} for q in queries] + [{"train_id": "ex3", "k": 5}]:
+        for body in [{"example": q["example"], "k": k} for q in queries] + [{"train_id": "ex3", "k": k}]:
             r = client.post("/influence", json=body)
             assert r.status_code == 200, r.text
             data = r.json()
@@ -233,8 +233,8 @@ def test_mmap_serves_the_same_answers():
 def test_one_pass_flat_search_equals_two_faiss_searches(monkeypatch, blocks):
     if blocks > 1:  # scan even this tiny index in 3 parallel row blocks
         monkeypatch.setattr("service.engine.PARALLEL_SCAN_FLOATS", 1)
-    one_pass = _answers(_settings(mlp_index(), search_threads=blocks))
-    faiss_only = _answers(_settings(mlp_index(), search="faiss"))
+    one_pass = _answers(_settings(mlp_index(), search_threads=blocks), k=40)  # every training example
+    faiss_only = _answers(_settings(mlp_index(), search="faiss"), k=40)
     assert len(one_pass) == 6
     for a, b in zip(one_pass, faiss_only):
         for name in ("proponents", "opponents"):
