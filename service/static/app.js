@@ -444,7 +444,7 @@ function renderSelfTable(page) {
   const textTask = state.spec.kind === "text";
   for (const item of page.items) {
     const d = item.display || {};
-    const extras = displayExtras(d);
+    const extras = displayExtras(d).filter(([, v]) => String(v) !== labelName(item.label));
     const open = () => navigate(`#/explain/train/${encodeURIComponent(item.id)}`);
     tbody.append(h("tr", {
       class: d.flipped === true ? "flipped" : "", "data-id": item.id, "data-score": String(item.score),

@@ -84,7 +84,7 @@ export function hitList(hits, { kind, labelName, onOpen, textTask }) {
   const list = h("ol", { class: `hits hits-${kind}${textTask ? " hits-text" : ""}`, "data-kind": kind });
   hits.forEach((hit, i) => {
     const d = hit.display || {};
-    const extras = displayExtras(d);
+    const extras = displayExtras(d).filter(([, v]) => String(v) !== labelName(hit.label));
     const bar = h("div", { class: "score-bar" }, h("span", { style: { width: `${(100 * Math.abs(hit.score)) / maxAbs}%` } }));
     const li = h("li", {
       class: `hit${d.flipped === true ? " flipped" : ""}`,
@@ -218,14 +218,15 @@ export function drawHistogram(container, data, { band, flagName = "flipped", onB
   container.append(svg);
 }
 
-// Bins for scores (client-side histogram): log-spaced when all scores are positive and span > 1.5 decades.
+// Bins for scores (client-side histogram): log-spaced when asked and some scores are positive (scores <= the
+// smallest positive one land in the first bin).
 export function binScores(scores, flags, bins = 40, wantLog = true) {
   const finite = scores.filter(Number.isFinite);
   if (!finite.length) return null;
   let lo = Math.min(...finite);
   const hi = Math.max(...finite);
   const positive = finite.filter((s) => s > 0);
-  const log = wantLog && positive.length > 0 && hi / Math.min(...positive) > 30;
+  const log = wantLog && positive.length > 0 && hi > Math.min(...positive);
   if (log) lo = Math.min(...positive);
   const edges = [];
   for (let i = 0; i <= bins; i++) {

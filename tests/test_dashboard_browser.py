@@ -1,0 +1,421 @@
+"""The influence dashboard end to end: Debian `chromium` (headless, driven by Selenium through
+`/usr/bin/chromedriver`) against a real `tracin serve` on 127.0.0.1 started with an API key.
+
+Set-up (Debian / Ubuntu):  apt-get install -y chromium chromium-driver;  pip install selenium
+The tests skip, saying why, when chromium, chromedriver or selenium is missing.
+
+    TRACIN_DASHBOARD_INDEX=DIR   serve this index directory instead of a briefly trained digits index
+                                 (e.g. the full demo: tracin demo --out /tmp/demo --no-serve)
+    TRACIN_SCREENSHOTS=docs      also save full-page screenshots of each view as docs/dashboard-*.png
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service_support import REPO, digits_index, start_server, train_checkpoints
+
+CHROMIUM = os.environ.get("TRACIN_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("TRACIN_CHROMEDRIVER", "/usr/bin/chromedriver")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1440,1000", "--lang=en-US"]
+WAIT = 30.0
+
+
+def _missing() -> str | None:
+    if not (shutil.which(CHROMIUM) or Path(CHROMIUM).is_file()):
+        return f"{CHROMIUM} not found (apt-get install -y chromium chromium-driver)"
+    if not Path(CHROMEDRIVER).is_file():
+        return f"{CHROMEDRIVER} not found (apt-get install -y chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api_key() -> str:
+    return "dash-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="module")
+def server(api_key):
+    index = os.environ.get("TRACIN_DASHBOARD_INDEX")
+    index_dir = Path(index) if index else digits_index()
+    proc = start_server(index_dir, env={"TRACIN_API_KEY": api_key, "TRACIN_TORCH_THREADS": "1"})
+    try:
+        yield proc.base_url
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def api(server, api_key):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download anything
+    profile = tempfile.mkdtemp(prefix="tracin-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def wait_for(predicate, timeout: float = WAIT, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - stale elements while the page re-renders
+            last_exc = exc
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def css(driver, selector):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def one(driver, selector):
+    return wait_for(lambda: (css(driver, selector) or [None])[0], what=selector)
+
+
+def banner(driver) -> dict | None:
+    el = css(driver, "#error-banner")[0]
+    if not el.is_displayed():
+        return None
+    return {"status": el.get_attribute("data-status"), "code": el.get_attribute("data-code"), "text": el.text}
+
+
+def rendered_hits(driver, kind: str) -> list[tuple[str, float]]:
+    return [(li.get_attribute("data-id"), float(li.get_attribute("data-score")))
+            for li in css(driver, f"#{kind} li.hit")]
+
+
+def results_for(driver, source: str, query_id: str):
+    def ready():
+        body = css(driver, "#results-body")[0]
+        if body.get_attribute("data-source") == source and body.get_attribute("data-query-id") == query_id \
+                and css(driver, "#proponents li.hit") and not css(driver, "#results[aria-busy=true]"):
+            return json.loads(body.get_attribute("data-request"))
+        return None
+
+    return wait_for(ready, what=f"results for {source} {query_id}")
+
+
+def assert_hits_equal(driver, answer: dict) -> None:
+    for kind in ("proponents", "opponents"):
+        shown = rendered_hits(driver, kind)
+        expected = [(h["id"], h["score"]) for h in answer[kind]]
+        assert [i for i, _ in shown] == [i for i, _ in expected], kind
+        for (_, got), (_, want) in zip(shown, expected):
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-9), kind
+
+
+def screenshot(driver, name: str) -> None:
+    """Full-page PNG under $TRACIN_SCREENSHOTS (relative to the repository) when it is set."""
+    target = os.environ.get("TRACIN_SCREENSHOTS")
+    if not target:
+        return
+    out = Path(target) if Path(target).is_absolute() else REPO / target
+    out.mkdir(parents=True, exist_ok=True)
+    height, chrome = driver.execute_script(
+        "return [Math.max(document.documentElement.scrollHeight, document.body.scrollHeight),"
+        " window.outerHeight - window.innerHeight]")
+    driver.set_window_size(1440, min(max(int(height), 900), 1500) + int(chrome))
+    time.sleep(0.4)  # layout after resize (histogram redraw is debounced)
+    driver.save_screenshot(str(out / f"dashboard-{name}.png"))
+    driver.set_window_size(1440, 1000)
+
+
+def self_rows(driver) -> list[dict]:
+    return [{"id": tr.get_attribute("data-id"), "score": float(tr.get_attribute("data-score")),
+             "label": int(tr.get_attribute("data-label")), "flipped": "flipped" in (tr.get_attribute("class") or "")}
+            for tr in css(driver, "#si-table tbody tr[data-id]")]
+
+
+# -- tests (in order: they share one browser session) ----------------------------------------------
+
+def test_static_assets_are_public_and_api_is_not(server, api):
+    anon = httpx.get(server + "/", headers={"Accept": "text/html"})
+    assert anon.status_code == 200 and "<title>tracin-service" in anon.text
+    csp = anon.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "connect-src 'self'" in csp
+    for asset in ("app.js", "api.js", "widgets.js", "style.css"):
+        r = httpx.get(f"{server}/dashboard/{asset}")
+        assert r.status_code == 200 and len(r.content) > 500, asset
+        text = r.text.replace("http://www.w3.org/2000/svg", "")  # the SVG namespace name, not a resource
+        assert "http://" not in text and "https://" not in text, f"{asset} names an external URL"
+    assert "http" not in anon.text.replace('rel="noopener"', "")  # no external resource in the page
+    # The dashboard does not shadow the API: `/` for API clients, and the data routes, still need the key.
+    assert httpx.get(server + "/").status_code == 401
+    assert httpx.get(server + "/index", headers={"Accept": "text/html"}).status_code == 401
+    assert api.get("/").json()["service"] == "tracin-service"
+    assert httpx.get(server + "/dashboard/", follow_redirects=False).headers["location"] == "/"
+
+
+def test_page_asks_for_the_key_then_loads(browser, server, api_key):
+    browser.get(server + "/")
+    wait_for(lambda: browser.execute_script("return document.body.dataset.ready === 'true'"), what="page ready")
+    shown = wait_for(lambda: banner(browser), what="401 banner")
+    assert shown["status"] == "401" and "authorization" in shown["text"] and "API key" in shown["text"]
+    assert "attention" in css(browser, "#key-form")[0].get_attribute("class")
+    key = css(browser, "#api-key")[0]
+    key.clear()
+    key.send_keys(api_key)
+    css(browser, "#key-save")[0].click()
+    wait_for(lambda: css(browser, "#query-list .query-item"), what="held-out examples")
+    assert banner(browser) is None
+    assert browser.execute_script("return localStorage.getItem('tracin.apiKey')") == api_key
+    assert "examples" in css(browser, "#index-chip")[0].text
+    # Nothing but this origin (and data: URLs) was requested.
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and all(u.startswith(server) or u.startswith("data:") for u in urls), urls
+
+
+def test_explain_held_out_example_matches_api(browser, api):
+    queries = api.get("/queries", params={"limit": 3}).json()["items"]
+    first = css(browser, "#query-list .query-item")[0]
+    assert first.get_attribute("data-id") == queries[0]["id"]
+    first.click()
+    sent = results_for(browser, "held-out", queries[0]["id"])
+    assert sent == {"example": queries[0]["example"], "k": 10}
+    answer = api.post("/influence", json=sent).json()
+    assert_hits_equal(browser, answer)
+    assert len(rendered_hits(browser, "proponents")) == 10
+    summary = css(browser, "#query-summary")[0].text
+    assert answer["label_used_name"] in summary and queries[0]["id"] in summary
+    assert len(css(browser, "#query-summary .prob")) == min(10, len(answer["prediction"]["probabilities"]))
+    # Flipped training examples are marked exactly where the API's display fields say so.
+    for kind in ("proponents", "opponents"):
+        for li, hit in zip(css(browser, f"#{kind} li.hit"), answer[kind]):
+            assert ("flipped" in li.get_attribute("class")) == bool(hit["display"].get("flipped")), hit["id"]
+    screenshot(browser, "explain")
+
+
+def test_click_a_hit_explains_that_training_example(browser, api):
+    hit = css(browser, "#proponents li.hit")[1]
+    train_id = hit.get_attribute("data-id")
+    hit.click()
+    sent = results_for(browser, "train", train_id)
+    assert sent == {"train_id": train_id, "k": 10, "exclude_self": True}
+    assert_hits_equal(browser, api.post("/influence", json=sent).json())
+    info = api.get(f"/examples/{train_id}").json()
+    summary = css(browser, "#query-summary")[0].text
+    assert train_id in summary and f"rank {info['rank']}" in summary
+    assert "#/explain/train/" in browser.current_url
+    crumbs = [c.text for c in css(browser, "#trail .crumb")]
+    assert crumbs[-1] == train_id and len(crumbs) == 2
+    browser.back()  # the browser's history walks back to the held-out example
+    results_for(browser, "held-out", crumbs[0])
+
+
+def test_self_influence_view_first_rows(browser, api):
+    css(browser, "#tab-self")[0].click()
+    wait_for(lambda: len(css(browser, "#si-table tbody tr[data-id]")) == 50, what="50 self-influence rows")
+    top = api.get("/self-influence/top", params={"k": 50}).json()
+    rows = self_rows(browser)
+    assert [r["id"] for r in rows] == [x["id"] for x in top["items"]]
+    assert [r["score"] for r in rows] == pytest.approx([x["score"] for x in top["items"]], rel=1e-9)
+    assert [r["flipped"] for r in rows] == [bool(x["display"].get("flipped")) for x in top["items"]]
+    assert any(r["flipped"] for r in rows), "the digits demo's flipped labels should reach the top 50"
+    assert f"of {top['total']:,}" in css(browser, "#si-pager")[0].text
+    assert css(browser, "#si-flipped")[0].text.startswith("flipped on this page:")
+    # Histogram: one bar group per bin, counting every training example (client-side or from a route).
+    wait_for(lambda: css(browser, "#si-histogram svg .bin"), what="histogram")
+    counted = browser.execute_script(
+        "return [...document.querySelectorAll('#si-histogram .bin .bar:not(.flag)')]"
+        ".reduce((n, r) => n + (r.getAttribute('height') > 0 ? 1 : 0), 0)")
+    assert counted > 5
+    note = css(browser, "#hist-note")[0].text
+    assert f"{top['total']:,} examples" in note
+    screenshot(browser, "self-influence")
+
+
+def test_self_influence_label_filter_and_paging(browser, api):
+    from selenium.webdriver.support.ui import Select
+
+    Select(css(browser, "#si-label")[0]).select_by_value("3")
+    wait_for(lambda: "label=3" in browser.current_url and self_rows(browser)
+             and all(r["label"] == 3 for r in self_rows(browser)), what="label 3 rows")
+    page = api.get("/self-influence/top", params={"k": 50, "label": 3}).json()
+    wait_for(lambda: [r["id"] for r in self_rows(browser)] == [x["id"] for x in page["items"]], what="label 3 page")
+    css(browser, "#si-pager button[data-go=next]")[0].click()
+    page2 = api.get("/self-influence/top", params={"k": 50, "offset": 50, "label": 3}).json()
+    wait_for(lambda: [r["id"] for r in self_rows(browser)] == [x["id"] for x in page2["items"]], what="label 3 page 2")
+    ranks = [int(td.text.replace(",", "")) for td in css(browser, "#si-table tbody tr td:first-child")]
+    assert ranks == [x["rank"] for x in page2["items"]]
+    # Clicking a row explains that training example.
+    row = css(browser, "#si-table tbody tr[data-id]")[0]
+    train_id = row.get_attribute("data-id")
+    row.click()
+    results_for(browser, "train", train_id)
+
+
+def test_index_panel(browser, api):
+    css(browser, "#tab-index")[0].click()
+    panel = wait_for(lambda: css(browser, "#index-panel .card") and css(browser, "#index-panel")[0], what="index panel")
+    info = api.get("/index").json()
+    text = panel.text
+    assert info["task"]["ref"] in text and info["projection"]["kind"] in text
+    assert f"{info['count']:,}" in text and f"{info['embedding_dim']:,}" in text
+    assert ("approximate" if info["approximate"] else "exact") in text
+    lrs = [float(td.text) for td in css(browser, "#index-panel table.plain td.num")]
+    assert lrs == pytest.approx([c["lr"] for c in info["checkpoints"]], rel=1e-3)
+    screenshot(browser, "index")
+
+
+def test_input_follows_the_task_example_schema(browser):
+    """The Explain input is chosen from the example's JSON schema (as GET /index / OpenAPI document it)."""
+    from indexer.demo.digits import DigitsExample
+    from indexer.demo.fashion_mnist import FashionMNISTExample
+    from tests.dashboard_tasks import TextExample
+
+    schemas = [DigitsExample.model_json_schema(), FashionMNISTExample.model_json_schema(),
+               TextExample.model_json_schema(), {"properties": {"x": {"type": "array", "items": {"type": "number"}}}}]
+    specs = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('./dashboard/widgets.js').then(m => done(arguments[0].map(m.inputSpec)), e => done(String(e)));",
+        schemas)
+    assert specs[0] == {"kind": "image", "field": "pixels", "side": 8, "layout": "flat", "min": 0, "max": 16,
+                        "integer": True}
+    assert specs[1] == {"kind": "image", "field": "image", "side": 28, "layout": "nested", "min": 0, "max": 255,
+                        "integer": True}
+    assert specs[2] == {"kind": "text", "field": "text"}
+    assert specs[3] == {"kind": "json"}
+
+
+def test_upload_an_image(browser, api, tmp_path):
+    """A dark-on-white PNG 4x the model's size: downscaled in a canvas, inverted, scaled to 0..16, explained."""
+    import numpy as np
+
+    from indexer.images import png_bytes
+
+    pixels = np.asarray(api.get("/queries", params={"limit": 1}).json()["items"][0]["example"]["pixels"])
+    gray = (255 - np.round(pixels.reshape(8, 8) * 255 / 16)).astype(np.uint8)  # ink dark, paper white
+    path = tmp_path / "my-digit.png"
+    path.write_bytes(png_bytes(gray, scale=4))
+    css(browser, "#tab-explain")[0].click()
+    wait_for(lambda: css(browser, "#view-explain")[0].is_displayed(), what="explain view")
+    css(browser, "#upload")[0].send_keys(str(path))
+    sent = results_for(browser, "upload", "my-digit.png")
+    got = np.asarray(sent["example"]["pixels"], dtype=float)
+    assert got.shape == (64,) and got.min() >= 0 and got.max() == 16 and np.all(got == np.round(got))
+    assert np.corrcoef(got, pixels)[0, 1] > 0.95
+    assert_hits_equal(browser, api.post("/influence", json=sent).json())
+    assert "inverted" in css(browser, "#upload-note")[0].text and banner(browser) is None
+
+
+def test_bad_inputs_show_visible_errors(browser, server, tmp_path):
+    css(browser, "#tab-explain")[0].click()
+    wait_for(lambda: css(browser, "#view-explain")[0].is_displayed(), what="explain view")
+    # 1. An example the API rejects: the banner names the field.
+    details = css(browser, "#raw-json")[0]
+    if not details.get_attribute("open"):
+        css(browser, "#raw-json summary")[0].click()
+    raw = css(browser, "#raw-example")[0]
+    raw.clear()
+    raw.send_keys('{"pixels": [1, 2, 3]}')
+    css(browser, "#raw-run")[0].click()
+    shown = wait_for(lambda: banner(browser), what="422 banner")
+    assert shown["status"] == "422" and "example.pixels" in shown["text"]
+    screenshot(browser, "error")
+    # 2. A file that is not an image: refused in the browser, before any request.
+    css(browser, "#error-close")[0].click()
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not a PNG")
+    css(browser, "#upload")[0].send_keys(str(not_image))
+    shown = wait_for(lambda: banner(browser), what="upload banner")
+    assert shown["code"] == "bad_input" and "notes.png is not an image" in shown["text"]
+    # 3. A wrong API key: 401 from the API, shown with a hint to fix the key.
+    key = css(browser, "#api-key")[0]
+    key.clear()
+    key.send_keys("wrong-key")
+    css(browser, "#key-save")[0].click()
+    shown = wait_for(lambda: (b := banner(browser)) and b["status"] == "401" and b, what="401 banner")
+    assert "invalid bearer token" in shown["text"] and "API key" in shown["text"]
+
+
+# -- a text task, served without an API key ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory):
+    from indexer.config import parse_config
+    from indexer.pipeline import build_index
+    from tests.dashboard_tasks import TinyTextTask
+
+    work = tmp_path_factory.mktemp("text-task")
+    checkpoints = train_checkpoints(TinyTextTask(), work / "run")
+    data = {"task": "tests.dashboard_tasks:TinyTextTask", "checkpoints": [{"path": str(p)} for p in checkpoints],
+            "projection": {"kind": "exact", "dim": 16, "seed": 0}, "index": {"factory": "Flat", "batch_size": 8}}
+    index_dir = build_index(parse_config(data, work), work / "index").path
+    proc = start_server(index_dir, env={"TRACIN_API_KEY": "", "TRACIN_TORCH_THREADS": "1"})
+    try:
+        yield proc.base_url
+    finally:
+        proc.stop()
+
+
+def test_text_task(browser, text_server):
+    browser.get(text_server + "/#/explain")
+    wait_for(lambda: css(browser, "#query-list .query-item"), what="held-out articles")
+    assert banner(browser) is None and css(browser, "#custom-text")[0].is_displayed()
+    queries = httpx.get(text_server + "/queries").json()["items"]
+    assert queries[0]["display"]["title"] in css(browser, "#query-list .query-item")[0].text
+    css(browser, "#query-list .query-item")[0].click()
+    sent = results_for(browser, "held-out", queries[0]["id"])
+    answer = httpx.post(text_server + "/influence", json=sent).json()
+    assert_hits_equal(browser, answer)
+    titles = [el.text for el in css(browser, "#proponents li.hit .snippet-title")]
+    assert titles == [h["display"]["title"] for h in answer["proponents"]]
+    screenshot(browser, "text-explain")
+    # Your own text.
+    box = css(browser, "#custom-text")[0]
+    box.clear()
+    box.send_keys("Striker scores a late penalty in the cup final")
+    css(browser, "#explain-custom")[0].click()
+    sent = results_for(browser, "text", "your example")
+    assert sent["example"] == {"text": "Striker scores a late penalty in the cup final"}
+    assert_hits_equal(browser, httpx.post(text_server + "/influence", json=sent).json())
+    # An empty text is refused in the page.
+    box.clear()
+    css(browser, "#explain-custom")[0].click()
+    shown = wait_for(lambda: banner(browser), what="empty text banner")
+    assert shown["code"] == "bad_input" and "text is empty" in shown["text"]
