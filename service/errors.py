@@ -109,6 +109,12 @@ def reject_non_finite(value: Any, loc: tuple) -> None:
 
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     detail = validation_detail(list(exc.errors()))
+    content_type = request.headers.get("content-type", "")
+    if request.method == "POST" and "json" not in content_type.lower():
+        for d in detail:
+            if d["field"] == "body":
+                d["msg"] += f" (the body must be JSON sent with Content-Type: application/json, got " \
+                            f"{content_type or 'no Content-Type'!r})"
     return JSONResponse(error_body("validation_error", detail), status_code=422)
 
 

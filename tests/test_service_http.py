@@ -367,6 +367,13 @@ def test_bad_get_requests_are_4xx_naming_the_field(digits, path, params, status,
     assert [d["field"] for d in r.json()["detail"]][0] == field
 
 
+def test_json_without_json_content_type_says_so(digits):
+    r = digits.post("/influence", content=b'{"train_id": "train-1"}',
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d without -H
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["field"] == "body" and "Content-Type: application/json" in r.json()["message"]
+
+
 def test_wrong_method_and_oversized_body(digits):
     r = digits.get("/influence")
     assert r.status_code == 405 and r.json()["detail"][0]["field"] == "path"
