@@ -201,6 +201,8 @@ class Engine:
 
     def influence(self, req: Any, started: float | None = None) -> dict[str, Any]:
         """POST /influence for a validated request model (see service.schemas.make_influence_request)."""
+        import torch
+
         started = time.perf_counter() if started is None else started
         if (req.example is None) == (req.train_id is None):
             raise ApiError(422, "invalid", "example", "give exactly one of `example` or `train_id`")
@@ -224,7 +226,7 @@ class Engine:
         else:
             label = self.parse_label(req.label, "label") if req.label is not None else None
             out = self.embed_examples([req.example], None if label is None else [label])
-            vector = out["vectors"][0].numpy().astype(np.float32)
+            vector = out["vectors"][0].to(torch.float32).numpy()  # as the indexer stores it (any model dtype)
             label_used = out["labels"][0]
             predicted = int(out["predicted"][0])
             prediction = {"label": predicted, "label_name": self.label_name(predicted),
@@ -256,8 +258,8 @@ class Engine:
         """((rows, scores) of the proponents, (rows, scores) of the opponents) for a float32 query.
 
         A label subset (`rows`) is searched inside FAISS with an ID selector (`indexer.search.top_k`), as
-        is every approximate index. An exact inner-product `Flat` index without a subset takes one BLAS
-        pass over the stored vectors for both ends instead of two FAISS scans (same exact top-k)."""
+        is every approximate index. An exact inner-product `Flat` index without a subset takes one pass
+        over the stored vectors for both ends instead of two FAISS scans (same exact top-k)."""
         from indexer.search import top_k
 
         if self.flat_vectors is not None and rows is None:

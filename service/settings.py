@@ -11,7 +11,7 @@
                                the manifest's index.search_params
     TRACIN_FAISS_THREADS       OpenMP threads FAISS may use per search (default: FAISS's own default)
     TRACIN_SEARCH              auto (default): an exact Flat index answers an unfiltered query with one
-                               BLAS pass for proponents and opponents together; faiss: always two FAISS
+                               pass for proponents and opponents together; faiss: always two FAISS
                                searches (q and -q). Label filters and approximate indexes always use FAISS.
     TRACIN_SEARCH_THREADS      threads scanning one large Flat index in row blocks (default: the CPUs)
     TRACIN_MMAP                open the FAISS index memory-mapped (default false)
