@@ -384,7 +384,8 @@ def text_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("text-task")
     checkpoints = train_checkpoints(TinyTextTask(), work / "run")
     data = {"task": "tests.dashboard_tasks:TinyTextTask", "checkpoints": [{"path": str(p)} for p in checkpoints],
-            "projection": {"kind": "exact", "dim": 16, "seed": 0}, "index": {"factory": "Flat", "batch_size": 8}}
+            "projection": {"kind": "exact", "dim": 16, "seed": 0},
+            "index": {"factory": "IVF2,Flat", "batch_size": 8, "search_params": {"nprobe": 1}}}  # approximate
     index_dir = build_index(parse_config(data, work), work / "index").path
     proc = start_server(index_dir, env={"TRACIN_API_KEY": "", "TRACIN_TORCH_THREADS": "1"})
     try:
@@ -419,3 +420,16 @@ def test_text_task(browser, text_server):
     css(browser, "#explain-custom")[0].click()
     shown = wait_for(lambda: banner(browser), what="empty text banner")
     assert shown["code"] == "bad_input" and "text is empty" in shown["text"]
+
+
+def test_index_panel_of_an_approximate_index(browser, text_server):
+    info = httpx.get(text_server + "/index").json()
+    assert info["approximate"] and "recall_at_10" in info["faiss"]
+    recall = info["faiss"]["recall_at_10"]
+    css(browser, "#tab-index")[0].click()
+    panel = wait_for(lambda: css(browser, "#index-panel .card") and css(browser, "#index-panel")[0], what="index panel")
+    text = panel.text
+    assert "IVF2,Flat" in text and "approximate" in text and '{"nprobe":1}' in text
+    assert f"proponents {recall['proponents']:.4f}" in text and f"opponents {recall['opponents']:.4f}" in text
+    assert "measured recall (min)" in text
+    screenshot(browser, "text-index")

@@ -297,19 +297,23 @@ async function explainTrain(id) {
   await runInfluence(body, { source: "train", id, info, display: info.display, trueLabel: info.label });
 }
 
+let influenceSeq = 0;
+
 async function runInfluence(body, meta) {
   const results = $("results");
+  const seq = ++influenceSeq;
   results.setAttribute("aria-busy", "true");
   try {
     const t0 = performance.now();
     const res = await api.influence(body);
     const roundTrip = performance.now() - t0;
+    if (seq !== influenceSeq) return; // a later request was started meanwhile: its answer wins
     state.current = { ...meta, body, res, roundTrip };
     pushTrail(meta);
     renderResults();
     renderQueries();
   } finally {
-    results.removeAttribute("aria-busy");
+    if (seq === influenceSeq) results.removeAttribute("aria-busy");
   }
 }
 
@@ -427,11 +431,15 @@ function renderResults() {
 
 // -- self-influence ---------------------------------------------------------------------------
 
+let selfSeq = 0;
+
 async function loadSelf() {
   const { label, offset, k } = state.self;
   $("si-label").value = label;
   $("si-k").value = String(k);
+  const seq = ++selfSeq;
   const page = await api.selfInfluence(k, offset, label === "" ? undefined : label);
+  if (seq !== selfSeq) return;
   state.lastSelfItems = page.items;
   renderSelfTable(page);
   await guarded(() => loadHistogram(label), "self-influence histogram");
@@ -488,7 +496,7 @@ async function fetchHistogram(label) {
     if (!(err instanceof ApiError) || (err.status !== 404 && err.status !== 405)) throw err;
   }
   // No histogram route: page through /self-influence/top (scores in descending order), up to a cap.
-  const cap = 20000;
+  const cap = 10000;
   let size = 1000;
   let first;
   try {
@@ -681,6 +689,7 @@ async function route() {
   const [path, query = ""] = hash.slice(1).split("?");
   const parts = path.split("/").filter(Boolean);
   const view = parts[0] || "explain";
+  clearError(); // a banner belongs to the action that raised it
   if (!state.info) {
     await guarded(loadInfo, "GET /index");
   }
