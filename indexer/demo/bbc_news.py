@@ -17,9 +17,9 @@ store the 90 MB encoder five times:
     Linear(384, hidden) -> ReLU -> Linear(hidden, 5) on the mean-pooled, L2-normalised sentence
     embedding (exactly what sentence-transformers returns for this model). Traced: `head.*`.
   * `block = true`: the encoder's last transformer block is fine-tuned with the head; `build_model()`
-    returns block + pooling + head, and the lower 5 blocks are the frozen feature extractor. Traced:
-    the block's six Linear layers and the head (the block's two LayerNorms are not traced: their
-    per-example gradients would need torch.func through the frozen encoder).
+    returns block + pooling + head, and the lower 5 blocks are the frozen feature extractor. Trained
+    and traced: the block's six Linear layers and the head (the block's two LayerNorms stay frozen:
+    their per-example gradients would need torch.func through the frozen encoder).
 The frozen part belongs to the Task (`Task.forward` runs it under no_grad before the model), so the
 indexer and the service go text -> tokenizer -> frozen encoder -> model through the same code. Its
 output per distinct token sequence is memoised in memory (bounded, `feature_cache_mb`): a pure
@@ -333,7 +333,12 @@ class BBCNewsTask(Task):
     def build_model(self) -> nn.Module:
         block = copy.deepcopy(load_encoder().encoder.layer[-1]) if self.block else None
         if block is not None:
-            block.requires_grad_(True)
+            # Fine-tune the block's Linear layers; its LayerNorms stay frozen, so that every trained
+            # parameter is traced by one batched backward (LayerNorm would need torch.func through the
+            # frozen encoder) and TracIn sums over exactly the parameters that training changed.
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    module.requires_grad_(True)
         torch.manual_seed(self.seed)
         return BBCNewsModel(self.hidden, len(CATEGORIES), block)
 
