@@ -43,6 +43,36 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def derive_index(src: Path, factory: str, search_params: dict, out: Path) -> Path:
+    """A copy of the index directory whose FAISS file is rebuilt with another factory from the stored
+    vectors (what `tracin index` with that `index.factory` would write: same embeddings, recall@10
+    measured against exact search and recorded in the manifest). For benchmarking approximate search."""
+    import hashlib
+    import shutil
+    from types import SimpleNamespace
+
+    import faiss
+
+    from indexer.pipeline import _write_faiss
+    from indexer.store import INDEX_FILE, MANIFEST
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns(INDEX_FILE))
+    index = faiss.read_index(str(src / INDEX_FILE))
+    vectors = index.reconstruct_n(0, index.ntotal)
+    del index
+    config = SimpleNamespace(index=SimpleNamespace(factory=factory, train_sample=50_000, search_params=search_params))
+    info = _write_faiss(config, vectors, out / INDEX_FILE)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["faiss"] = info
+    digest = hashlib.sha256((out / INDEX_FILE).read_bytes()).hexdigest()
+    manifest["files"][INDEX_FILE] = digest
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    print(f"derived {factory} index at {out}: recall {info.get('recall_at_10')}", file=sys.stderr)
+    return out
+
+
 def baseline_rss_mb() -> float:
     """RSS of a Python process that only imports what the server imports (no index loaded)."""
     code = ("import torch, faiss, numpy, fastapi, uvicorn, indexer.embedding, service.app, re, pathlib; "
@@ -134,11 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra TRACIN_* settings")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--derive-factory", default=None, metavar="FACTORY",
+                    help="first rebuild the FAISS file with this factory (e.g. 'IVF1024,Flat') from the stored "
+                         "vectors into a copy of the index directory, and benchmark that copy")
+    ap.add_argument("--derive-params", default="{}", help="JSON search parameters for the derived index")
+    ap.add_argument("--derive-out", type=Path, default=None, help="where the derived copy goes")
     args = ap.parse_args(argv)
 
     env = dict(e.split("=", 1) for e in args.env)
     if args.mmap:
         env["TRACIN_MMAP"] = "true"
+    if args.derive_factory:
+        target = args.derive_out or args.index_dir.with_name(
+            args.index_dir.name + "-" + re.sub(r"[^A-Za-z0-9]+", "_", args.derive_factory))
+        args.index_dir = derive_index(args.index_dir, args.derive_factory, json.loads(args.derive_params), target)
     proc, base, ready_s, log = start(args.index_dir, env, args.timeout)
     try:
         with httpx.Client(base_url=base, timeout=60) as client:
@@ -154,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         results: dict = {"index": str(args.index_dir), "count": info["count"], "dim": info["embedding_dim"],
                          "checkpoints": len(info["checkpoints"]), "factory": info["faiss"]["factory"],
                          "approximate": info["approximate"], "projection": info["projection"]["kind"],
+                         "recall_at_10": info["faiss"].get("recall_at_10"),
+                         "search_params": info["faiss"].get("search_params_in_use"),
                          "time_to_ready_s": ready_s, "load_seconds": ready.get("load_seconds"),
                          "mmap": args.mmap, "k": args.k, "env": env}
         modes = []
@@ -199,10 +240,15 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
+def _recall(r: dict) -> str:
+    recall = r.get("recall_at_10")
+    return f", recall@10 {recall}" if recall else ""
+
+
 def table(r: dict) -> str:
     lines = [f"Index: `{r['index']}`: {r['count']} examples, {r['checkpoints']} checkpoints, dim {r['dim']}, "
              f"{r['projection']} projection, FAISS `{r['factory']}` ({'approximate' if r['approximate'] else 'exact'})"
-             f"{', mmap' if r['mmap'] else ''}; k={r['k']}; machine: {r['machine']['affinity']} CPUs "
+             f"{', mmap' if r['mmap'] else ''}{_recall(r)}; k={r['k']}; machine: {r['machine']['affinity']} CPUs "
              f"({r['machine']['cpu']})", "",
              "| measure | value |", "|---|---|",
              f"| `tracin serve` to ready | {r['time_to_ready_s']:.2f} s (index load + verify + warm-up "
