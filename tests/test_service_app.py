@@ -159,6 +159,18 @@ def _first_query(client) -> dict:
     return client.get("/queries").json()["items"][0]["example"]
 
 
+def test_asgi_factory_reads_the_environment(monkeypatch):
+    from service.app import app_from_env
+
+    monkeypatch.setenv("TRACIN_INDEX_DIR", str(mlp_index()))
+    monkeypatch.setenv("TRACIN_MAX_K", "7")
+    with TestClient(app_from_env()) as client:  # the lifespan loads the index
+        assert client.get("/readyz").json()["status"] == "ready"
+        assert client.post("/influence", json={"train_id": "ex1", "k": 8}).status_code == 422
+        assert len(client.post("/influence", json={"train_id": "ex1", "k": 7}).json()["proponents"]) <= 7
+        assert client.get("/index").json()["max_k"] == 7
+
+
 def test_not_ready_without_lifespan():
     client = TestClient(create_app(_settings(mlp_index())))  # no `with`: the lifespan has not run
     r = client.get("/readyz")
