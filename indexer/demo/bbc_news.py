@@ -442,7 +442,7 @@ def train_bbc_news(out_dir: str | Path, *, epochs: int | None = None, checkpoint
     task = BBCNewsTask(**task_args)
     block = task.block
     epochs = epochs if epochs is not None else (6 if block else 20)
-    lr = lr if lr is not None else (0.05 if block else 0.5)
+    lr = lr if lr is not None else 0.5
     t0 = time.perf_counter()
     train = task.training_set()
     held = task.held_out_set()
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train and write <out>/bbc_news.toml (then: tracin index it)")
     p.add_argument("--out", default=".tracin/bbc", help="work directory (checkpoints, config)")
     p.add_argument("--epochs", type=int, default=None, help="default 20 (head) or 6 (--block)")
-    p.add_argument("--lr", type=float, default=None, help="initial SGD learning rate; default 0.5 (head), 0.05 (--block)")
+    p.add_argument("--lr", type=float, default=None, help="initial SGD learning rate (default 0.5), decaying by 0.85 per epoch")
     p.add_argument("--block", action="store_true", help="also fine-tune and trace the encoder's last block")
     p.add_argument("--max-length", type=int, default=128, help="tokens per article")
     p.add_argument("--hidden", type=int, default=128, help="head hidden width")
