@@ -116,7 +116,9 @@ def test_digits_demo_cuda_matches_cpu_and_query_path(tmp_path):
     config_path = train_digits(tmp_path / "run", epochs=5)
     indexes = {}
     for device in ("cpu", "cuda"):
-        text = config_path.read_text().replace('batch_size = 256', f'batch_size = 256\ndevice = "{device}"')
+        text = config_path.read_text()
+        assert "[index]" in text and "device" not in text
+        text = text.replace("[index]", f'[index]\ndevice = "{device}"')
         path = config_path.with_name(f"digits-{device}.toml")
         path.write_text(text)
         build_index(load_config(path), tmp_path / f"index-{device}")
