@@ -97,6 +97,10 @@ class CheckpointEmbedder:
                  device: str | torch.device = "cpu", state: dict | None = None):
         self.task, self.checkpoint, self.index = task, checkpoint, index
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # TF32 would change float32 results by ~1e-3 against the CPU; embeddings must agree.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.model = task.build_model()
         if state is None:
             state, _ = load_checkpoint(checkpoint.path)
