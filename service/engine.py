@@ -107,7 +107,7 @@ class Engine:
     metrics: Any = None
     class_names: list[str] | None = field(default=None)
     flat_vectors: np.ndarray | None = None  # exact Flat index: a view of the stored vectors (one-pass search)
-    search_pool: Any = None  # ThreadPoolExecutor for block-parallel scans of large Flat indexes
+    search_pool: Any = None  # threads for block-parallel Flat scans and for searching q and -q at once
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -265,8 +265,13 @@ class Engine:
         if self.flat_vectors is not None and rows is None:
             return _both_ends(self.flat_scores(vector), k_pro, k_opp)
         index = self.index_dir.index
-        pro = top_k(index, vector, k_pro, 1, rows, self.search_params)
-        opp = top_k(index, vector, k_opp, -1, rows, self.search_params)
+        if self.search_pool is not None:  # q and -q at once (FAISS releases the GIL; nq=1 is one thread)
+            pending = self.search_pool.submit(top_k, index, vector, k_pro, 1, rows, self.search_params)
+            opp = top_k(index, vector, k_opp, -1, rows, self.search_params)
+            pro = pending.result()
+        else:
+            pro = top_k(index, vector, k_pro, 1, rows, self.search_params)
+            opp = top_k(index, vector, k_opp, -1, rows, self.search_params)
         return (pro.rows, pro.scores), (opp.rows, opp.scores)
 
     def flat_scores(self, vector: np.ndarray) -> np.ndarray:
@@ -474,8 +479,8 @@ def load_engine(settings: Settings) -> Engine:
         labels=labels, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank, rows_by_label=rows_by_label,
         si_order_by_label=si_order_by_label, num_classes=len(class_names) if class_names is not None else None,
         reconstruct_error=reconstruct_error, class_names=class_names, flat_vectors=flat,
-        search_pool=(ThreadPoolExecutor(settings.effective_search_threads, thread_name_prefix="tracin-scan")
-                     if flat is not None and settings.effective_search_threads > 1 else None),
+        search_pool=(ThreadPoolExecutor(settings.effective_search_threads, thread_name_prefix="tracin-search")
+                     if settings.effective_search_threads > 1 else None),
     )
     if settings.warmup:
         engine.warm_up()

@@ -13,7 +13,8 @@
     TRACIN_SEARCH              auto (default): an exact Flat index answers an unfiltered query with one
                                pass for proponents and opponents together; faiss: always two FAISS
                                searches (q and -q). Label filters and approximate indexes always use FAISS.
-    TRACIN_SEARCH_THREADS      threads scanning one large Flat index in row blocks (default: the CPUs)
+    TRACIN_SEARCH_THREADS      threads of one search: row blocks of a large Flat index, or the q and -q
+                               FAISS searches at once (default: the CPUs; 1 = sequential)
     TRACIN_MMAP                open the FAISS index memory-mapped (default false)
     TRACIN_VERIFY_CHECKSUMS    verify every file's sha256 against the manifest at start (default true)
     TRACIN_TORCH_THREADS       torch intra-op threads (default: CPUs // TRACIN_COMPUTE_THREADS, at least 1)

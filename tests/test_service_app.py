@@ -243,10 +243,10 @@ def test_mmap_serves_the_same_answers():
 
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_one_pass_flat_search_equals_two_faiss_searches(monkeypatch, blocks):
-    if blocks > 1:  # scan even this tiny index in 3 parallel row blocks
+    if blocks > 1:  # scan even this tiny index in 3 parallel row blocks; FAISS: q and -q at once
         monkeypatch.setattr("service.engine.PARALLEL_SCAN_FLOATS", 1)
     one_pass = _answers(_settings(mlp_index(), search_threads=blocks), k=40)  # every training example
-    faiss_only = _answers(_settings(mlp_index(), search="faiss"), k=40)
+    faiss_only = _answers(_settings(mlp_index(), search="faiss", search_threads=blocks), k=40)
     assert len(one_pass) == 6
     for a, b in zip(one_pass, faiss_only):
         for name in ("proponents", "opponents"):
