@@ -173,8 +173,8 @@ def test_dockerfile_base_and_copies(path):
 def test_dockerfile_installs_like_make_setup(path):
     make = _makefile_setup_installs()
     assert any("--upgrade pip" in line for line in make)
-    [make_project] = [line for line in make if "-c constraints.txt" in line]
-    assert re.search(r"['\"]?\.\[", make_project), "the Makefile installs the project itself"
+    [make_project] = [line for line in make if "-c constraints.txt" in line and re.search(r"['\"]?\.\[", line)]
+    assert any("--index-url $(TORCH_INDEX) torch" in line for line in make), "torch from a chosen wheel index"
 
     installs = _pip_installs(path)
     assert any("--upgrade pip" in c for c in installs), "upgrade pip first, as `make setup` does"
