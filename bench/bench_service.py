@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         results["rss_loaded_mb"] = rss_loaded / 1024
         results["rss_mb"] = _status_kb(proc.pid, "VmRSS") / 1024
         results["rss_peak_mb"] = _status_kb(proc.pid, "VmHWM") / 1024
+        results["rss_anon_mb"] = _status_kb(proc.pid, "RssAnon") / 1024
+        results["rss_file_mb"] = _status_kb(proc.pid, "RssFile") / 1024
         results["rss_imports_only_mb"] = baseline_rss_mb()
         index_dir = Path(args.index_dir)
         results["index_dir_mb"] = _dir_size(index_dir) / (1 << 20)
@@ -265,8 +267,8 @@ def table(r: dict) -> str:
             f"(p50 {c['p50']:.1f} ms, p99 {c['p99']:.1f} ms) |",
         ]
     lines += [f"| server RSS after load / after the runs / peak | {r['rss_loaded_mb']:.0f} / {r['rss_mb']:.0f} / "
-              f"{r['rss_peak_mb']:.0f} MiB (a process that only imports the same libraries: "
-              f"{r['rss_imports_only_mb']:.0f} MiB) |",
+              f"{r['rss_peak_mb']:.0f} MiB (anonymous {r['rss_anon_mb']:.0f} + file-backed {r['rss_file_mb']:.0f}; "
+              f"a process that only imports the same libraries: {r['rss_imports_only_mb']:.0f} MiB) |",
               f"| index directory on disk (FAISS file, checkpoints) | {r['index_dir_mb']:.0f} MiB "
               f"({r['faiss_file_mb']:.0f} MiB, {r['checkpoints_mb']:.1f} MiB) |"]
     return "\n".join(lines)
