@@ -107,6 +107,19 @@ def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
     return {name: sha256_file(directory / name) for name in names}
 
 
+def _read_faiss(file: Path, mmap: bool) -> faiss.Index:
+    """Read the FAISS file; with mmap the vectors stay in the (shared, read-only) page cache.
+
+    IO_FLAG_MMAP_IFC maps Flat and IVF storage in place (IO_FLAG_MMAP alone still copies Flat vectors
+    into process memory in FAISS 1.15); formats it cannot map fall back to IO_FLAG_MMAP."""
+    if not mmap:
+        return faiss.read_index(str(file))
+    try:
+        return faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:
+        return faiss.read_index(str(file), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+
+
 @dataclass
 class IndexDirectory:
     """An opened, verified index directory (what the service serves)."""
@@ -152,8 +165,7 @@ class IndexDirectory:
                 raise IndexDirectoryError(f"{path} is incomplete: {name} is missing")
             if verify and sha256_file(file) != digest:
                 raise IndexDirectoryError(f"{path}: {name} does not match the sha256 in the manifest")
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index = faiss.read_index(str(path / INDEX_FILE), flags)
+        index = _read_faiss(path / INDEX_FILE, mmap)
         self_influence = np.load(path / SELF_INFLUENCE_FILE)
         examples = read_jsonl(path / EXAMPLES_FILE)
         queries = read_jsonl(path / QUERIES_FILE) if (path / QUERIES_FILE).is_file() else []
