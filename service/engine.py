@@ -108,6 +108,7 @@ class Engine:
     class_names: list[str] | None = field(default=None)
     flat_vectors: np.ndarray | None = None  # exact Flat index: a view of the stored vectors (one-pass search)
     search_pool: Any = None  # threads for block-parallel Flat scans and for searching q and -q at once
+    _display_flags: dict[str, np.ndarray] | None = None
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -321,6 +322,46 @@ class Engine:
         items = [{"id": self.examples[r]["id"], "score": float(si[r]), "label": int(self.labels[r]),
                   "display": self.examples[r].get("display") or {}, "rank": int(self.si_rank[r])} for r in rows]
         return {"items": items, "total": int(order.size), "offset": offset, "k": k, "label": label_value}
+
+    def self_influence_histogram(self, bins: int, label: int | str | None, scale: str) -> dict[str, Any]:
+        """Counts of exact self-influence in `bins` bins (log-spaced from the smallest positive score when
+        scale = "log"; scores at or below it fall in the first bin), over all training examples or one
+        label, plus per-bin counts of every boolean display field (e.g. `flipped`)."""
+        if label is None:
+            rows, label_value = self.si_order, None
+        else:
+            label_value, _ = self.label_rows(label, "label", ["query", "label"])
+            rows = self.si_order_by_label[label_value]
+        scores = np.asarray(self.index_dir.self_influence, dtype=np.float64)[rows]
+        lo, hi = float(scores.min()), float(scores.max())
+        positive = scores[scores > 0]
+        use_log = scale == "log" and positive.size > 0 and hi > float(positive.min())
+        if use_log:
+            lo = float(positive.min())
+            edges = np.logspace(np.log10(lo), np.log10(hi), bins + 1)
+            position = (np.log10(np.maximum(scores, lo)) - np.log10(lo)) / (np.log10(hi) - np.log10(lo))
+        else:
+            span = (hi - lo) or 1.0
+            edges = lo + span * np.linspace(0.0, 1.0, bins + 1)
+            position = (scores - lo) / span
+        which = np.clip((position * bins).astype(np.int64), 0, bins - 1)
+        counts = np.bincount(which, minlength=bins)
+        flagged = {name: np.bincount(which[flags[rows]], minlength=bins).tolist()
+                   for name, flags in self.display_flags().items()}
+        return {"edges": edges.tolist(), "counts": counts.tolist(), "total": int(rows.size),
+                "scale": "log" if use_log else "linear", "label": label_value, "flagged": flagged}
+
+    def display_flags(self) -> dict[str, np.ndarray]:
+        """Boolean display fields present on every training example, as [N] masks (cached)."""
+        if self._display_flags is None:
+            names = {k for k, v in (self.examples[0].get("display") or {}).items() if isinstance(v, bool)}
+            flags = {}
+            for name in sorted(names):
+                values = [(ex.get("display") or {}).get(name) for ex in self.examples]
+                if all(isinstance(v, bool) for v in values):
+                    flags[name] = np.asarray(values, dtype=bool)
+            self._display_flags = flags
+        return self._display_flags
 
     def example_info(self, example_id: str) -> dict[str, Any]:
         row = self.row_of(example_id, "id", status=404, loc=["path", "id"])

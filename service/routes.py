@@ -4,7 +4,7 @@ No `from __future__ import annotations` here: FastAPI must see the request model
 as a real annotation, not a string.
 """
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import anyio
 from fastapi import APIRouter, Body, Path, Query, Request
@@ -13,7 +13,8 @@ from pydantic import BaseModel
 
 from service.errors import ApiError, reject_non_finite
 from service.schemas import (
-    ErrorResponse, ExampleInfo, Health, IndexInfo, InfluenceResponse, QueryPage, Ready, SelfInfluencePage,
+    ErrorResponse, ExampleInfo, Health, IndexInfo, InfluenceResponse, QueryPage, Ready, SelfInfluenceHistogram,
+    SelfInfluencePage,
 )
 from service.settings import Settings
 
@@ -64,6 +65,18 @@ def build_router(request_model: type[BaseModel], settings: Settings,
         """Mislabeled, rare and odd training examples first: self-influence sum_i lr_i ||g_i(z)||^2, exact."""
         return _engine(request).self_influence_page(k, offset, label)
 
+    @router.get("/self-influence/histogram", response_model=SelfInfluenceHistogram, responses=ERRORS,
+                tags=["influence"], summary="Histogram of exact self-influence")
+    async def self_influence_histogram(
+        request: Request,
+        bins: int = Query(40, ge=1, le=1000, description="number of bins"),
+        label: Optional[str] = Query(None, description="only training examples with this label"),
+        scale: Literal["log", "linear"] = Query("log", description="bin spacing"),
+    ) -> Any:
+        """Bins over all (or one label's) training examples, with per-bin counts of boolean display
+        fields such as `flipped`; clicking bin i in a dashboard maps to offset sum(counts[i+1:])."""
+        return _engine(request).self_influence_histogram(bins, label, scale)
+
     @router.get("/examples/{id:path}", response_model=ExampleInfo, responses={**ERRORS, **NOT_FOUND},
                 tags=["examples"], summary="One training example")
     async def example(request: Request, id: str = Path(..., description="training example id")) -> Any:
@@ -108,7 +121,7 @@ def build_router(request_model: type[BaseModel], settings: Settings,
             "index": str(engine.index_dir.path) if engine is not None else None,
             "count": engine.count if engine is not None else None,
             "docs": "/docs",
-            "routes": ["POST /influence", "GET /self-influence/top", "GET /examples/{id}", "GET /queries",
+            "routes": ["POST /influence", "GET /self-influence/top", "GET /self-influence/histogram", "GET /examples/{id}", "GET /queries",
                        "GET /index", "GET /healthz", "GET /readyz", "GET /metrics"],
         }
 

@@ -5,7 +5,7 @@ OpenAPI document (/docs) shows the real example fields of the served task.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 
@@ -67,6 +67,16 @@ class SelfInfluencePage(BaseModel):
     offset: int
     k: int
     label: Optional[int] = None
+
+
+class SelfInfluenceHistogram(BaseModel):
+    edges: list[float] = Field(description="bins + 1 bin edges (ascending)")
+    counts: list[int] = Field(description="training examples per bin")
+    total: int
+    scale: Literal["log", "linear"] = Field(description="log when asked and the scores allow it")
+    label: Optional[int] = None
+    flagged: dict[str, list[int]] = Field(
+        default_factory=dict, description="per boolean display field (e.g. `flipped`): examples per bin where true")
 
 
 class ExampleInfo(BaseModel):

@@ -264,6 +264,7 @@ def test_self_influence_view_first_rows(browser, api):
         "return [...document.querySelectorAll('#si-histogram .bin .bar:not(.flag)')]"
         ".reduce((n, r) => n + (r.getAttribute('height') > 0 ? 1 : 0), 0)")
     assert counted > 5
+    assert css(browser, "#si-histogram")[0].get_attribute("data-source") == "server"  # GET /self-influence/histogram
     note = css(browser, "#hist-note")[0].text
     assert f"{top['total']:,} examples" in note
     screenshot(browser, "self-influence")

@@ -459,3 +459,25 @@ def test_python_clients(digits_server):
     with InfluenceClient(digits_server.base_url) as client:
         again = client.influence(train_id="train-4", k=2)
     assert again.proponents == results[4].proponents and again.opponents == results[4].opponents
+
+
+def test_self_influence_histogram_counts_every_example_and_flag(digits):
+    index = IndexDirectory.open(digits_index(), verify=False)
+    si = np.asarray(index.self_influence)
+    flipped = np.array([e["display"]["flipped"] for e in index.examples])
+    for scale in ("log", "linear"):
+        h = _ok(digits.get("/self-influence/histogram", params={"bins": 25, "scale": scale}))
+        assert h["scale"] == scale and len(h["edges"]) == 26 and len(h["counts"]) == 25
+        assert sum(h["counts"]) == h["total"] == si.size
+        assert sum(h["flagged"]["flipped"]) == int(flipped.sum())
+        assert h["edges"][-1] == pytest.approx(si.max()) and h["counts"][-1] >= 1
+        # bins i.. hold exactly the first sum(counts[i:]) rows of /self-influence/top (a dashboard's offset)
+        above = sum(h["counts"][10:])
+        ranked = np.sort(si)[::-1]
+        assert ranked[above - 1] >= h["edges"][10] * (1 - 1e-9) and ranked[above] <= h["edges"][10] * (1 + 1e-9)
+    labels = np.array([e["label"] for e in index.examples])
+    h = _ok(digits.get("/self-influence/histogram", params={"label": "7"}))
+    assert h["label"] == 7 and sum(h["counts"]) == h["total"] == int((labels == 7).sum())
+    for params, field in (({"bins": 0}, "bins"), ({"scale": "cubic"}, "scale"), ({"label": "11"}, "label")):
+        r = digits.get("/self-influence/histogram", params=params)
+        assert r.status_code == 422 and field in r.text
