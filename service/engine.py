@@ -109,6 +109,7 @@ class Engine:
     flat_vectors: np.ndarray | None = None  # exact Flat index: a view of the stored vectors (one-pass search)
     search_pool: Any = None  # threads for block-parallel Flat scans and for searching q and -q at once
     _display_flags: dict[str, np.ndarray] | None = None
+    gpu_index: Any = None  # a faiss-gpu copy for unfiltered searches (label filters stay on the CPU index)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -263,6 +264,10 @@ class Engine:
         over the stored vectors for both ends instead of two FAISS scans (same exact top-k)."""
         from indexer.search import top_k
 
+        if self.gpu_index is not None and rows is None:
+            pro = top_k(self.gpu_index, vector, k_pro, 1)
+            opp = top_k(self.gpu_index, vector, k_opp, -1)
+            return (pro.rows, pro.scores), (opp.rows, opp.scores)
         if self.flat_vectors is not None and rows is None:
             return _both_ends(self.flat_scores(vector), k_pro, k_opp)
         index = self.index_dir.index
@@ -462,6 +467,7 @@ def load_engine(settings: Settings) -> Engine:
 
     t0 = time.perf_counter()
     path = _index_path(settings)
+    _check_device(settings.device)
     try:
         index_dir = IndexDirectory.open(path, mmap=settings.mmap, verify=settings.verify_checksums)
     except IndexDirectoryError as exc:
@@ -523,10 +529,49 @@ def load_engine(settings: Settings) -> Engine:
         search_pool=(ThreadPoolExecutor(settings.effective_search_threads, thread_name_prefix="tracin-search")
                      if settings.effective_search_threads > 1 else None),
     )
+    engine.gpu_index = _gpu_copy(index_dir.index, settings)
+    if engine.gpu_index is not None:
+        engine.flat_vectors = None
     if settings.warmup:
         engine.warm_up()
     engine.load_seconds = time.perf_counter() - t0
     return engine
+
+
+def _gpu_copy(index, settings: Settings):
+    """A faiss-gpu copy of the index on TRACIN_DEVICE's GPU, or None (CPU search)."""
+    import faiss
+    import torch
+
+    has_gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    wanted = settings.faiss_gpu == "true" or (settings.faiss_gpu == "auto" and settings.device.startswith("cuda"))
+    if not wanted:
+        return None
+    if not has_gpu_faiss:
+        if settings.faiss_gpu == "true":
+            raise ServiceStartupError("TRACIN_FAISS_GPU=true but this FAISS build has no GPU support "
+                                      "(install faiss-gpu-cu12 instead of faiss-cpu, see docs/gpu.md)")
+        log.info("FAISS has no GPU support here: searching on the CPU")
+        return None
+    device = torch.device(settings.device)
+    gpu = device.index if device.type == "cuda" and device.index is not None else 0
+    resources = faiss.StandardGpuResources()
+    copy = faiss.index_cpu_to_gpu(resources, gpu, index)
+    copy.referenced_resources = resources  # keep the resources alive with the index
+    return copy
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ServiceStartupError(f"TRACIN_DEVICE: {device!r} is not a torch device: {exc}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ServiceStartupError(f"TRACIN_DEVICE: {device!r} requested but CUDA is not available on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ServiceStartupError(f"TRACIN_DEVICE: {device!r} but only {torch.cuda.device_count()} CUDA devices")
 
 
 def _enable_reconstruct(index) -> str | None:

@@ -23,9 +23,11 @@ from service.settings import Settings
 
 
 def _compact(value: Any) -> Any:
-    """Integral floats as ints, so the printed curl example stays short."""
+    """Integral floats as ints and long texts cut at a word, so the printed curl example stays short."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return int(value)
+    if isinstance(value, str) and len(value) > 240:
+        return value[:240].rsplit(" ", 1)[0]
     if isinstance(value, list):
         return [_compact(v) for v in value]
     if isinstance(value, dict):

@@ -21,6 +21,8 @@
     TRACIN_COMPUTE_THREADS     requests doing gradient / search work at once (default: min(4, CPUs))
     TRACIN_MAX_BODY_BYTES      larger request bodies get 413 (default 1 MiB)
     TRACIN_DEVICE              torch device for query gradients (default cpu)
+    TRACIN_FAISS_GPU           search a GPU copy of the FAISS index (needs faiss-gpu): auto (default: when
+                               TRACIN_DEVICE is cuda and FAISS has GPU support), true, false
     TRACIN_WARMUP              run one query at start so the first request is not slow (default true)
     TRACIN_LOG_LEVEL / TRACIN_ACCESS_LOG   uvicorn logging (default info / true)
 """
@@ -63,6 +65,7 @@ class Settings(BaseSettings):
     compute_threads: int | None = Field(None, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     device: str = "cpu"
+    faiss_gpu: Literal["auto", "true", "false"] = "auto"
     warmup: bool = True
     log_level: str = "info"
     access_log: bool = True

@@ -126,6 +126,14 @@ def test_unknown_faiss_parameters_are_refused():
         load_engine(_settings(mlp_index(), faiss_params={"nprobe": 4}))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_unavailable_device_is_refused():
+    with pytest.raises(ServiceStartupError, match="CUDA is not available"):
+        load_engine(_settings(mlp_index(), device="cuda"))
+    with pytest.raises(ServiceStartupError, match="not a torch device"):
+        load_engine(_settings(mlp_index(), device="gpu-please"))
+
+
 def test_create_app_refuses_a_missing_index(tmp_path):
     with pytest.raises(ServiceStartupError, match="no such index directory"):
         create_app(_settings(tmp_path / "nowhere"))
@@ -313,3 +321,30 @@ def test_engine_has_no_state_leaking_between_queries():
     for i in range(5):
         ask(list(np.roll(x, i + 1)), label=i % 3, filter_label=i % 2)
     assert ask(x) == first
+
+
+def test_faiss_gpu_true_without_gpu_faiss_is_refused():
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("this FAISS has GPU support")
+    with pytest.raises(ServiceStartupError, match="no GPU support"):
+        load_engine(_settings(mlp_index(), faiss_gpu="true"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_search_answers_like_cpu_search():
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        pytest.skip("needs faiss-gpu")
+    cpu = load_engine(_settings(mlp_index(), device="cpu"))
+    gpu = load_engine(_settings(mlp_index(), device="cuda"))
+    assert gpu.gpu_index is not None
+    for row in range(0, cpu.count, 7):
+        vector = cpu.index_dir.index.reconstruct(row)
+        (a_rows, a_scores), (b_rows, b_scores) = cpu.search(vector, 5, 5)
+        (c_rows, c_scores), (d_rows, d_scores) = gpu.search(vector, 5, 5)
+        np.testing.assert_allclose(a_scores, c_scores, rtol=1e-4)
+        np.testing.assert_allclose(b_scores, d_scores, rtol=1e-4)
