@@ -1,4 +1,4 @@
-"""docs/own-model.md is executed as written, so the walkthrough cannot rot.
+"""README's "Index your own model" section is executed as written, so the walkthrough cannot rot.
 
 Code fences carry an info string:  ```python file=NAME  /  ```toml file=NAME  (written to an empty
 directory),  ```bash run  (run there with bash -euo pipefail),  ```bash serve  (started in the
@@ -22,13 +22,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "own-model.md"
+DOC = ROOT / "README.md"
+SECTION = "## Index your own model"
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```\s*$", re.S | re.M)
 
 
 def blocks() -> list[tuple[str, dict[str, str], str]]:
     out = []
-    for lang, info, body in FENCE.findall(DOC.read_text()):
+    text = DOC.read_text()
+    section = text[text.index(SECTION):]
+    section = section[:section.find("\n## ", len(SECTION))]
+    for lang, info, body in FENCE.findall(section):
         words = info.split()
         attrs = dict(w.split("=", 1) if "=" in w else (w, "") for w in words)
         out.append((lang, attrs, body))
