@@ -107,19 +107,79 @@ def _layer_shape(module: nn.Module) -> tuple[str, int, int]:
     return "embedding", module.embedding_dim, module.num_embeddings
 
 
-@dataclass
+@dataclass(frozen=True)
+class ConvCall:
+    """One call of a hooked Conv2d: its input x [B, C_in, H, W] and output gradient d [B, m, H', W']."""
+
+    x: torch.Tensor
+    d: torch.Tensor
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def unfolded(self, bias: bool) -> torch.Tensor:
+        """The patches a_t [B, T, n] (im2col; a trailing 1 for the bias)."""
+        a = F.unfold(self.x, self.kernel_size, self.dilation, self.padding, self.stride).transpose(1, 2)
+        if bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+        return a
+
+    def projected_patches(self, P: torch.Tensor, bias: bool) -> torch.Tensor:
+        """P a_t for every position [B, T, k] without im2col: a convolution with the rows of P as filters."""
+        k = P.shape[0]
+        c_in = self.x.shape[1]
+        kh, kw = self.kernel_size
+        weight = P[:, : c_in * kh * kw].reshape(k, c_in, kh, kw)
+        out = F.conv2d(self.x, weight, P[:, -1] if bias else None, self.stride, self.padding, self.dilation)
+        return out.reshape(out.shape[0], k, -1).transpose(1, 2)
+
+    def weight_gradients(self, bias: bool) -> torch.Tensor:
+        """Per-example gradient [B, m, n] = sum_t d_t a_t^T without im2col: the weight gradient of a
+        convolution with the batch folded into the groups (B groups of C_in -> m channels)."""
+        B, c_in = self.x.shape[:2]
+        m = self.d.shape[1]
+        kh, kw = self.kernel_size
+        _, grad_w, _ = torch.ops.aten.convolution_backward(
+            self.d.reshape(1, B * m, *self.d.shape[2:]), self.x.reshape(1, B * c_in, *self.x.shape[2:]),
+            self.x.new_empty(B * m, c_in, kh, kw), None, list(self.stride), list(self.padding),
+            list(self.dilation), False, [0, 0], B, [False, True, False],
+        )
+        g = grad_w.reshape(B, m, c_in * kh * kw)
+        if bias:
+            g = torch.cat([g, self.d.sum(dim=(2, 3)).unsqueeze(-1)], dim=2)
+        return g
+
+
 class LayerGrad:
     """Per-example gradient factors of one layer for a batch: G_b = sum_t delta[b,t] a[b,t]^T.
 
     dense layers: a [B, T, n], delta [B, T, m]
     embedding:    index [B, T] token ids (-1 = padding, contributes nothing), delta [B, T, m]
     param:        a = ones [B, 1, 1], delta = g [B, 1, numel]
+    conv2d:       also `conv` (the calls' inputs and 4-D output gradients): `a` is then unfolded only when
+                  asked for, and `full()` comes from a batched weight-gradient convolution (no im2col).
     """
 
-    layer: TracedLayer
-    delta: torch.Tensor
-    a: torch.Tensor | None = None
-    index: torch.Tensor | None = None
+    def __init__(self, layer: TracedLayer, delta: torch.Tensor, a: torch.Tensor | None = None,
+                 index: torch.Tensor | None = None, conv: tuple[ConvCall, ...] | None = None):
+        self.layer, self.delta, self.index, self.conv = layer, delta, index, conv
+        self._a = a
+        self._full: torch.Tensor | None = None
+
+    @property
+    def a(self) -> torch.Tensor | None:
+        if self._a is None and self.conv is not None:
+            parts = [call.unfolded(self.layer.has_bias) for call in self.conv]
+            self._a = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return self._a
+
+    def projected_inputs(self, P: torch.Tensor) -> torch.Tensor:
+        """a_t P^T  [B, T, k] (for a conv layer, computed as a convolution instead of unfolding)."""
+        if self._a is None and self.conv is not None:
+            parts = [call.projected_patches(P, self.layer.has_bias) for call in self.conv]
+            return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return self.a @ P.T
 
     @property
     def batch(self) -> int:
@@ -130,8 +190,19 @@ class LayerGrad:
         return int(self.delta.shape[1])
 
     def full(self) -> torch.Tensor:
-        """The explicit per-example gradient [B, m, n]."""
+        """The explicit per-example gradient [B, m, n] (computed once, then kept)."""
+        if self._full is None:
+            self._full = self._compute_full()
+        return self._full
+
+    def _compute_full(self) -> torch.Tensor:
         m, n = self.layer.m, self.layer.n
+        if self.conv is not None:
+            total = None
+            for call in self.conv:
+                g = call.weight_gradients(self.layer.has_bias)
+                total = g if total is None else total + g
+            return total
         if self.index is None:
             return torch.einsum("btm,btn->bmn", self.delta, self.a)
         B, T = self.index.shape
@@ -146,7 +217,7 @@ class LayerGrad:
         T = 1: ||delta||^2 ||a||^2.  T > 1: sum_{t,t'} (delta_t . delta_t')(a_t . a_t') or ||G||^2
         from the explicit gradient, whichever costs less."""
         if full is not None:
-            return full.pow(2).sum(dim=(1, 2))
+            return torch.linalg.vector_norm(full.reshape(full.shape[0], -1), dim=1).square()
         d = self.delta
         if self.index is not None:
             same = (self.index.unsqueeze(2) == self.index.unsqueeze(1)) & (self.index >= 0).unsqueeze(2)
@@ -157,7 +228,7 @@ class LayerGrad:
         m, n = self.layer.m, self.layer.n
         if T * (m + n) < m * n:
             return (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(self.a, self.a.transpose(1, 2))).sum(dim=(1, 2))
-        return self.full().pow(2).sum(dim=(1, 2))
+        return self.squared_norm(self.full())
 
 
 class _Recorder:
@@ -167,6 +238,7 @@ class _Recorder:
         self.layer, self.module = layer, module
         self.inputs: list[torch.Tensor] = []
         self.deltas: list[torch.Tensor | None] = []
+        self.versions: list[tuple[torch.Tensor, int]] = []  # kept inputs that are views of the model's tensors
 
     def forward_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
         x = args[0]
@@ -174,17 +246,17 @@ class _Recorder:
         kind = self.layer.kind
         if kind == "linear":
             a = x.detach().reshape(B, -1, x.shape[-1])
-        elif kind == "conv2d":
-            a = F.unfold(x.detach(), module.kernel_size, module.dilation, module.padding, module.stride)
-            a = a.transpose(1, 2)
+        elif kind == "conv2d":  # keep the input; patches are unfolded later only if a projection needs them
+            a = x.detach()
         else:  # embedding: keep ids; padding_idx rows get no gradient
             a = x.detach().reshape(B, -1).long()
             if module.padding_idx is not None:
                 a = a.masked_fill(a == module.padding_idx, -1)
-        if self.layer.has_bias:
+        if self.layer.has_bias and kind != "conv2d":
             a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
         slot = len(self.inputs)
         self.inputs.append(a)
+        self.versions.append((a, a._version))
         self.deltas.append(None)
         if not output.requires_grad:
             # First traced layer on this path: make its output the leaf the backward runs to.
@@ -200,13 +272,19 @@ class _Recorder:
     def result(self) -> LayerGrad | None:
         if not self.inputs:
             return None
+        for a, version in self.versions:
+            if a._version != version:
+                raise RuntimeError(
+                    f"the input of traced layer {self.layer.name!r} was modified in place after the layer used it; "
+                    "its per-example gradient cannot be captured (avoid the in-place op on that tensor)"
+                )
+        if self.layer.kind == "conv2d":
+            return self._conv_result()
         B = self.inputs[0].shape[0]
         deltas = []
         for a, d in zip(self.inputs, self.deltas):
             if d is None:  # this call did not reach the loss: zero gradient
                 d = torch.zeros(*a.shape[:2], self.layer.m, dtype=_float_dtype(a, self.module), device=a.device)
-            elif self.layer.kind == "conv2d":
-                d = d.reshape(B, self.layer.m, -1).transpose(1, 2)
             else:
                 d = d.reshape(B, -1, self.layer.m)
             deltas.append(d)
@@ -216,9 +294,55 @@ class _Recorder:
             return LayerGrad(self.layer, delta, index=a)
         return LayerGrad(self.layer, delta, a=a)
 
+    def _conv_result(self) -> LayerGrad:
+        module, m = self.module, self.layer.m
+        calls, deltas = [], []
+        for x, d in zip(self.inputs, self.deltas):
+            if d is None:  # this call did not reach the loss: zero gradient
+                with torch.no_grad():
+                    shape = module(x[:1]).shape[2:]
+                d = torch.zeros(x.shape[0], m, *shape, dtype=x.dtype, device=x.device)
+            d = d.contiguous()
+            calls.append(ConvCall(x, d, tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
+                                  tuple(module.dilation)))
+            deltas.append(d.reshape(d.shape[0], m, -1).transpose(1, 2))  # [B, T, m] view
+        delta = torch.cat(deltas, dim=1) if len(deltas) > 1 else deltas[0]
+        return LayerGrad(self.layer, delta, conv=tuple(calls))
+
 
 def _float_dtype(a: torch.Tensor, module: nn.Module) -> torch.dtype:
     return a.dtype if a.is_floating_point() else module.weight.dtype
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Keep freed batch-sized buffers in the process heap instead of returning them to the OS.
+
+    glibc serves allocations above a (dynamic) threshold with fresh mmap pages and gives them back on free,
+    so every batch page-faults its activations, output gradients and per-example gradients in again
+    (measured on the Fashion-MNIST benchmark: ~9k minor faults and ~15% of the embedding time per batch of
+    256). Raising the mmap threshold to 32 MiB and the trim threshold to 256 MiB lets the next batch reuse
+    them. Linux/glibc only; a no-op elsewhere or with TRACIN_NO_MALLOPT=1. Returns whether it applied."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get("TRACIN_NO_MALLOPT"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 256 << 20) == 1
+    except (OSError, AttributeError):
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok
 
 
 class GradientCapture:
@@ -235,6 +359,7 @@ class GradientCapture:
         self.param_layers = [layer for layer in layers if layer.kind == "param"]
         for param in model.parameters():
             param.requires_grad_(False)
+        tune_allocator()
 
     def capture(self, inputs, labels: torch.Tensor) -> list[LayerGrad]:
         grads: dict[str, LayerGrad] = {}

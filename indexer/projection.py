@@ -9,7 +9,8 @@ Every kind is unbiased for inner products:  E[<P G, P G'>] = <G, G'>_F.
   sketch     tensor sketch: a count sketch of vec(G) with bucket (h_o(i) + h_i(j)) mod k and sign
              s_o(i) s_i(j). Computed either as the circular convolution of the count sketches of
              delta_t and a_t (FFT, O(T (m + n + k log k))) or from the explicit G (O(T m n)),
-             whichever is cheaper; both give the same vector.
+             whichever is cheaper (for conv layers the explicit G needs no im2col, see _sketch);
+             both give the same vector.
 
 A layer whose gradient has at most `dim` entries is kept exact. Matrices and hashes are drawn on the CPU
 from a torch.Generator seeded by (seed, checkpoint, layer, side), so any machine rebuilds them
@@ -80,7 +81,7 @@ class LayerProjector:
             idx = grad.index.clamp(min=0)
             a = cols[idx] * (grad.index >= 0).unsqueeze(-1).to(d.dtype)
         else:
-            a = grad.a if "P_in" not in self.arrays else grad.a @ self.arrays["P_in"].T
+            a = grad.a if "P_in" not in self.arrays else grad.projected_inputs(self.arrays["P_in"])
         out = torch.einsum("bto,bti->boi", d, a).reshape(grad.batch, -1)
         return out, grad.squared_norm()
 
@@ -97,6 +98,12 @@ class LayerProjector:
             out = torch.zeros(B, k, dtype=grad.delta.dtype, device=grad.delta.device)
             return out.scatter_add_(1, buckets.reshape(B, -1), values.reshape(B, -1)), grad.squared_norm()
         fft_cost = T * (m + n + 3 * k * max(1, math.log2(k)))
+        if grad.conv is not None:
+            # For a conv layer the explicit G is one batched weight-gradient convolution, while the FFT route
+            # first unfolds the patches (im2col) and scatters [B, T, n] into [B, T, k]: memory-bound steps that
+            # measured ~10-20x slower per element than the convolution (Fashion-MNIST conv2, k=64: 280 ms vs
+            # 30 ms per batch of 256). Choose FFT only where the explicit G is far larger.
+            fft_cost *= FFT_CONV_PENALTY
         if fft_cost < T * m * n:
             cs_d = _count_sketch(grad.delta, h_o, s_o, k)
             cs_a = _count_sketch(grad.a, h_i, s_i, k)
@@ -108,6 +115,9 @@ class LayerProjector:
         out = torch.zeros(B, k, dtype=full.dtype, device=full.device)
         out.index_add_(1, buckets, full.reshape(B, -1) * signs)
         return out, grad.squared_norm(full)
+
+
+FFT_CONV_PENALTY = 16
 
 
 def _count_sketch(x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, k: int) -> torch.Tensor:
