@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexer.embedding import Embedder, ProjectionPlan
+from indexer.embedding import CheckpointEmbedder, Embedder, ProjectionPlan
+from indexer.projection import make_projector
 from tests.conftest import make_checkpoints
 from tests.oracle import tracin_matrix
 from tests.tasks import CNNTask, MLPTask, TokenTask
@@ -67,12 +68,19 @@ def test_batch_size_does_not_change_results(setup, kind):
 @pytest.mark.parametrize("kind", ["sketch", "kronecker", "gaussian"])
 def test_projected_inner_products_are_unbiased(setup, kind):
     """The mean over many seeds converges to exact TracIn: its error shrinks like 1/sqrt(seeds),
-    which a biased estimator's error would not."""
+    which a biased estimator's error would not. Gradients are captured once; each seed redraws the
+    projections (the same `make_projector` the embedder uses)."""
     task, ckpts, oracle = setup
+    ts = task.training_set()
+    x, y = ts.batch(0, len(ts))
+    plan = ProjectionPlan.build(task.build_model(), None, "exact", 1, 0, len(ckpts))
+    captured = [(c.lr, CheckpointEmbedder(task, c, i, plan).capture.capture(x, y)) for i, c in enumerate(ckpts)]
     seeds = 150
     estimates = []
     for seed in range(seeds):
-        v, _ = _embed(task, ckpts, kind, 8, seed=seed)
+        parts = [lr ** 0.5 * make_projector(g.layer, kind, 8, seed, i).project(g)[0]
+                 for i, (lr, grads) in enumerate(captured) for g in grads]
+        v = torch.cat(parts, dim=1)
         estimates.append(v @ v.T)
     stack = torch.stack(estimates)
     single_error = (stack - oracle).pow(2).mean().sqrt()
