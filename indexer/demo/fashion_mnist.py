@@ -377,3 +377,64 @@ def evaluate_accuracy(model: nn.Module, data_dir: str = DEFAULT_DATA_DIR, limit:
             x = torch.from_numpy(np.array(images[start:start + 1000])).unsqueeze(1)
             correct += int((model(x).argmax(1).numpy() == labels[start:start + 1000]).sum())
     return correct / len(labels)
+
+
+# -- command line: python -m indexer.demo.fashion_mnist train --out DIR ------------------------------
+def _cmd_train(args) -> int:
+    import sys
+    import time
+
+    from indexer.checkpoints import load_checkpoint, load_state_into
+    from indexer.config import load_config
+
+    if not data_available(args.data_dir):
+        print(f"error: Fashion-MNIST files not found in {args.data_dir}; install the Debian package "
+              f"`dataset-fashion-mnist` or pass --data-dir", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    config = train_fashion_mnist(args.out, epochs=args.epochs, checkpoints=args.checkpoints, limit=args.limit,
+                                 flip_fraction=args.flip_fraction, seed=args.seed, lr=args.lr, final_lr=args.final_lr,
+                                 batch_size=args.batch_size, data_dir=args.data_dir, dim=args.dim, kind=args.kind,
+                                 log=print)
+    seconds = time.perf_counter() - t0
+    checkpoints = load_config(config).checkpoints
+    for c in checkpoints:
+        print(f"checkpoint {c.path.name}  lr={load_checkpoint(c.path)[1]['lr']:.4g}")
+    model = FashionMNISTTask(data_dir=args.data_dir).build_model()
+    load_state_into(model, load_checkpoint(checkpoints[-1].path)[0], str(checkpoints[-1].path))
+    accuracy = evaluate_accuracy(model, args.data_dir)
+    print(f"trained in {seconds:.1f}s; test accuracy {accuracy:.4f} (10k test images); config {config}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m indexer.demo.fashion_mnist",
+                                     description="Fashion-MNIST example: train the CNN, save checkpoints, write a config")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train and write <out>/fashion_mnist.toml (then: tracin index it)")
+    p.add_argument("--out", default=".tracin/fashion-mnist", help="work directory (checkpoints, config)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--checkpoints", type=int, default=5, help="checkpoints saved evenly over the run")
+    p.add_argument("--limit", type=int, default=None, help="only the first N training images (a quick run)")
+    p.add_argument("--flip-fraction", type=float, default=0.0, help="fraction of training labels flipped (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate")
+    p.add_argument("--final-lr", type=float, default=0.01, help="lr at the last step (exponential decay)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    p.add_argument("--kind", default=None, help="[projection] kind in the config (default: the library's)")
+    p.add_argument("--dim", type=int, default=None, help="[projection] dim in the config (default: the library's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.set_defaults(fn=_cmd_train)
+    args = parser.parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
