@@ -1,0 +1,248 @@
+"""Mislabel detection with self-influence on Fashion-MNIST (the TracIn paper's experiment).
+
+    .venv/bin/python bench/bench_mislabel.py                      # 60k images, 10% flipped, 3 epochs, 5 ckpts
+    .venv/bin/python bench/bench_mislabel.py --limit 2000 --epochs 2 --out /tmp/mislabel --plot /tmp/m.png
+
+Trains the small CNN of `indexer/demo/fashion_mnist.py` with plain SGD and a decaying lr on the
+training images with `--flip-fraction` of the labels replaced by another class (seeded), saves 5
+checkpoints with their lr (`indexer.checkpoints.save_checkpoint`), builds the index directory with
+`indexer.pipeline.build_index` (default projection: self-influence is computed exactly whatever the
+projection), then ranks the training examples, most suspicious first, by
+  * self-influence: TracInCP(z, z) = sum_i lr_i ||grad loss(w_i, z)||^2 over the 5 checkpoints (the index's
+    `self_influence`, what `GET /self-influence/top` serves);
+  * self-influence at the last checkpoint only (TracIn with one checkpoint; exact, computed here with the
+    index's own embedder);
+  * the loss at the last checkpoint (a strong, cheap baseline);
+  * random order: the expected fraction found equals the fraction checked;
+and reports the fraction of the flipped examples found in the top 5/10/20/30% of each ranking
+(a markdown table), a plot of the fraction found against the fraction checked (`--plot`), and a JSON
+file of every figure (`--json`, default <out>/mislabel.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from indexer.config import load_config  # noqa: E402
+from indexer.demo.fashion_mnist import (  # noqa: E402
+    DEFAULT_DATA_DIR, FashionMNISTTask, data_available, evaluate_accuracy, train_fashion_mnist,
+)
+from indexer.embedding import load_embedder  # noqa: E402
+from indexer.pipeline import build_index  # noqa: E402
+from indexer.store import IndexDirectory  # noqa: E402
+
+CHECKED = (0.05, 0.10, 0.20, 0.30)
+RANKINGS = {  # key -> label in the table and the plot
+    "self_influence": "self-influence (TracInCP, 5 checkpoints)",
+    "self_influence_last": "self-influence, last checkpoint only",
+    "loss_last": "loss at the last checkpoint",
+    "random": "random (expected)",
+}
+
+
+def found_curve(scores: np.ndarray, flipped: np.ndarray, fractions: np.ndarray) -> np.ndarray:
+    """Fraction of the flipped examples among the top `round(f * N)` examples by score, for each f."""
+    order = np.argsort(-scores, kind="stable")
+    hits = np.concatenate([[0], np.cumsum(flipped[order])])
+    counts = np.rint(fractions * len(scores)).astype(int)
+    return hits[counts] / max(1, int(flipped.sum()))
+
+
+def last_checkpoint_scores(index_dir: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(exact self-influence at the last checkpoint, loss at the last checkpoint) per training example,
+    with the training labels the model saw, computed with the index's own embedder."""
+    index = IndexDirectory.open(index_dir, verify=False)
+    task, embedder = load_embedder(index)
+    last = embedder.per_checkpoint[-1]
+    train = task.training_set()
+    self_inf, losses = [], []
+    for start in range(0, len(train), batch_size):
+        inputs, labels = train.batch(start, min(start + batch_size, len(train)))
+        _, s = last.embed(inputs, labels)
+        self_inf.append(s.detach().double().cpu().numpy())
+        with torch.no_grad():
+            losses.append(task.loss(last.outputs(inputs), labels).double().cpu().numpy())
+    return np.concatenate(self_inf), np.concatenate(losses)
+
+
+def markdown_table(fractions: dict[str, list[float]], checked=CHECKED) -> str:
+    keys = [k for k in RANKINGS if k in fractions]
+    lines = ["| fraction of training data checked | " + " | ".join(RANKINGS[k] for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for j, f in enumerate(checked):
+        lines.append(f"| {f:.0%} | " + " | ".join(f"{fractions[k][j]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, grid: np.ndarray, curves: dict[str, np.ndarray], flip_fraction: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"self_influence": dict(color="#d62728", lw=2.4),
+              "self_influence_last": dict(color="#ff7f0e", lw=1.6, ls="--"),
+              "loss_last": dict(color="#1f77b4", lw=1.6, ls="-."),
+              "random": dict(color="#7f7f7f", lw=1.4, ls=":")}
+    fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=120)
+    ideal = np.minimum(1.0, grid / flip_fraction) if flip_fraction > 0 else grid
+    ax.plot(grid, ideal, color="black", lw=0.8, alpha=0.35, label="ideal (every flipped example first)")
+    for key in RANKINGS:
+        if key in curves:
+            ax.plot(grid, curves[key], label=RANKINGS[key], **styles[key])
+    for f in CHECKED:
+        ax.axvline(f, color="#cccccc", lw=0.6, zorder=0)
+        for key in ("self_influence", "loss_last"):
+            if key in curves:
+                y = float(np.interp(f, grid, curves[key]))
+                ax.plot([f], [y], "o", ms=4, color=styles[key]["color"])
+        if "self_influence" in curves:
+            y = float(np.interp(f, grid, curves["self_influence"]))
+            ax.annotate(f"{y:.2f}", (f, y), textcoords="offset points", xytext=(4, -12), fontsize=8,
+                        color=styles["self_influence"]["color"])
+    ax.set_xlim(0, 0.5)
+    ax.set_ylim(0, 1.01)
+    ax.set_xticks([0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel("fraction of training data checked (highest score first)")
+    ax.set_ylabel("fraction of flipped labels found")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.95)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    config_path = train_fashion_mnist(out / "run", epochs=args.epochs, checkpoints=args.checkpoints, limit=args.limit,
+                                      flip_fraction=args.flip_fraction, seed=args.seed, lr=args.lr,
+                                      final_lr=args.final_lr, batch_size=args.batch_size, data_dir=args.data_dir,
+                                      dim=args.dim, kind=args.kind, log=lambda m: print(m, flush=True))
+    t_train = time.perf_counter() - t0
+    config = load_config(config_path)
+    result = build_index(config, out / "index", overwrite=True, show_progress=not args.quiet)
+    t_index = result.seconds
+    print(f"trained in {t_train:.1f}s; indexed {result.count} examples (dim {result.dim}) in {t_index:.1f}s",
+          flush=True)
+
+    index = IndexDirectory.open(result.path, verify=False)
+    flipped = np.array([bool(e["display"]["flipped"]) for e in index.examples])
+    scores = {"self_influence": index.self_influence.astype(np.float64)}
+    t1 = time.perf_counter()
+    scores["self_influence_last"], scores["loss_last"] = last_checkpoint_scores(result.path)
+    t_last = time.perf_counter() - t1
+
+    task_model = FashionMNISTTask(data_dir=args.data_dir).build_model()
+    from indexer.checkpoints import load_checkpoint, load_state_into
+
+    last_path = config.checkpoints[-1].path
+    load_state_into(task_model, load_checkpoint(last_path)[0], str(last_path))
+    test_accuracy = evaluate_accuracy(task_model, args.data_dir)
+    predicted_ok = None
+    if len(flipped):
+        with torch.no_grad():
+            train = FashionMNISTTask(data_dir=args.data_dir, limit=args.limit, flip_fraction=args.flip_fraction,
+                                     seed=args.seed).training_set()
+            preds = torch.cat([task_model(train.inputs[s:s + 1000]).argmax(1) for s in range(0, len(train), 1000)])
+            fits = (preds == train.labels).numpy()
+        predicted_ok = {"flipped_fit": float(fits[flipped].mean()) if flipped.any() else None,
+                        "clean_fit": float(fits[~flipped].mean())}
+
+    checked = np.array(CHECKED)
+    grid = np.linspace(0, 1, 401)
+    fractions = {k: found_curve(v, flipped, checked).tolist() for k, v in scores.items()}
+    fractions["random"] = checked.tolist()
+    curves = {k: found_curve(v, flipped, grid) for k, v in scores.items()}
+    curves["random"] = grid
+    table = markdown_table(fractions)
+    n, n_flipped = len(flipped), int(flipped.sum())
+    header = (f"Fashion-MNIST, {n} training images, {n_flipped} labels flipped ({args.flip_fraction:.0%}, seed "
+              f"{args.seed}); CNN, {args.epochs} epochs SGD lr {args.lr:g}->{args.final_lr:g}, "
+              f"{len(config.checkpoints)} checkpoints; test accuracy {test_accuracy:.4f}")
+    print()
+    print(header)
+    if predicted_ok:
+        print(f"the last checkpoint predicts the (flipped) training label for {predicted_ok['flipped_fit']:.1%} of "
+              f"flipped and {predicted_ok['clean_fit']:.1%} of clean examples")
+    print()
+    print(table)
+    print()
+    figures = {
+        "command": "bench/bench_mislabel.py " + " ".join(args.argv),
+        "examples": n, "flipped": n_flipped, "flip_fraction": args.flip_fraction, "seed": args.seed,
+        "epochs": args.epochs, "checkpoints": [{"file": Path(c.path).name, "lr": lr}
+                                               for c, (_, lr) in zip(config.checkpoints,
+                                                                    index.checkpoint_paths())],
+        "lr": args.lr, "final_lr": args.final_lr, "batch_size": args.batch_size,
+        "projection": index.manifest["projection"]["kind"], "projection_dim": index.manifest["projection"]["dim"],
+        "embedding_dim": result.dim, "test_accuracy": test_accuracy, "fit_at_last_checkpoint": predicted_ok,
+        "checked": list(CHECKED), "found": fractions, "rankings": RANKINGS,
+        "curve": {"checked": grid[::4].round(4).tolist(), **{k: np.round(v[::4], 4).tolist() for k, v in curves.items()}},
+        "seconds": {"train": round(t_train, 1), "index": round(t_index, 1), "last_checkpoint_scores": round(t_last, 1)},
+        "torch_threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "markdown": table,
+    }
+    json_path = Path(args.json) if args.json else out / "mislabel.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(figures, indent=2))
+    print(f"figures written to {json_path}")
+    if args.plot:
+        plot(Path(args.plot), grid, curves, args.flip_fraction, header.replace("; CNN", ";\nCNN"))
+        print(f"plot written to {args.plot}")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / ".tracin" / "mislabel"), help="work directory (checkpoints, index)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N training images (reduced run)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--checkpoints", type=int, default=5)
+    parser.add_argument("--flip-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--final-lr", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--kind", default=None, help="projection kind (default: the library's)")
+    parser.add_argument("--dim", type=int, default=None, help="projection dim per layer and checkpoint")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--plot", default=None,
+                        help="PNG to write ('' for none); default docs/mislabel-fashion-mnist.png for a full run, "
+                             "<out>/mislabel.png with --limit")
+    parser.add_argument("--json", default=None, help="figures as JSON (default <out>/mislabel.json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.plot is None:
+        args.plot = str(REPO / "docs" / "mislabel-fashion-mnist.png") if args.limit is None else str(
+            Path(args.out) / "mislabel.png")
+    if not data_available(args.data_dir):
+        print(f"error: Fashion-MNIST files not found in {args.data_dir} (apt-get install dataset-fashion-mnist)",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
