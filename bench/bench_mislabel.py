@@ -107,10 +107,13 @@ def plot(path: Path, grid: np.ndarray, curves: dict[str, np.ndarray], flip_fract
             if key in curves:
                 y = float(np.interp(f, grid, curves[key]))
                 ax.plot([f], [y], "o", ms=4, color=styles[key]["color"])
-        if "self_influence" in curves:
-            y = float(np.interp(f, grid, curves["self_influence"]))
-            ax.annotate(f"{y:.2f}", (f, y), textcoords="offset points", xytext=(4, -12), fontsize=8,
-                        color=styles["self_influence"]["color"])
+        for key, other in (("self_influence", "loss_last"), ("loss_last", "self_influence")):
+            if key in curves:  # the value next to its dot, on the side away from the other curve
+                y = float(np.interp(f, grid, curves[key]))
+                above = other not in curves or y >= float(np.interp(f, grid, curves[other]))
+                ax.annotate(f"{y:.2f}", (f, y), textcoords="offset points", xytext=(-6, 7) if above else (4, -13),
+                            ha="right" if above else "left", fontsize=8, color=styles[key]["color"],
+                            bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
     ax.set_xlim(0, 0.5)
     ax.set_ylim(0, 1.01)
     ax.set_xticks([0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> dict:
     curves["random"] = grid
     table = markdown_table(fractions)
     n, n_flipped = len(flipped), int(flipped.sum())
-    header = (f"Fashion-MNIST, {n} training images, {n_flipped} labels flipped ({args.flip_fraction:.0%}, seed "
+    header = (f"Fashion-MNIST, {n:,} training images, {n_flipped:,} labels flipped ({args.flip_fraction:.0%}, seed "
               f"{args.seed}); CNN, {args.epochs} epochs SGD lr {args.lr:g}->{args.final_lr:g}, "
               f"{len(config.checkpoints)} checkpoints; test accuracy {test_accuracy:.4f}")
     print()
@@ -193,11 +196,12 @@ def run(args: argparse.Namespace) -> dict:
         "projection": index.manifest["projection"]["kind"], "projection_dim": index.manifest["projection"]["dim"],
         "embedding_dim": result.dim, "test_accuracy": test_accuracy, "fit_at_last_checkpoint": predicted_ok,
         "checked": list(CHECKED), "found": fractions, "rankings": RANKINGS,
-        "curve": {"checked": grid[::4].round(4).tolist(), **{k: np.round(v[::4], 4).tolist() for k, v in curves.items()}},
+        "curve": {"checked": grid.round(4).tolist(), **{k: np.round(v, 4).tolist() for k, v in curves.items()}},
         "seconds": {"train": round(t_train, 1), "index": round(t_index, 1), "last_checkpoint_scores": round(t_last, 1)},
         "torch_threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "markdown": table,
     }
+    np.savez_compressed(out / "scores.npz", flipped=flipped, **scores)  # per example, in index row order
     json_path = Path(args.json) if args.json else out / "mislabel.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(figures, indent=2))
