@@ -69,10 +69,9 @@ def last_checkpoint_scores(index_dir: Path, batch_size: int = 256) -> tuple[np.n
     self_inf, losses = [], []
     for start in range(0, len(train), batch_size):
         inputs, labels = train.batch(start, min(start + batch_size, len(train)))
-        _, s = last.embed(inputs, labels)
-        self_inf.append(s.detach().double().cpu().numpy())
-        with torch.no_grad():
-            losses.append(task.loss(last.outputs(inputs), labels).double().cpu().numpy())
+        part = last.embed(inputs, labels)
+        self_inf.append(part.self_influence.detach().double().cpu().numpy())
+        losses.append(part.losses.detach().double().cpu().numpy())
     return np.concatenate(self_inf), np.concatenate(losses)
 
 

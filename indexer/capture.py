@@ -1,262 +1,177 @@
-"""Gradient capture: per-example gradients of the traced layers from one batched forward+backward.
+"""Gradient capture: exact per-example gradients of every traced block, by the fastest route proven right.
 
-For Linear / Conv2d / Embedding the per-example weight gradient is  G = sum_t delta_t a_t^T  with
-a_t the layer input at position t (conv: an unfolded patch; a trailing 1 carries the bias) and
-delta_t = d(sum_b loss_b)/d(output_t). Forward hooks keep `a`; tensor hooks on the outputs keep
-`delta`. The model's parameters do not require grad during capture: the backward runs only to the
-traced outputs, so no weight gradient is ever formed. Any other traced parameter (norms, custom
-layers, grouped convs) gets an exact per-sample gradient from torch.func (vmap of grad).
+Routes, fastest first (each block has one, chosen by `calibrate` and recorded in the manifest):
+
+  hook   Linear / Conv2d / Embedding weights (and biases) used only through module calls whose input and
+         output hold one row per example on a known axis: G_b = sum_t delta_t a_t^T from one batched
+         forward + backward of the summed loss (forward hooks keep a, tensor hooks keep delta). The
+         parameters do not require grad, so no weight gradient is ever formed.
+  vmap   torch.func per-sample gradients (vmap of grad) of the block's parameters.
+  loop   one `torch.autograd.grad` of each example's own loss: correct wherever the model can train.
+
+`calibrate` decides from the model itself, on a few training examples:
+  * a structural probe with two batch sizes finds each hooked module's batch axis (the one axis whose
+    size follows the batch size, in every call); a module never called as a module (attention's
+    out_proj), called a varying number of times, or whose rows are not examples (sequence-first with an
+    unknown axis, ids broadcast as [1, T], batches folded into rows) leaves the hook route;
+  * modules that mix the examples of a batch (batch-statistics normalisation) are detected by comparing
+    each example's loss in a batch with its loss alone: the model is then run one example at a time;
+  * the hooks' per-example gradients of each block must sum to the ordinary batch gradient (catches
+    uses the hooks miss: tied or functional reuse, reparametrised weights, regularisers);
+  * torch.func is tried and compared with the loop; where it fails or disagrees, the loop is used.
+During indexing the batch axis of every call is verified and the sum check repeats on a sample of
+batches; a violation raises `CaptureError` naming the layer, never a silently wrong number.
+
+All factors are kept in the capture's compute dtype (float32, or float64 for float64 models): models in
+bfloat16 / float16 are run in float32 (`compute_dtype`), so norms and inner products are never
+accumulated in low precision and results do not depend on the batch.
 """
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from indexer.blocks import TracedBlock, Use
 from indexer.config import ConfigError
+from indexer.grads import BlockGrad, ConvCall, ConvOuter, Dense, Outer
+from indexer.task import Inputs, batch_size_of, take_rows, unsqueeze_inputs
+
+ROUTES = ("hook", "vmap", "loop")
+SUM_CHECK_EVERY = 64  # besides the first batch of each checkpoint, every 64th batch is sum-checked
 
 
-@dataclass(frozen=True)
-class TracedLayer:
-    """One traced block of parameters. Its per-example gradient is an [m, n] matrix G.
-
-    kind: "linear" | "conv2d" | "embedding" (hooked) or "param" (torch.func, G = g as [numel, 1])
-    """
-
-    name: str
-    kind: str
-    m: int
-    n: int
-    params: tuple[str, ...]
-    has_bias: bool = False
-
-    @property
-    def size(self) -> int:
-        return self.m * self.n
+class CaptureError(ConfigError):
+    """The capture cannot compute this model's per-example gradients exactly; the message names the layer."""
 
 
-def _hookable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return module.weight.requires_grad
-    if isinstance(module, nn.Conv2d):
-        return (
-            module.weight.requires_grad
-            and module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
-    if isinstance(module, nn.Embedding):
-        return module.weight.requires_grad and module.max_norm is None and not module.scale_grad_by_freq
-    return False
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance for comparing two exact computations of the same gradient in `dtype`."""
+    return 1e-9 if dtype == torch.float64 else 1e-4
 
 
-def _has_bias(module: nn.Module) -> bool:
-    bias = getattr(module, "bias", None)
-    return bias is not None and bias.requires_grad
+def compute_dtype_for(model_dtype: torch.dtype, requested: str = "auto") -> torch.dtype:
+    """The dtype capture computes in: float64 for float64 models, float32 otherwise (bfloat16/float16
+    models are run in float32); `requested` = "float32" / "float64" overrides."""
+    if requested == "float64":
+        return torch.float64
+    if requested == "float32":
+        return torch.float32
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
-def select_layers(model: nn.Module, patterns: list[str] | None) -> list[TracedLayer]:
-    """Traced layers for module-name patterns (fnmatch globs); None = every trainable parameter.
+# -- the plan -------------------------------------------------------------------------------------
 
-    A matched module contributes all trainable parameters below it: supported leaf modules are hooked
-    (weight + bias as one block), every other parameter becomes its own "param" block."""
-    modules = dict(model.named_modules())
-    if patterns is None:
-        chosen = [""]
-    else:
-        chosen = []
-        for pattern in patterns:
-            hits = [name for name in modules if name and fnmatch.fnmatchcase(name, pattern)]
-            if not hits:
-                names = [n for n in modules if n][:20]
-                raise ConfigError(f"layers: {pattern!r} matches no module of the model; modules: {names}")
-            chosen.extend(hits)
-    layers: list[TracedLayer] = []
-    seen: set[str] = set()
-    for root in chosen:
-        prefix = f"{root}." if root else ""
-        for sub_name, module in modules[root].named_modules():
-            name = prefix + sub_name if sub_name else root
-            if _hookable(module) and f"{name}.weight".lstrip(".") not in seen:
-                params = ["weight"] + (["bias"] if _has_bias(module) else [])
-                full = tuple(f"{name}.{p}" for p in params)
-                seen.update(full)
-                layers.append(TracedLayer(name, *_layer_shape(module), full, _has_bias(module)))
-        for pname, param in modules[root].named_parameters():
-            full_name = prefix + pname
-            if param.requires_grad and full_name not in seen:
-                seen.add(full_name)
-                layers.append(TracedLayer(full_name, "param", param.numel(), 1, (full_name,)))
-    if not layers:
-        raise ConfigError("layers: the selection holds no trainable parameter")
-    return layers
+@dataclass
+class CapturePlan:
+    """Traced blocks, the route of each, the batch axis of each hooked module, and whether the model is
+    run one example at a time. Serialised into the manifest so the service captures exactly as the
+    indexer did."""
 
+    blocks: list[TracedBlock]
+    routes: dict[str, str]
+    axes: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    per_example: bool = False
+    mixing: str | None = None
 
-def _layer_shape(module: nn.Module) -> tuple[str, int, int]:
-    extra = 1 if _has_bias(module) else 0
-    if isinstance(module, nn.Linear):
-        return "linear", module.out_features, module.in_features + extra
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return "conv2d", module.out_channels, module.in_channels * kh * kw + extra
-    assert isinstance(module, nn.Embedding)
-    return "embedding", module.embedding_dim, module.num_embeddings
+    def route(self, block: TracedBlock) -> str:
+        return self.routes[block.name]
 
+    def to_json(self) -> dict[str, Any]:
+        return {"per_example": self.per_example, "mixing": self.mixing, "axes": dict(self.axes),
+                "blocks": [{"name": b.name, "route": self.routes[b.name], "reason": self.reasons.get(b.name)}
+                           for b in self.blocks]}
 
-@dataclass(frozen=True)
-class ConvCall:
-    """One call of a hooked Conv2d: its input x [B, C_in, H, W] and output gradient d [B, m, H', W']."""
+    @classmethod
+    def from_json(cls, blocks: list[TracedBlock], data: dict[str, Any]) -> "CapturePlan":
+        """Rebuild a recorded plan for the blocks selected again from the model; refuses a mismatch."""
+        recorded = {entry["name"]: entry for entry in data.get("blocks", [])}
+        if set(recorded) != {b.name for b in blocks}:
+            missing = sorted({b.name for b in blocks} - set(recorded))[:5]
+            extra = sorted(set(recorded) - {b.name for b in blocks})[:5]
+            raise CaptureError(f"capture plan: the model's traced blocks differ from the index's "
+                               f"(not recorded: {missing}, recorded but absent: {extra})")
+        routes = {}
+        for name, entry in recorded.items():
+            if entry.get("route") not in ROUTES:
+                raise CaptureError(f"capture plan: block {name!r} has unknown route {entry.get('route')!r}")
+            routes[name] = entry["route"]
+        axes = {str(k): int(v) for k, v in (data.get("axes") or {}).items()}
+        for block in blocks:
+            if routes[block.name] == "hook":
+                if not block.uses:
+                    raise CaptureError(f"capture plan: block {block.name!r} cannot take the hook route")
+                for use in block.uses:
+                    if use.module not in axes:
+                        raise CaptureError(f"capture plan: no batch axis recorded for module {use.module!r}")
+        return cls(blocks, routes, axes, {e["name"]: e.get("reason") for e in recorded.values() if e.get("reason")},
+                   bool(data.get("per_example", False)), data.get("mixing"))
 
-    x: torch.Tensor
-    d: torch.Tensor
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-
-    def unfolded(self, bias: bool) -> torch.Tensor:
-        """The patches a_t [B, T, n] (im2col; a trailing 1 for the bias)."""
-        a = F.unfold(self.x, self.kernel_size, self.dilation, self.padding, self.stride).transpose(1, 2)
-        if bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
-        return a
-
-    def projected_patches(self, P: torch.Tensor, bias: bool) -> torch.Tensor:
-        """P a_t for every position [B, T, k] without im2col: a convolution with the rows of P as filters."""
-        k = P.shape[0]
-        c_in = self.x.shape[1]
-        kh, kw = self.kernel_size
-        weight = P[:, : c_in * kh * kw].reshape(k, c_in, kh, kw)
-        out = F.conv2d(self.x, weight, P[:, -1] if bias else None, self.stride, self.padding, self.dilation)
-        return out.reshape(out.shape[0], k, -1).transpose(1, 2)
-
-    def weight_gradients(self, bias: bool) -> torch.Tensor:
-        """Per-example gradient [B, m, n] = sum_t d_t a_t^T without im2col: the weight gradient of a
-        convolution with the batch folded into the groups (B groups of C_in -> m channels)."""
-        B, c_in = self.x.shape[:2]
-        m = self.d.shape[1]
-        kh, kw = self.kernel_size
-        _, grad_w, _ = torch.ops.aten.convolution_backward(
-            self.d.reshape(1, B * m, *self.d.shape[2:]), self.x.reshape(1, B * c_in, *self.x.shape[2:]),
-            self.x.new_empty(B * m, c_in, kh, kw), None, list(self.stride), list(self.padding),
-            list(self.dilation), False, [0, 0], B, [False, True, False],
-        )
-        g = grad_w.reshape(B, m, c_in * kh * kw)
-        if bias:
-            g = torch.cat([g, self.d.sum(dim=(2, 3)).unsqueeze(-1)], dim=2)
-        return g
+    def describe(self) -> list[str]:
+        lines = []
+        for b in self.blocks:
+            why = f"  ({self.reasons[b.name]})" if self.reasons.get(b.name) else ""
+            lines.append(f"{b.name:<32} {b.kind:<9} {b.m}x{b.n:<8} {self.routes[b.name]}{why}")
+        return lines
 
 
-class LayerGrad:
-    """Per-example gradient factors of one layer for a batch: G_b = sum_t delta[b,t] a[b,t]^T.
+@dataclass
+class Captured:
+    """One batch: per-block gradients (in plan order), per-example losses [B] and the model's outputs."""
 
-    dense layers: a [B, T, n], delta [B, T, m]
-    embedding:    index [B, T] token ids (-1 = padding, contributes nothing), delta [B, T, m]
-    param:        a = ones [B, 1, 1], delta = g [B, 1, numel]
-    conv2d:       also `conv` (the calls' inputs and 4-D output gradients): `a` is then unfolded only when
-                  asked for, and `full()` comes from a batched weight-gradient convolution (no im2col).
-    """
+    grads: list[BlockGrad]
+    losses: torch.Tensor
+    outputs: Any
 
-    def __init__(self, layer: TracedLayer, delta: torch.Tensor, a: torch.Tensor | None = None,
-                 index: torch.Tensor | None = None, conv: tuple[ConvCall, ...] | None = None):
-        self.layer, self.delta, self.index, self.conv = layer, delta, index, conv
-        self._a = a
-        self._full: torch.Tensor | None = None
+    @staticmethod
+    def concat(parts: list["Captured"]) -> "Captured":
+        grads = [BlockGrad.concat([p.grads[i] for p in parts]) for i in range(len(parts[0].grads))]
+        return Captured(grads, torch.cat([p.losses for p in parts]), _cat_outputs([p.outputs for p in parts]))
 
-    @property
-    def a(self) -> torch.Tensor | None:
-        if self._a is None and self.conv is not None:
-            parts = [call.unfolded(self.layer.has_bias) for call in self.conv]
-            self._a = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return self._a
 
-    def projected_inputs(self, P: torch.Tensor) -> torch.Tensor:
-        """a_t P^T  [B, T, k] (for a conv layer, computed as a convolution instead of unfolding)."""
-        if self._a is None and self.conv is not None:
-            parts = [call.projected_patches(P, self.layer.has_bias) for call in self.conv]
-            return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        return self.a @ P.T
+def _cat_outputs(outputs: list[Any]) -> Any:
+    if all(isinstance(o, torch.Tensor) for o in outputs):
+        return torch.cat(outputs) if outputs[0].dim() else torch.stack(outputs)
+    return outputs
 
-    @property
-    def batch(self) -> int:
-        return int(self.delta.shape[0])
 
-    @property
-    def positions(self) -> int:
-        return int(self.delta.shape[1])
-
-    def full(self) -> torch.Tensor:
-        """The explicit per-example gradient [B, m, n] (computed once, then kept)."""
-        if self._full is None:
-            self._full = self._compute_full()
-        return self._full
-
-    def _compute_full(self) -> torch.Tensor:
-        m, n = self.layer.m, self.layer.n
-        if self.conv is not None:
-            total = None
-            for call in self.conv:
-                g = call.weight_gradients(self.layer.has_bias)
-                total = g if total is None else total + g
-            return total
-        if self.index is None:
-            return torch.einsum("btm,btn->bmn", self.delta, self.a)
-        B, T = self.index.shape
-        out = torch.zeros(B, n + 1, m, dtype=self.delta.dtype, device=self.delta.device)
-        idx = torch.where(self.index < 0, n, self.index)  # padding goes to a dropped extra row
-        out.scatter_add_(1, idx.unsqueeze(-1).expand(B, T, m), self.delta)
-        return out[:, :n, :].transpose(1, 2)
-
-    def squared_norm(self, full: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact ||G_b||_F^2 [B], never approximated.
-
-        T = 1: ||delta||^2 ||a||^2.  T > 1: sum_{t,t'} (delta_t . delta_t')(a_t . a_t') or ||G||^2
-        from the explicit gradient, whichever costs less."""
-        if full is not None:
-            return torch.linalg.vector_norm(full.reshape(full.shape[0], -1), dim=1).square()
-        d = self.delta
-        if self.index is not None:
-            same = (self.index.unsqueeze(2) == self.index.unsqueeze(1)) & (self.index >= 0).unsqueeze(2)
-            return (torch.bmm(d, d.transpose(1, 2)) * same).sum(dim=(1, 2))
-        T = self.positions
-        if T == 1:
-            return d.pow(2).sum(dim=(1, 2)) * self.a.pow(2).sum(dim=(1, 2))
-        m, n = self.layer.m, self.layer.n
-        if T * (m + n) < m * n:
-            return (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(self.a, self.a.transpose(1, 2))).sum(dim=(1, 2))
-        return self.squared_norm(self.full())
-
+# -- hooks ----------------------------------------------------------------------------------------
 
 class _Recorder:
-    """Forward + tensor hooks of one hooked module; supports several calls per forward."""
+    """Forward + tensor hooks of one hooked module; several calls per forward are supported.
 
-    def __init__(self, layer: TracedLayer, module: nn.Module):
-        self.layer, self.module = layer, module
+    Verifies on every call that the input and output hold one row per example on the planned axis."""
+
+    def __init__(self, name: str, module: nn.Module, axis: int, batch: int, dtype: torch.dtype):
+        self.name, self.module, self.axis, self.batch, self.dtype = name, module, axis, batch, dtype
         self.inputs: list[torch.Tensor] = []
         self.deltas: list[torch.Tensor | None] = []
-        self.versions: list[tuple[torch.Tensor, int]] = []  # kept inputs that are views of the model's tensors
+        self.versions: list[tuple[torch.Tensor, int]] = []
 
     def forward_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
         x = args[0]
-        B = x.shape[0]
-        kind = self.layer.kind
-        if kind == "linear":
-            a = x.detach().reshape(B, -1, x.shape[-1])
-        elif kind == "conv2d":  # keep the input; patches are unfolded later only if a projection needs them
-            a = x.detach()
-        else:  # embedding: keep ids; padding_idx rows get no gradient
-            a = x.detach().reshape(B, -1).long()
+        ax, B = self.axis, self.batch
+        if not isinstance(output, torch.Tensor) or x.dim() <= ax or output.dim() <= ax \
+                or x.shape[ax] != B or output.shape[ax] != B:
+            raise CaptureError(
+                f"layer {self.name!r}: input {tuple(x.shape)} / output {tuple(getattr(output, 'shape', ()))} do not "
+                f"hold one row per example on axis {ax} (batch of {B}) as they did when the capture was planned; "
+                "its per-example gradient cannot be taken from hooks")
+        self.versions.append((x, x._version))
+        if isinstance(module, nn.Conv2d):
+            kept = x.detach().to(self.dtype)
+        elif isinstance(module, nn.Embedding):
+            ids = x.detach().movedim(ax, 0).reshape(B, -1).long()
             if module.padding_idx is not None:
-                a = a.masked_fill(a == module.padding_idx, -1)
-        if self.layer.has_bias and kind != "conv2d":
-            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+                ids = ids.masked_fill(ids == module.padding_idx, -1)
+            kept = ids
+        else:
+            kept = x.detach().movedim(ax, 0).reshape(B, -1, x.shape[-1]).to(self.dtype)
         slot = len(self.inputs)
-        self.inputs.append(a)
-        self.versions.append((a, a._version))
+        self.inputs.append(kept)
         self.deltas.append(None)
         if not output.requires_grad:
             # First traced layer on this path: make its output the leaf the backward runs to.
@@ -269,50 +184,474 @@ class _Recorder:
     def _store(self, slot: int, grad: torch.Tensor) -> None:
         self.deltas[slot] = grad.detach()
 
-    def result(self) -> LayerGrad | None:
-        if not self.inputs:
-            return None
-        for a, version in self.versions:
-            if a._version != version:
-                raise RuntimeError(
-                    f"the input of traced layer {self.layer.name!r} was modified in place after the layer used it; "
-                    "its per-example gradient cannot be captured (avoid the in-place op on that tensor)"
-                )
-        if self.layer.kind == "conv2d":
-            return self._conv_result()
-        B = self.inputs[0].shape[0]
-        deltas = []
-        for a, d in zip(self.inputs, self.deltas):
-            if d is None:  # this call did not reach the loss: zero gradient
-                d = torch.zeros(*a.shape[:2], self.layer.m, dtype=_float_dtype(a, self.module), device=a.device)
-            else:
-                d = d.reshape(B, -1, self.layer.m)
-            deltas.append(d)
-        delta = torch.cat(deltas, dim=1) if len(deltas) > 1 else deltas[0]
-        a = torch.cat(self.inputs, dim=1) if len(self.inputs) > 1 else self.inputs[0]
-        if self.layer.kind == "embedding":
-            return LayerGrad(self.layer, delta, index=a)
-        return LayerGrad(self.layer, delta, a=a)
+    def _check_versions(self) -> None:
+        for x, version in self.versions:
+            if x._version != version:
+                raise CaptureError(
+                    f"the input of traced layer {self.name!r} was modified in place after the layer used it; its "
+                    "per-example gradient cannot be captured (avoid the in-place op on that tensor)")
 
-    def _conv_result(self) -> LayerGrad:
-        module, m = self.module, self.layer.m
-        calls, deltas = [], []
+    def terms(self, use: Use) -> list:
+        """The gradient terms of this module's calls for one use (role), or [] when never called."""
+        self._check_versions()
+        if not self.inputs:
+            return []
+        module, B, ax = self.module, self.batch, self.axis
+        if isinstance(module, nn.Conv2d):
+            m = module.out_channels
+            calls = []
+            for x, d in zip(self.inputs, self.deltas):
+                if d is None:
+                    with torch.no_grad():
+                        shape = module(x[:1].to(module.weight.dtype)).shape[2:]
+                    d = torch.zeros(x.shape[0], m, *shape, dtype=self.dtype, device=x.device)
+                calls.append(ConvCall(x, d.to(self.dtype).contiguous(), tuple(module.kernel_size),
+                                      tuple(module.stride), tuple(module.padding), tuple(module.dilation)))
+            if use.role == "bias":
+                u = torch.cat([c.deltas() for c in calls], dim=1)
+                return [Outer(u, u.new_ones(u.shape[0], u.shape[1], 1))]
+            return [ConvOuter(tuple(calls), use.role == "weight+bias")]
+        width = module.embedding_dim if isinstance(module, nn.Embedding) else module.out_features
+        deltas = []
         for x, d in zip(self.inputs, self.deltas):
             if d is None:  # this call did not reach the loss: zero gradient
-                with torch.no_grad():
-                    shape = module(x[:1]).shape[2:]
-                d = torch.zeros(x.shape[0], m, *shape, dtype=x.dtype, device=x.device)
-            d = d.contiguous()
-            calls.append(ConvCall(x, d, tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
-                                  tuple(module.dilation)))
-            deltas.append(d.reshape(d.shape[0], m, -1).transpose(1, 2))  # [B, T, m] view
+                deltas.append(torch.zeros(B, x.shape[1], width, dtype=self.dtype, device=x.device))
+            else:
+                deltas.append(d.movedim(ax, 0).reshape(B, -1, width).to(self.dtype))
         delta = torch.cat(deltas, dim=1) if len(deltas) > 1 else deltas[0]
-        return LayerGrad(self.layer, delta, conv=tuple(calls))
+        x = torch.cat(self.inputs, dim=1) if len(self.inputs) > 1 else self.inputs[0]
+        if isinstance(module, nn.Embedding):
+            return [Outer(x, delta)]
+        if use.role == "bias":
+            return [Outer(delta, delta.new_ones(B, delta.shape[1], 1))]
+        if use.role == "weight+bias":
+            x = torch.cat([x, x.new_ones(B, x.shape[1], 1)], dim=2)
+        return [Outer(delta, x)]
 
 
-def _float_dtype(a: torch.Tensor, module: nn.Module) -> torch.dtype:
-    return a.dtype if a.is_floating_point() else module.weight.dtype
+# -- capture --------------------------------------------------------------------------------------
 
+class GradientCapture:
+    """Per-example gradients of every traced block of `model` for one batch, by the plan's routes.
+
+    `forward(model, inputs) -> outputs` and `loss(outputs, labels) -> [B]` are the task's; the loss is
+    summed (never averaged), so the output gradient of example b is d loss_b / d output_b. The model's
+    parameters are frozen (requires_grad False); routes enable gradients only where they need them."""
+
+    def __init__(self, model: nn.Module, plan: CapturePlan, forward: Callable, loss: Callable,
+                 dtype: torch.dtype = torch.float32):
+        self.model, self.plan, self.forward, self.loss, self.dtype = model, plan, forward, loss, dtype
+        self.modules = dict(model.named_modules())
+        self.params = dict(model.named_parameters())
+        self.by_route = {r: [b for b in plan.blocks if plan.routes[b.name] == r] for r in ROUTES}
+        for param in model.parameters():
+            param.requires_grad_(False)
+        tune_allocator()
+
+    # -- public -----------------------------------------------------------------------------------
+    def capture(self, inputs: Inputs, labels: torch.Tensor, check: bool = False) -> Captured:
+        """Gradients, losses and outputs for a batch. With `check`, the hook route's per-example
+        gradients are also compared with the ordinary batch gradient (CaptureError on a mismatch)."""
+        B = batch_size_of(inputs)
+        if labels.shape[0] != B:
+            raise CaptureError(f"{B} inputs but {labels.shape[0]} labels")
+        if self.plan.per_example and B > 1:
+            return Captured.concat([self._capture(take_rows(inputs, slice(b, b + 1)), labels[b:b + 1], check)
+                                    for b in range(B)])
+        return self._capture(inputs, labels, check)
+
+    def _capture(self, inputs, labels, check: bool) -> Captured:
+        grads: dict[str, BlockGrad] = {}
+        outputs = losses = None
+        if self.by_route["hook"]:
+            hooked, outputs, losses = self.hook_route(self.by_route["hook"], inputs, labels, check)
+            grads.update(hooked)
+        if self.by_route["vmap"]:
+            try:
+                grads.update(self.vmap_route(self.by_route["vmap"], inputs, labels))
+            except CaptureError:
+                raise
+            except Exception:  # noqa: BLE001 - torch.func could not batch this batch: the loop is exact too
+                grads.update(self._loop_or_refuse(self.by_route["vmap"], inputs, labels))
+        if self.by_route["loop"]:
+            grads.update(self._loop_or_refuse(self.by_route["loop"], inputs, labels))
+        if outputs is None:
+            with torch.no_grad():
+                outputs = self.forward(self.model, inputs)
+                losses = self.loss(outputs, labels)
+            check_losses(losses, labels.shape[0])
+        return Captured([grads[b.name] for b in self.plan.blocks], losses.detach(), _detach(outputs))
+
+    # -- routes -----------------------------------------------------------------------------------
+    def hook_route(self, blocks: list[TracedBlock], inputs, labels, check: bool = False):
+        B = batch_size_of(inputs)
+        names = sorted({u.module for b in blocks for u in b.uses})
+        recorders = {n: _Recorder(n, self.modules[n], self.plan.axes.get(n, 0), B, self.dtype) for n in names}
+        handles = [self.modules[n].register_forward_hook(recorders[n].forward_hook) for n in names]
+        params = [self.params[p] for b in blocks for p in b.params] if check else []
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                outputs = self.forward(self.model, inputs)
+                losses = self.loss(outputs, labels)
+                check_losses(losses, B)
+                if check:
+                    batch_grads = torch.autograd.grad(losses.sum(), params, allow_unused=True) \
+                        if losses.requires_grad else [None] * len(params)
+                elif losses.requires_grad:
+                    torch.autograd.backward(losses.sum())
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p in params:
+                p.requires_grad_(False)
+        out = {}
+        for block in blocks:
+            terms = [t for use in block.uses for t in recorders[use.module].terms(use)]
+            if not terms:  # never called in this batch: its gradient is zero
+                terms = [Dense(torch.zeros(B, block.m, block.n, dtype=self.dtype, device=_device(self.model)))]
+            out[block.name] = BlockGrad(block, terms)
+        if check:
+            grads_by_param = dict(zip([p for b in blocks for p in b.params], batch_grads))
+            for block in blocks:
+                reference = [grads_by_param[p] if grads_by_param[p] is not None else torch.zeros_like(self.params[p])
+                             for p in block.params]
+                expected = block.assemble([g.unsqueeze(0) for g in reference])[0].to(self.dtype)
+                _compare_sum(block, out[block.name].batch_sum(), expected, self.dtype)
+        return out, outputs, losses
+
+    def vmap_route(self, blocks: list[TracedBlock], inputs, labels) -> dict[str, BlockGrad]:
+        from torch.func import functional_call, grad, vmap
+
+        names = [p for b in blocks for p in b.params]
+        wrapper = _LossModule(self.model, self.forward, self.loss)
+        state = {f"model.{k}": v.detach() for k, v in self.model.named_parameters()}
+        state.update({f"model.{k}": v for k, v in self.model.named_buffers()})
+        traced = {name: state.pop(f"model.{name}") for name in names}
+
+        def one_loss(params, x, y):
+            full = {**state, **{f"model.{k}": v for k, v in params.items()}}
+            losses = functional_call(wrapper, full, (unsqueeze_inputs(x), y.unsqueeze(0)))
+            check_losses(losses, 1)
+            return losses.sum()
+
+        with torch.enable_grad():
+            per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))(traced, inputs, labels)
+        return {b.name: BlockGrad(b, [Dense(b.assemble([per_example[p].detach().to(self.dtype) for p in b.params]))])
+                for b in blocks}
+
+    def _loop_or_refuse(self, blocks: list[TracedBlock], inputs, labels) -> dict[str, BlockGrad]:
+        try:
+            return self.loop_route(blocks, inputs, labels)
+        except CaptureError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model cannot give this gradient at all
+            raise CaptureError(f"block {blocks[0].name!r}: autograd cannot compute its gradient for one example "
+                               f"({type(exc).__name__}: {_short(exc)})") from None
+
+    def loop_route(self, blocks: list[TracedBlock], inputs, labels) -> dict[str, BlockGrad]:
+        names = [p for b in blocks for p in b.params]
+        grads = per_example_loop(self.model, self.forward, self.loss, [self.params[n] for n in names], inputs, labels)
+        by_name = dict(zip(names, grads))
+        return {b.name: BlockGrad(b, [Dense(b.assemble([by_name[p].to(self.dtype) for p in b.params]))])
+                for b in blocks}
+
+
+def per_example_loop(model: nn.Module, forward: Callable, loss: Callable, params: list[torch.Tensor], inputs,
+                     labels: torch.Tensor) -> list[torch.Tensor]:
+    """The definition: for each example alone, `torch.autograd.grad` of its own loss w.r.t. `params`.
+    Returns one [B, *shape] tensor per parameter (zeros where the loss does not depend on it)."""
+    B = batch_size_of(inputs)
+    rows: list[list[torch.Tensor]] = [[] for _ in params]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for b in range(B):
+            with torch.enable_grad():
+                losses = loss(forward(model, take_rows(inputs, slice(b, b + 1))), labels[b:b + 1])
+                check_losses(losses, 1)
+                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True) if losses.requires_grad \
+                    else [None] * len(params)
+            for i, (g, p) in enumerate(zip(grads, params)):
+                rows[i].append(g.detach() if g is not None else torch.zeros_like(p))
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return [torch.stack(r) for r in rows]
+
+
+class _LossModule(nn.Module):
+    """model + forward + per-example loss as one module, so torch.func can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, forward: Callable, loss: Callable):
+        super().__init__()
+        self.model, self._forward, self._loss = model, forward, loss
+
+    def forward(self, inputs, labels):
+        return self._loss(self._forward(self.model, inputs), labels)
+
+
+def check_losses(losses: Any, batch: int) -> None:
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.shape[0] != batch:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise CaptureError(
+            f"Task.loss must return one loss per example (shape [{batch}]), got {shape}"
+            + (" (a .squeeze() in the model or the loss drops the batch axis of a batch of 1?)" if batch == 1 else ""))
+
+
+def _compare_sum(block: TracedBlock, got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = max(float(expected.abs().max()), float(got.abs().max()))
+    err = float((got - expected).abs().max())
+    if err > tolerance(dtype) * max(scale, 1e-30) and err > 1e-30:
+        raise CaptureError(
+            f"layer {block.name!r}: its per-example gradients from hooks do not sum to the batch gradient "
+            f"(max error {err:.3g} of {scale:.3g}): the parameter is used in a way its module's hooks do not see "
+            "(tied or functional reuse, a reparametrisation, a regulariser)")
+
+
+def _detach(outputs: Any) -> Any:
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    return outputs
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# -- calibration ----------------------------------------------------------------------------------
+
+def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, loss: Callable, inputs, labels,
+              dtype: torch.dtype = torch.float32) -> CapturePlan:
+    """Choose each block's route on a few examples (`inputs`: the first rows of the training set).
+
+    Raises CaptureError when the model cannot be captured at all (e.g. it mixes examples and cannot
+    run one example at a time)."""
+    N = batch_size_of(inputs)
+    routes = {b.name: ("hook" if b.uses else "vmap") for b in blocks}
+    reasons: dict[str, str] = {}
+    axes: dict[str, int] = {}
+    for b in blocks:
+        if not b.uses:
+            reasons[b.name] = "no factored route for this parameter"
+    if N < 2:
+        for b in blocks:
+            routes[b.name], reasons[b.name] = "loop", "a single training example"
+        return CapturePlan(blocks, routes, axes, reasons)
+    B2 = min(N, 3)
+    B1 = B2 - 1
+    big = (take_rows(inputs, slice(0, B2)), labels[:B2])
+    small = (take_rows(inputs, slice(0, B1)), labels[:B1])
+
+    # 1. structural probe: batch axis of every hooked module
+    candidates = sorted({u.module for b in blocks if b.uses for u in b.uses})
+    module_reasons = _probe_axes(model, forward, candidates, small[0], big[0], B1, B2, axes)
+    for b in blocks:
+        bad = [module_reasons[u.module] for u in b.uses if u.module in module_reasons]
+        if b.uses and bad:
+            routes[b.name], reasons[b.name] = "vmap", bad[0]
+
+    # 2. examples mixed by the batch?
+    per_example, mixing = _detect_mixing(model, forward, loss, big[0], big[1], dtype)
+    plan = CapturePlan(blocks, routes, axes, reasons, per_example, mixing)
+
+    # 3. hooks must sum to the batch gradient
+    capture = GradientCapture(model, plan, forward, loss, dtype)
+    for b in list(capture.by_route["hook"]):
+        try:
+            _run_per_example(capture, plan, lambda x, y, b=b: capture.hook_route([b], x, y, check=True), *big)
+        except CaptureError as exc:
+            routes[b.name], reasons[b.name] = "vmap", _short(exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. a module whose hooks break the forward
+            routes[b.name], reasons[b.name] = "vmap", f"hooks failed: {type(exc).__name__}: {_short(exc)}"
+
+    # 4. torch.func where it works and agrees with the loop
+    capture = GradientCapture(model, plan, forward, loss, dtype)
+    vmap_blocks = capture.by_route["vmap"]
+    if vmap_blocks:
+        try:
+            got = _run_per_example(capture, plan, lambda x, y: capture.vmap_route(vmap_blocks, x, y), *big)
+            ref = capture.loop_route(vmap_blocks, *big)
+            for b in vmap_blocks:
+                if not _close(got[b.name].full(), ref[b.name].full(), dtype):
+                    routes[b.name] = "loop"
+                    reasons[b.name] = "torch.func per-sample gradients disagree with the per-example loop"
+        except CaptureError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch.func cannot batch this model's forward
+            why = f"torch.func cannot batch the forward ({type(exc).__name__}: {_short(exc)})"
+            for b in vmap_blocks:
+                routes[b.name] = "loop"
+                reasons[b.name] = (reasons.get(b.name) + "; " if reasons.get(b.name) else "") + why
+    loop_blocks = [b for b in blocks if routes[b.name] == "loop"]
+    if loop_blocks:
+        GradientCapture(model, plan, forward, loss, dtype)._loop_or_refuse(loop_blocks, *big)
+    return plan
+
+
+def _run_per_example(capture: GradientCapture, plan: CapturePlan, fn, inputs, labels):
+    """Run a route on a batch, or one example at a time when the plan says examples mix."""
+    if not plan.per_example:
+        return fn(inputs, labels)
+    B = batch_size_of(inputs)
+    results = [fn(take_rows(inputs, slice(b, b + 1)), labels[b:b + 1]) for b in range(B)]
+    if isinstance(results[0], tuple):
+        results = [r[0] for r in results]
+    return {name: BlockGrad.concat([r[name] for r in results]) for name in results[0]}
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    scale = max(float(b.abs().max()), float(a.abs().max()), 1e-30)
+    return float((a - b).abs().max()) <= tolerance(dtype) * scale
+
+
+def _probe_axes(model, forward, names: list[str], small, big, B1: int, B2: int, axes: dict[str, int]) -> dict[str, str]:
+    """Fill `axes` with each module's batch axis; return {module: why it cannot take the hook route}."""
+    modules = dict(model.named_modules())
+    shapes: dict[str, list[list[tuple]]] = {n: [[], []] for n in names}
+
+    def recorder(name, slot):
+        def hook(module, args, output):
+            x = args[0] if args else None
+            shapes[name][slot].append((tuple(x.shape) if isinstance(x, torch.Tensor) else None,
+                                       tuple(output.shape) if isinstance(output, torch.Tensor) else None))
+        return hook
+
+    for slot, batch in ((0, small), (1, big)):
+        handles = [modules[n].register_forward_hook(recorder(n, slot)) for n in names]
+        try:
+            with torch.no_grad():
+                forward(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+    reasons = {}
+    for name in names:
+        module = modules[name]
+        calls1, calls2 = shapes[name]
+        if not calls1 and not calls2:
+            reasons[name] = (f"module {name!r} is never called as a module (its parent uses its weight directly, "
+                             "like attention's out_proj)")
+            continue
+        if len(calls1) != len(calls2):
+            reasons[name] = f"module {name!r} is called {len(calls1)} times for {B1} examples and {len(calls2)} for {B2}"
+            continue
+        found: set[int] | None = None
+        for (in1, out1), (in2, out2) in zip(calls1, calls2):
+            if in1 is None or in2 is None or out1 is None or out2 is None:
+                found = set()
+                break
+            ok = {ax for ax in range(min(len(in1), len(out1)))
+                  if in1[ax] == B1 and in2[ax] == B2 and out1[ax] == B1 and out2[ax] == B2}
+            if isinstance(module, nn.Linear):
+                ok.discard(len(in1) - 1)
+            if isinstance(module, nn.Conv2d):
+                ok = ok & {0} if len(in1) == 4 else set()
+            found = ok if found is None else found & ok
+        if found and len(found) == 1:
+            axes[name] = found.pop()
+        else:
+            shown = ", ".join(f"{c[0]}" for c in calls2[:2])
+            reasons[name] = (f"module {name!r}: no single axis of its input holds the examples (input shapes {shown} "
+                             f"for a batch of {B2}: sequence-first, ids broadcast over the batch, or examples folded "
+                             "into rows)")
+    return reasons
+
+
+def _detect_mixing(model, forward, loss, inputs, labels, dtype) -> tuple[bool, str | None]:
+    """(examples mix?, the first module whose output rows change with the batch). Compares each example's
+    loss inside the batch with its loss alone."""
+    B = batch_size_of(inputs)
+    with torch.no_grad():
+        batched = loss(forward(model, inputs), labels)
+        check_losses(batched, B)
+        alone = []
+        for b in range(B):
+            entered: list[str] = []
+            handles = _track_calls(model, entered)
+            try:
+                one = loss(forward(model, take_rows(inputs, slice(b, b + 1))), labels[b:b + 1])
+            except Exception as exc:  # noqa: BLE001
+                culprit = entered[-1] if entered else None
+                module = dict(model.named_modules()).get(culprit) if culprit else None
+                where = f"module {culprit!r} ({type(module).__name__}) " if culprit else "the model's forward "
+                if isinstance(module, nn.modules.batchnorm._NormBase):
+                    advice = ("it normalises with the statistics of the batch, which mixes examples; they must then be "
+                              "embedded one at a time, so this model cannot be indexed exactly (use running "
+                              "statistics: track_running_stats=True)")
+                else:
+                    advice = "the service embeds one example at a time, so this model cannot be indexed"
+                raise CaptureError(f"{where}fails on one example alone ({type(exc).__name__}: {_short(exc)}); "
+                                   f"{advice}") from None
+            finally:
+                for h in handles:
+                    h.remove()
+            check_losses(one, 1)
+            alone.append(one)
+    alone_t = torch.cat(alone).to(torch.float64)
+    batched = batched.to(torch.float64)
+    scale = max(float(batched.abs().max()), 1e-30)
+    if float((alone_t - batched).abs().max()) <= tolerance(dtype) * scale:
+        return False, None
+    return True, _mixing_module(model, forward, inputs)
+
+
+def _track_calls(model: nn.Module, entered: list[str]) -> list:
+    """Hooks that keep `entered` = the stack of module calls in progress (the innermost is last)."""
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: entered.append(n)))
+        handles.append(module.register_forward_hook(lambda m, a, o, n=name: entered.remove(n) if n in entered else None))
+    return handles
+
+
+def _mixing_module(model, forward, inputs) -> str | None:
+    """The first leaf module (in call order) whose output row 0 differs between the batch and example 0 alone."""
+    records: dict[str, list] = {}
+    order: list[str] = []
+
+    def hook_for(name):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                records.setdefault(name, []).append(output.detach())
+                if name not in order:
+                    order.append(name)
+        return hook
+
+    leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+    outs = []
+    for batch in (inputs, take_rows(inputs, slice(0, 1))):
+        records.clear()
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in leaves]
+        try:
+            with torch.no_grad():
+                forward(model, batch)
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        outs.append({k: v[0] for k, v in records.items()})
+    batched, alone = outs
+    for name in order:
+        a, b = batched.get(name), alone.get(name)
+        if a is None or b is None or a.dim() == 0 or b.dim() == 0 or a.shape[1:] != b.shape[1:]:
+            continue
+        if not torch.allclose(a[:1].double(), b[:1].double(), rtol=1e-4, atol=1e-6):
+            return name
+    return None
+
+
+# -- allocator --------------------------------------------------------------------------------------
 
 _ALLOCATOR_TUNED = False
 
@@ -344,92 +683,3 @@ def tune_allocator() -> bool:
     _ALLOCATOR_TUNED = ok
     return ok
 
-
-class GradientCapture:
-    """Computes LayerGrad for every traced layer of `model` for one batch.
-
-    `loss_fn(model, inputs, labels) -> [B]` is the task's per-example loss; it is summed (never averaged)
-    so that delta for example b is d loss_b / d output_b."""
-
-    def __init__(self, model: nn.Module, layers: list[TracedLayer],
-                 loss_fn: Callable[[nn.Module, object, torch.Tensor], torch.Tensor]):
-        self.model, self.layers, self.loss_fn = model, layers, loss_fn
-        modules = dict(model.named_modules())
-        self.hooked = [(layer, modules[layer.name]) for layer in layers if layer.kind != "param"]
-        self.param_layers = [layer for layer in layers if layer.kind == "param"]
-        for param in model.parameters():
-            param.requires_grad_(False)
-        tune_allocator()
-
-    def capture(self, inputs, labels: torch.Tensor) -> list[LayerGrad]:
-        grads: dict[str, LayerGrad] = {}
-        if self.hooked:
-            grads.update(self._capture_hooked(inputs, labels))
-        if self.param_layers:
-            grads.update(self._capture_params(inputs, labels))
-        return [grads[layer.name] for layer in self.layers]
-
-    def _capture_hooked(self, inputs, labels) -> dict[str, LayerGrad]:
-        recorders = [_Recorder(layer, module) for layer, module in self.hooked]
-        handles = [module.register_forward_hook(r.forward_hook) for r, (_, module) in zip(recorders, self.hooked)]
-        try:
-            with torch.enable_grad():
-                losses = self.loss_fn(self.model, inputs, labels)
-                _check_losses(losses, labels)
-                if losses.requires_grad:
-                    torch.autograd.backward(losses.sum())
-        finally:
-            for handle in handles:
-                handle.remove()
-        out = {}
-        for recorder in recorders:
-            result = recorder.result()
-            if result is None:
-                raise RuntimeError(f"traced layer {recorder.layer.name!r} was not called by the model's forward")
-            out[recorder.layer.name] = result
-        return out
-
-    def _capture_params(self, inputs, labels) -> dict[str, LayerGrad]:
-        from torch.func import functional_call, grad, vmap
-
-        names = [layer.name for layer in self.param_layers]
-        wrapper = _LossModule(self.model, self.loss_fn)
-        state = {f"model.{k}": v.detach() for k, v in self.model.named_parameters()}
-        state.update({f"model.{k}": v for k, v in self.model.named_buffers()})
-        traced = {name: state.pop(f"model.{name}") for name in names}
-
-        def one_loss(params, x, y):
-            full = {**state, **{f"model.{k}": v for k, v in params.items()}}
-            return functional_call(wrapper, full, (_unsqueeze(x), y.unsqueeze(0))).sum()
-
-        with torch.enable_grad():
-            per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))(traced, inputs, labels)
-        out = {}
-        for layer in self.param_layers:
-            g = per_example[layer.name].detach().reshape(labels.shape[0], 1, -1)
-            out[layer.name] = LayerGrad(layer, g, a=g.new_ones(g.shape[0], 1, 1))
-        return out
-
-
-class _LossModule(nn.Module):
-    """model + per-example loss as one module, so torch.func can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn):
-        super().__init__()
-        self.model, self._loss_fn = model, loss_fn
-
-    def forward(self, inputs, labels):
-        return self._loss_fn(self.model, inputs, labels)
-
-
-def _unsqueeze(x):
-    if isinstance(x, dict):
-        return {k: v.unsqueeze(0) for k, v in x.items()}
-    return x.unsqueeze(0)
-
-
-def _check_losses(losses: torch.Tensor, labels: torch.Tensor) -> None:
-    if losses.dim() != 1 or losses.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"Task.loss must return one loss per example (shape [{labels.shape[0]}]), got {tuple(losses.shape)}"
-        )

@@ -8,12 +8,13 @@
     lr = 0.1                                      # optional when the file records its lr
     [projection]
     kind = "sketch"                               # exact | sketch | kronecker | gaussian
-    dim = 256                                     # per layer and checkpoint
+    dim = 1024                                    # numbers per example, whatever the layers and checkpoints
     seed = 0
     [index]
     factory = "Flat"                              # any FAISS factory string (inner product)
     batch_size = 256
     device = "cpu"
+    compute_dtype = "auto"                        # auto (float64 models: float64, else float32) | float32 | float64
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class CheckpointSpec:
 @dataclass(frozen=True)
 class ProjectionSpec:
     kind: str = "sketch"
-    dim: int = 256
+    dim: int = 1024
     seed: int = 0
 
 
@@ -50,6 +51,7 @@ class IndexSpec:
     device: str = "cpu"
     search_params: dict[str, Any] = field(default_factory=dict)
     train_sample: int = 50_000
+    compute_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> IndexConfig:
         raise ConfigError(f"projection: unknown keys {bad}")
     projection = ProjectionSpec(
         kind=_expect(p.get("kind", "sketch"), str, "projection.kind"),
-        dim=_expect(p.get("dim", 256), int, "projection.dim"),
+        dim=_expect(p.get("dim", ProjectionSpec.dim), int, "projection.dim"),
         seed=_expect(p.get("seed", 0), int, "projection.seed"),
     )
     if projection.kind not in PROJECTION_KINDS:
@@ -154,7 +156,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> IndexConfig:
         raise ConfigError(f"projection.dim: must be >= 1, got {projection.dim}")
 
     x = dict(_expect(data.get("index", {}), dict, "index"))
-    bad = sorted(set(x) - {"factory", "batch_size", "device", "search_params", "train_sample"})
+    bad = sorted(set(x) - {"factory", "batch_size", "device", "search_params", "train_sample", "compute_dtype"})
     if bad:
         raise ConfigError(f"index: unknown keys {bad}")
     index = IndexSpec(
@@ -163,7 +165,10 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> IndexConfig:
         device=_expect(x.get("device", "cpu"), str, "index.device"),
         search_params=dict(_expect(x.get("search_params", {}), dict, "index.search_params")),
         train_sample=_expect(x.get("train_sample", 50_000), int, "index.train_sample"),
+        compute_dtype=_expect(x.get("compute_dtype", "auto"), str, "index.compute_dtype"),
     )
+    if index.compute_dtype not in ("auto", "float32", "float64"):
+        raise ConfigError(f"index.compute_dtype: {index.compute_dtype!r} is not one of auto, float32, float64")
     if index.batch_size < 1:
         raise ConfigError(f"index.batch_size: must be >= 1, got {index.batch_size}")
     return IndexConfig(task, checkpoints, layers, projection, index)

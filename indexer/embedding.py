@@ -1,23 +1,30 @@
 """The shared embedding function: the indexer and the service both call it.
 
-For checkpoint i with learning rate lr_i and traced layers l:
-    e_i(z)  = sqrt(lr_i) * concat_l P_{i,l} G_{i,l}(z)          (float, [B, D_i])
-    s_i(z)  = lr_i * sum_l ||G_{i,l}(z)||^2                      (exact self-influence part)
-and over checkpoints e(z) = concat_i e_i(z), self_influence(z) = sum_i s_i(z), so that
-    e(z) . e(z') ~= TracInCP(z, z') = sum_i lr_i grad l(w_i, z) . grad l(w_i, z').
+For checkpoint i with learning rate lr_i and traced blocks l (per-example gradients G_{i,l}(z)):
+    e_i(z)  = sqrt(lr_i) * sum_l P_{i,l} G_{i,l}(z)            (projected kinds, [B, dim])
+            = sqrt(lr_i) * concat_l vec G_{i,l}(z)             (exact kind)
+    s_i(z)  = lr_i * sum_l ||G_{i,l}(z)||^2                    (exact self-influence part)
+and over checkpoints e(z) = sum_i e_i(z) (projected; added in float32 in checkpoint order, exactly as
+the indexer accumulates its vectors) or concat_i e_i(z) (exact), self_influence(z) = sum_i s_i(z), so
+    e(z) . e(z') ~= TracInCP(z, z') = sum_i lr_i grad l(w_i, z) . grad l(w_i, z')   (unbiased; = for exact)
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from indexer.capture import GradientCapture, TracedLayer, select_layers
+from indexer.blocks import TracedBlock, select_blocks
+from indexer.capture import (
+    CaptureError, CapturePlan, Captured, GradientCapture, calibrate, check_losses, compute_dtype_for,
+)
 from indexer.checkpoints import CheckpointError, checked_lr, load_checkpoint, load_state_into
-from indexer.projection import LayerProjector, fingerprint, make_projector
+from indexer.grads import BlockGrad
+from indexer.projection import BlockProjector, fingerprint, make_projector
 from indexer.task import Inputs, Task, move_inputs
 
 
@@ -35,59 +42,123 @@ def resolve_checkpoints(specs: list[tuple[Path, float | None]]) -> list[Checkpoi
     for i, (path, lr) in enumerate(specs):
         if lr is None:
             _, meta = load_checkpoint(path)
-            if "lr" not in meta:
+            lr = meta.get("lr", meta.get("learning_rate"))
+            if lr is None:
                 raise CheckpointError(f"checkpoints[{i}]: {path} records no lr; give lr in the config")
-            lr = meta["lr"]
         out.append(Checkpoint(Path(path), checked_lr(lr, f"checkpoints[{i}].lr")))
     return out
 
 
-GAUSSIAN_MAX_ENTRIES = 1 << 26  # 512 MiB of float64 per layer and checkpoint
+GAUSSIAN_MAX_ENTRIES = 1 << 26  # 512 MiB of float64 per block and checkpoint
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
 class ProjectionPlan:
-    """Traced layers and the drawn projectors for every checkpoint (CPU, float64)."""
+    """Traced blocks, how each is captured (routes) and projected at every checkpoint (CPU, float64)."""
 
     kind: str
     dim: int
     seed: int
-    layers: list[TracedLayer]
-    projectors: list[list[LayerProjector]]
+    blocks: list[TracedBlock]
+    capture: CapturePlan
+    projectors: list[list[BlockProjector]]
+    compute_dtype: str = "float32"
+    layer_patterns: list[str] | None = None
 
     @classmethod
-    def build(cls, model: nn.Module, layer_patterns: list[str] | None, kind: str, dim: int, seed: int,
-              checkpoints: int) -> "ProjectionPlan":
-        layers = select_layers(model, layer_patterns)
+    def build(cls, blocks: list[TracedBlock], capture: CapturePlan, kind: str, dim: int, seed: int,
+              checkpoints: int, compute_dtype: str = "float32",
+              layer_patterns: list[str] | None = None) -> "ProjectionPlan":
         if kind == "gaussian":
             from indexer.config import ConfigError
 
-            for layer in layers:
-                if layer.size > dim and layer.size * dim > GAUSSIAN_MAX_ENTRIES:
+            for block in blocks:
+                if block.size > dim and block.size * dim > GAUSSIAN_MAX_ENTRIES:
                     raise ConfigError(
-                        f"projection.kind: a dense gaussian for layer {layer.name!r} ({layer.m}x{layer.n}) needs "
-                        f"{layer.size * dim:,} entries per checkpoint; use kind = \"sketch\" for layers this large"
-                    )
-        projectors = [[make_projector(layer, kind, dim, seed, c) for layer in layers] for c in range(checkpoints)]
-        return cls(kind, dim, seed, layers, projectors)
+                        f"projection.kind: a dense gaussian for block {block.name!r} ({block.m}x{block.n}) needs "
+                        f"{block.size * dim:,} entries per checkpoint; use kind = \"sketch\" for blocks this large")
+        projectors = [[make_projector(b, kind, dim, seed, c) for b in blocks] for c in range(checkpoints)]
+        return cls(kind, dim, seed, blocks, capture, projectors, compute_dtype, layer_patterns)
 
     @property
-    def checkpoint_dim(self) -> int:
-        return sum(p.dim for p in self.projectors[0])
+    def summed(self) -> bool:
+        """True when checkpoints and blocks add into one `dim`-wide embedding (every kind but exact)."""
+        return self.kind != "exact"
+
+    def checkpoint_dim(self, checkpoint: int = 0) -> int:
+        return self.dim if self.summed else sum(p.dim for p in self.projectors[checkpoint])
 
     @property
     def total_dim(self) -> int:
-        return sum(p.dim for per in self.projectors for p in per)
+        return self.dim if self.summed else sum(p.dim for per in self.projectors for p in per)
 
     def fingerprint(self) -> str:
         return fingerprint(self.projectors, self.kind, self.seed, self.dim)
 
     def describe(self) -> list[dict]:
-        return [
-            {"name": p.layer.name, "kind": p.layer.kind, "shape": [p.layer.m, p.layer.n],
-             "params": list(p.layer.params), "projection": p.kind, "dim": p.dim}
-            for p in self.projectors[0]
-        ]
+        out = []
+        for p in self.projectors[0]:
+            entry = p.block.describe()
+            entry.update(route=self.capture.routes[p.block.name], projection=p.kind, dim=p.dim)
+            if self.capture.reasons.get(p.block.name):
+                entry["reason"] = self.capture.reasons[p.block.name]
+            out.append(entry)
+        return out
+
+
+def load_model(task: Task, checkpoint: Checkpoint, device: str | torch.device, dtype: torch.dtype,
+               state: dict | None = None) -> nn.Module:
+    """The task's model with a checkpoint's weights, in eval mode, on `device`, floating tensors in `dtype`."""
+    model = task.build_model()
+    if state is None:
+        state, _ = load_checkpoint(checkpoint.path)
+    load_state_into(model, state, f"checkpoint {checkpoint.path}")
+    return model.to(device=torch.device(device), dtype=dtype).eval()
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def plan_embedding(task: Task, checkpoints: list[Checkpoint], layer_patterns: list[str] | None, kind: str,
+                   dim: int, seed: int, probe: tuple[Inputs, torch.Tensor], compute_dtype: str = "auto",
+                   device: str | torch.device = "cpu") -> ProjectionPlan:
+    """Select the traced blocks, calibrate their capture routes on `probe` (a few training examples) at the
+    first checkpoint, and draw the projections. Raises ConfigError / CaptureError naming the problem."""
+    model = task.build_model()
+    dtype = compute_dtype_for(model_dtype(model), compute_dtype)
+    blocks = select_blocks(model, layer_patterns)
+    model = load_model(task, checkpoints[0], device, dtype)
+    inputs, labels = probe
+    inputs = move_inputs(inputs, device, dtype)
+    labels = _labels_to(labels, device, dtype)
+    capture = calibrate(model, blocks, task.forward, task.loss, inputs, labels, dtype)
+    return ProjectionPlan.build(blocks, capture, kind, dim, seed, len(checkpoints), _dtype_name(dtype), layer_patterns)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.float64: "float64"}[dtype]
+
+
+def _labels_to(labels: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    labels = labels.to(device)
+    return labels.to(dtype) if labels.is_floating_point() else labels
+
+
+@dataclass
+class CheckpointEmbedding:
+    """One checkpoint's part for a batch: sqrt(lr)-scaled vectors [B, width] (compute dtype), exact
+    lr * ||g||^2 [B] (float64), the per-example losses [B], the outputs, and (when kept) the gradients."""
+
+    vectors: torch.Tensor
+    self_influence: torch.Tensor
+    losses: torch.Tensor
+    outputs: Any
+    grads: list[BlockGrad] | None = None
 
 
 class CheckpointEmbedder:
@@ -95,50 +166,70 @@ class CheckpointEmbedder:
 
     def __init__(self, task: Task, checkpoint: Checkpoint, index: int, plan: ProjectionPlan,
                  device: str | torch.device = "cpu", state: dict | None = None):
-        self.task, self.checkpoint, self.index = task, checkpoint, index
+        self.task, self.checkpoint, self.index, self.plan = task, checkpoint, index, plan
         self.device = torch.device(device)
         if self.device.type == "cuda":
             # TF32 would change float32 results by ~1e-3 against the CPU; embeddings must agree.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        self.model = task.build_model()
-        if state is None:
-            state, _ = load_checkpoint(checkpoint.path)
-        load_state_into(self.model, state, f"checkpoint {checkpoint.path}")
-        self.model.to(self.device).eval()
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = DTYPES[plan.compute_dtype]
+        self.model = load_model(task, checkpoint, self.device, self.dtype, state)
         self.projectors = [p.to(self.device, self.dtype) for p in plan.projectors[index]]
-        self.capture = GradientCapture(self.model, plan.layers, self._loss)
+        self.capture = GradientCapture(self.model, plan.capture, task.forward, task.loss, self.dtype)
         self.scale = checkpoint.lr ** 0.5
         self._lock = threading.Lock()  # hooks live on the shared model: one batch at a time
 
-    def _loss(self, model: nn.Module, inputs: Inputs, labels: torch.Tensor) -> torch.Tensor:
-        return self.task.loss(self.task.forward(model, inputs), labels)
+    def prepare(self, inputs: Inputs, labels: torch.Tensor | None = None):
+        inputs = move_inputs(inputs, self.device, self.dtype)
+        return inputs if labels is None else (inputs, _labels_to(labels, self.device, self.dtype))
 
     @torch.no_grad()
-    def outputs(self, inputs: Inputs) -> torch.Tensor:
+    def outputs(self, inputs: Inputs) -> Any:
         with self._lock:
-            return self.task.forward(self.model, move_inputs(inputs, self.device))
+            return self.task.forward(self.model, self.prepare(inputs))
 
-    def embed(self, inputs: Inputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sqrt(lr) * concat_l P_l G_l  [B, D_i],  lr * sum_l ||G_l||^2  [B]) in the model's dtype."""
-        inputs, labels = move_inputs(inputs, self.device), labels.to(self.device)
+    def grads(self, inputs: Inputs, labels: torch.Tensor, check: bool = False) -> Captured:
+        """Per-example block gradients (exact), losses and outputs of a batch at this checkpoint."""
+        inputs, labels = self.prepare(inputs, labels)
         with self._lock:
-            grads = self.capture.capture(inputs, labels)
+            return self.capture.capture(inputs, labels, check=check)
+
+    def embed(self, inputs: Inputs, labels: torch.Tensor, check: bool = False,
+              keep_grads: bool = False) -> CheckpointEmbedding:
+        """sqrt(lr) * projected gradients [B, width], lr * sum_l ||G_l||^2 [B], losses, outputs."""
+        captured = self.grads(inputs, labels, check)
         with torch.no_grad():
-            parts, sq = [], None
-            for projector, grad in zip(self.projectors, grads):
-                vec, norm = projector.project(grad)
-                parts.append(vec)
+            total, sq = None, None
+            parts = []
+            for projector, grad in zip(self.projectors, captured.grads):
+                vec = projector.project(grad)
+                norm = grad.squared_norm().to(torch.float64)
                 sq = norm if sq is None else sq + norm
-            vectors = torch.cat(parts, dim=1) * self.scale
-            return vectors, sq * self.checkpoint.lr
+                if self.plan.summed:
+                    total = vec if total is None else total + vec
+                else:
+                    parts.append(vec)
+            vectors = (total if self.plan.summed else torch.cat(parts, dim=1)) * self.scale
+            return CheckpointEmbedding(vectors, sq * self.checkpoint.lr, captured.losses, captured.outputs,
+                                       captured.grads if keep_grads else None)
 
 
 @dataclass
 class Embedding:
-    vectors: torch.Tensor  # [B, D]
-    self_influence: torch.Tensor  # [B]
+    vectors: torch.Tensor  # float32 [B, D], exactly what the index stores
+    self_influence: torch.Tensor  # float64 [B]
+    per_checkpoint: list[CheckpointEmbedding] = field(default_factory=list)
+
+
+def combine(plan: ProjectionPlan, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Checkpoint parts -> the stored float32 embedding: added in checkpoint order (projected kinds) or
+    concatenated (exact). The indexer's accumulation into its vector file follows the same order."""
+    if not plan.summed:
+        return torch.cat([p.to(torch.float32) for p in parts], dim=1)
+    total = parts[0].to(torch.float32).clone()
+    for p in parts[1:]:
+        total += p.to(torch.float32)
+    return total
 
 
 class Embedder:
@@ -149,36 +240,45 @@ class Embedder:
         self.task, self.checkpoints, self.plan = task, checkpoints, plan
         self.per_checkpoint = [CheckpointEmbedder(task, c, i, plan, device) for i, c in enumerate(checkpoints)]
 
-    def embed(self, inputs: Inputs, labels: torch.Tensor) -> Embedding:
-        vectors, total = [], None
-        for embedder in self.per_checkpoint:
-            vec, sq = embedder.embed(inputs, labels)
-            vectors.append(vec)
-            total = sq if total is None else total + sq
-        return Embedding(torch.cat(vectors, dim=1), total)
+    def embed(self, inputs: Inputs, labels: torch.Tensor, keep_grads: bool = False) -> Embedding:
+        parts = [e.embed(inputs, labels, keep_grads=keep_grads) for e in self.per_checkpoint]
+        total = None
+        for part in parts:
+            total = part.self_influence if total is None else total + part.self_influence
+        return Embedding(combine(self.plan, [p.vectors for p in parts]), total, parts)
 
-    def predict(self, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted labels, probabilities) of the model at the last checkpoint."""
+    def predict(self, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prediction, probabilities or None) of the model at the last checkpoint (see Task.predict)."""
         return self.task.predict(self.per_checkpoint[-1].outputs(inputs))
 
 
 def load_embedder(index_dir, device: str | torch.device = "cpu") -> tuple[Task, Embedder]:
-    """Rebuild the task, the projection plan and every checkpoint's model from an opened
-    `indexer.store.IndexDirectory`, refusing on a projection fingerprint mismatch."""
+    """Rebuild the task, the capture and projection plan and every checkpoint's model from an opened
+    `indexer.store.IndexDirectory`, refusing on a projection fingerprint or capture-plan mismatch."""
     from indexer.config import TaskRef
     from indexer.store import IndexDirectoryError
 
     manifest = index_dir.manifest
     task = TaskRef(manifest["task"]["ref"], dict(manifest["task"].get("args") or {})).build()
+    if manifest["task"].get("label_kind"):
+        task.label_kind = manifest["task"]["label_kind"]
     proj = manifest["projection"]
     checkpoints = [Checkpoint(path, lr) for path, lr in index_dir.checkpoint_paths()]
-    plan = ProjectionPlan.build(task.build_model(), proj.get("layer_patterns"), proj["kind"], proj["dim"],
-                                proj["seed"], len(checkpoints))
+    blocks = select_blocks(task.build_model(), proj.get("layer_patterns"))
+    try:
+        capture = CapturePlan.from_json(blocks, manifest["capture"])
+    except CaptureError as exc:
+        raise IndexDirectoryError(f"{index_dir.path}: {exc}") from None
+    plan = ProjectionPlan.build(blocks, capture, proj["kind"], proj["dim"], proj["seed"], len(checkpoints),
+                                manifest["capture"].get("compute_dtype", "float32"), proj.get("layer_patterns"))
     if plan.fingerprint() != proj["fingerprint"]:
         raise IndexDirectoryError(
             f"{index_dir.path}: the projection rebuilt here (fingerprint {plan.fingerprint()[:16]}) does not match "
-            f"the manifest ({proj['fingerprint'][:16]}); torch or the task's model changed since indexing"
-        )
+            f"the manifest ({proj['fingerprint'][:16]}); torch or the task's model changed since indexing")
     if plan.total_dim != int(manifest["embedding_dim"]):
         raise IndexDirectoryError(f"{index_dir.path}: rebuilt embedding dim {plan.total_dim} != manifest")
     return task, Embedder(task, checkpoints, plan, device)
+
+
+__all__ = ["Checkpoint", "CheckpointEmbedder", "CheckpointEmbedding", "Embedder", "Embedding", "ProjectionPlan",
+           "check_losses", "combine", "load_embedder", "load_model", "plan_embedding", "resolve_checkpoints"]

@@ -20,13 +20,15 @@ import torch
 
 from indexer.checkpoints import load_checkpoint, load_state_into, sha256_file
 from indexer.config import ConfigError, IndexConfig
-from indexer.embedding import Checkpoint, CheckpointEmbedder, ProjectionPlan, resolve_checkpoints
+from indexer.capture import SUM_CHECK_EVERY
+from indexer.embedding import Checkpoint, CheckpointEmbedder, ProjectionPlan, plan_embedding, resolve_checkpoints
 from indexer.search import build_faiss_index, is_approximate
 from indexer.store import (
     CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, MANIFEST, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
     StagingDirectory, file_hashes, library_versions, write_jsonl,
 )
-from indexer.task import ExampleSet, Task
+from indexer.selfcheck import SelfCheckReport, check_query_path, self_check
+from indexer.task import ExampleSet, Task, infer_label_kind, label_width
 
 PROGRESS_FILE = "progress.json"
 
@@ -46,8 +48,22 @@ def _config_hash(config: IndexConfig, digests: list[str]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare(config: IndexConfig) -> tuple[Task, list[Checkpoint], ProjectionPlan]:
-    """Everything that can fail on a bad config, checked before any file is written."""
+@dataclass
+class Prepared:
+    """A validated build: everything that can fail on a bad config or model, checked before any file is written."""
+
+    task: Task
+    checkpoints: list[Checkpoint]
+    plan: ProjectionPlan
+    examples: ExampleSet
+    label_width: int
+    check: SelfCheckReport
+
+
+def prepare(config: IndexConfig, log: Callable[[str], None] | None = None) -> Prepared:
+    """Load the task, checkpoints and training set; calibrate the capture routes; run the self-check and
+    the service's query path once. Raises ConfigError (one line) on anything that would give a wrong
+    number or an index that cannot be served."""
     from indexer.checkpoints import CheckpointError
 
     task = config.task.build()
@@ -62,15 +78,33 @@ def prepare(config: IndexConfig) -> tuple[Task, list[Checkpoint], ProjectionPlan
             load_state_into(model, state, f"checkpoints[{i}] ({ckpt.path.name})")
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
-    plan = ProjectionPlan.build(model, config.layers, config.projection.kind, config.projection.dim,
-                                config.projection.seed, len(checkpoints))
+    if config.index.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"index.device: {config.index.device!r} requested but CUDA is not available")
+    examples = task.training_set()
+    if len(examples) == 0:
+        raise ConfigError("task: training_set() is empty")
+    try:
+        task.label_kind = infer_label_kind(task, examples.labels)
+    except ValueError as exc:
+        raise ConfigError(f"task: {exc}") from None
+    plan = plan_embedding(task, checkpoints, config.layers, config.projection.kind, config.projection.dim,
+                          config.projection.seed, examples.batch(0, min(len(examples), 3)),
+                          config.index.compute_dtype, config.index.device)
     try:
         build_faiss_index(config.index.factory, plan.total_dim)  # fails early on a bad factory string
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if config.index.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"index.device: {config.index.device!r} requested but CUDA is not available")
-    return task, checkpoints, plan
+    last = CheckpointEmbedder(task, checkpoints[-1], len(checkpoints) - 1, plan, config.index.device)
+    report = self_check(task, checkpoints, plan, examples, config.index.device,
+                        embedders={len(checkpoints) - 1: last})
+    if log is not None:
+        log(f"self-check: {len(plan.blocks)} traced blocks on {len(report.rows)} examples x "
+            f"{len(report.checkpoints)} checkpoints, max relative error {report.to_json()['max_error']:.1e} "
+            f"({report.seconds:.1f}s)")
+    if not report.ok:
+        raise ConfigError(report.refusal())
+    check_query_path(task, last, examples)
+    return Prepared(task, checkpoints, plan, examples, label_width(examples.labels), report)
 
 
 def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
@@ -163,6 +197,8 @@ class _Job:
     plan: ProjectionPlan
     examples: ExampleSet
     config_hash: str
+    label_width: int = 0
+    check: SelfCheckReport | None = None
 
     @property
     def count(self) -> int:
@@ -170,16 +206,13 @@ class _Job:
 
     @classmethod
     def prepare(cls, config: IndexConfig, out: str | Path, overwrite: bool) -> "_Job":
-        task, checkpoints, plan = prepare(config)
         out = Path(out).resolve()
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists (use --force to replace it)")
-        examples = task.training_set()
-        if len(examples) == 0:
-            raise ConfigError("task: training_set() is empty")
-        digests = [sha256_file(c.path) for c in checkpoints]
-        return cls(config, out, overwrite, task, checkpoints, digests, plan, examples,
-                   _config_hash(config, digests))
+        ready = prepare(config)
+        digests = [sha256_file(c.path) for c in ready.checkpoints]
+        return cls(config, out, overwrite, ready.task, ready.checkpoints, digests, ready.plan, ready.examples,
+                   _config_hash(config, digests), ready.label_width, ready.check)
 
 
 def _embed_rows(job: _Job, start_row: int, stop_row: int, work: Path,
@@ -192,6 +225,8 @@ def _embed_rows(job: _Job, start_row: int, stop_row: int, work: Path,
     done = json.loads(state_file.read_text())["done"] if state_file.is_file() else []
     vectors = np.lib.format.open_memmap(work / "vectors.npy", mode="r+" if done else "w+",
                                         dtype=np.float32, shape=(count, dim))
+    if not done:
+        vectors[:] = 0
     si_file = work / "self_influence.partial.npy"
     self_influence = np.load(si_file) if done else np.zeros(count, dtype=np.float64)
 
@@ -201,7 +236,7 @@ def _embed_rows(job: _Job, start_row: int, stop_row: int, work: Path,
     bar = _progress_bar(total, show_progress)
     embed_seconds, offset = 0.0, 0
     for c, ckpt in enumerate(job.checkpoints):
-        width = sum(p.dim for p in plan.projectors[c])
+        width = plan.checkpoint_dim(c)
         if c in done:
             offset += width
             bar.update(batches)
@@ -211,9 +246,13 @@ def _embed_rows(job: _Job, start_row: int, stop_row: int, work: Path,
         for b, start in enumerate(range(0, count, batch_size)):
             stop = min(start + batch_size, count)
             inputs, labels = job.examples.batch(start_row + start, start_row + stop)
-            vec, sq = embedder.embed(inputs, labels)
-            vectors[start:stop, offset:offset + width] = vec.detach().to("cpu", torch.float32).numpy()
-            self_influence[start:stop] += sq.detach().to("cpu", torch.float64).numpy()
+            part = embedder.embed(inputs, labels, check=(b % SUM_CHECK_EVERY == 0))
+            vec = part.vectors.detach().to("cpu", torch.float32).numpy()
+            if plan.summed:
+                vectors[start:stop] += vec
+            else:
+                vectors[start:stop, offset:offset + width] = vec
+            self_influence[start:stop] += part.self_influence.detach().to("cpu", torch.float64).numpy()
             bar.update(1)
             if progress:
                 progress(c * batches + b + 1, total)
@@ -244,11 +283,14 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "task": {"ref": config.task.ref, "args": config.task.args, "class_names": _class_names(job.task)},
+            "task": {"ref": config.task.ref, "args": config.task.args, "class_names": _class_names(job.task),
+                     "label_kind": job.task.kind, "label_width": job.label_width},
             "checkpoints": ckpt_entries,
             "layers": plan.describe(),
+            "capture": {**plan.capture.to_json(), "compute_dtype": plan.compute_dtype,
+                        "self_check": job.check.to_json() if job.check is not None else None},
             "projection": {"kind": plan.kind, "dim": plan.dim, "seed": plan.seed, "layer_patterns": config.layers,
-                           "dim_per_checkpoint": plan.checkpoint_dim, "fingerprint": plan.fingerprint()},
+                           "fingerprint": plan.fingerprint()},
             "embedding_dim": plan.total_dim,
             "count": job.count,
             "faiss": faiss_info,
@@ -320,18 +362,16 @@ def _blockwise_scores(vectors: np.ndarray, q: np.ndarray, chunk: int = 65536) ->
 
 
 def _write_examples(task: Task, examples: ExampleSet, directory: Path) -> None:
-    labels = examples.labels.tolist()
-
     def rows():
         for row in range(len(examples)):
-            yield {"id": examples.id_of(row), "label": labels[row], "display": examples.display_of(row)}
+            yield {"id": examples.id_of(row), "label": task.label_to_json(examples.labels[row]),
+                   "display": examples.display_of(row)}
 
     write_jsonl(directory / EXAMPLES_FILE, rows())
     held_out = task.held_out_set()
     if held_out is not None:
-        held_labels = held_out.labels.tolist()
         write_jsonl(directory / QUERIES_FILE, (
-            {"id": held_out.id_of(r), "label": held_labels[r], "example": held_out.example_of(r),
+            {"id": held_out.id_of(r), "label": task.label_to_json(held_out.labels[r]), "example": held_out.example_of(r),
              "display": held_out.display_of(r)}
             for r in range(len(held_out))
         ))

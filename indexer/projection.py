@@ -1,19 +1,23 @@
-"""Seeded random projections of per-example layer gradients G = sum_t delta_t a_t^T  ([m, n]).
+"""Seeded random projections of per-example block gradients G ([m, n], see `indexer.grads`).
 
-Every kind is unbiased for inner products:  E[<P G, P G'>] = <G, G'>_F.
+One embedding size per example, whatever the number of layers and checkpoints: every (checkpoint,
+block) gradient is projected independently into the SAME `dim`-dimensional space and the projections
+are added, e(z) = sum_{i,l} sqrt(lr_i) P_{i,l} G_{i,l}(z). Each P is zero-mean with E[P^T P] = I and the
+P's are independent, so e(z) . e(z') is an unbiased estimate of the concatenated inner product, i.e. of
+TracInCP, with the variance of one dense JL map of the whole sqrt(lr)-weighted gradient to `dim` numbers.
 
-  exact      P = I (the oracle; dim m*n)
-  gaussian   dense JL on vec(G): P [k, m n] with N(0, 1/k) entries. Cost O(k m n) per example.
-  kronecker  (P_o delta)(P_i a)^T with P_o [k_o, m], P_i [k_i, n] ~ N(0, 1/k_side) (LoGra style).
-             A side that is already small is not projected. Cheapest, but noisier at equal dim.
-  sketch     tensor sketch: a count sketch of vec(G) with bucket (h_o(i) + h_i(j)) mod k and sign
-             s_o(i) s_i(j). Computed either as the circular convolution of the count sketches of
-             delta_t and a_t (FFT, O(T (m + n + k log k))) or from the explicit G (O(T m n)),
-             whichever is cheaper (for conv layers the explicit G needs no im2col, see _sketch);
-             both give the same vector.
+  exact      no projection: every (checkpoint, block) gradient keeps its own coordinates (the oracle;
+             the embedding is their concatenation, dim = sum of block sizes x checkpoints)
+  sketch     tensor sketch of vec(G): bucket (h_o(i) + h_i(j)) mod dim, sign s_o(i) s_i(j); computed as
+             the circular convolution of the count sketches of u_t and v_t (FFT), as a scatter of the
+             explicit G, or (one-hot rows) as a direct scatter, whichever costs less: all give the same vector
+  gaussian   dense JL of vec(G): P [dim, m n] with N(0, 1/dim) entries (small blocks only)
+  kronecker  (P_o u)(P_i v)^T with P_o [k_o, m], P_i [k_i, n] ~ N(0, 1/k) (LoGra style; a side that is
+             already small is not projected), placed into `dim` coordinates with random signs
 
-A layer whose gradient has at most `dim` entries is kept exact. Matrices and hashes are drawn on the CPU
-from a torch.Generator seeded by (seed, checkpoint, layer, side), so any machine rebuilds them
+A block with at most `dim` entries is not compressed: its entries are placed at distinct random
+coordinates with random signs (exact within the block, zero-mean across blocks). Arrays are drawn on the
+CPU from a torch.Generator seeded by (seed, checkpoint, block, side), so any machine rebuilds them
 bit-identically; `fingerprint()` hashes every drawn array for the manifest.
 """
 from __future__ import annotations
@@ -24,7 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from indexer.capture import LayerGrad, TracedLayer
+from indexer.blocks import TracedBlock
+from indexer.grads import BlockGrad, ConvOuter, Dense, Outer
+
+KINDS = ("exact", "sketch", "kronecker", "gaussian")
+FFT_CONV_PENALTY = 16
 
 
 def _generator(seed: int, checkpoint: int, layer: str, side: str) -> torch.Generator:
@@ -44,80 +52,117 @@ def _hash(size: int, buckets: int, g: torch.Generator) -> tuple[torch.Tensor, to
     return bucket, sign
 
 
-@dataclass
-class LayerProjector:
-    """The projection of one layer at one checkpoint. `arrays` are float64/int64 on the CPU."""
+def _placement(size: int, dim: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    position = torch.randperm(dim, generator=g)[:size]
+    sign = torch.randint(0, 2, (size,), generator=g, dtype=torch.int64).to(torch.float64) * 2 - 1
+    return position, sign
 
-    layer: TracedLayer
+
+@dataclass
+class BlockProjector:
+    """The projection of one block at one checkpoint. `arrays` are float64/int64 on the CPU until `to`.
+
+    kind: "exact" (output = vec(G), width m n), "place" (signed placement of vec(G) into `dim`),
+    "sketch", "gaussian", "kronecker" (output width `dim`)."""
+
+    block: TracedBlock
     kind: str
     dim: int
     arrays: dict[str, torch.Tensor]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "LayerProjector":
-        moved = {
-            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in self.arrays.items()
-        }
-        return LayerProjector(self.layer, self.kind, self.dim, moved)
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "BlockProjector":
+        moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                 for k, v in self.arrays.items()}
+        return BlockProjector(self.block, self.kind, self.dim, moved)
 
-    def project(self, grad: LayerGrad) -> tuple[torch.Tensor, torch.Tensor]:
-        """(projected [B, dim], exact squared norm [B]) for one layer's batch of gradients."""
-        fn = getattr(self, f"_{self.kind}")
-        return fn(grad)
+    def project(self, grad: BlockGrad) -> torch.Tensor:
+        """[B, dim] for one block's batch of gradients (linear in G: a sum over its terms)."""
+        return getattr(self, f"_{self.kind}")(grad)
 
     # -- kinds ---------------------------------------------------------------------------------
-    def _exact(self, grad: LayerGrad):
-        full = grad.full()
-        return full.reshape(grad.batch, -1), grad.squared_norm(full)
+    def _exact(self, grad: BlockGrad) -> torch.Tensor:
+        return grad.full().reshape(grad.batch, -1)
 
-    def _gaussian(self, grad: LayerGrad):
-        full = grad.full()
-        return full.reshape(grad.batch, -1) @ self.arrays["P"].T, grad.squared_norm(full)
+    def _place(self, grad: BlockGrad) -> torch.Tensor:
+        flat = grad.full().reshape(grad.batch, -1)
+        out = flat.new_zeros(grad.batch, self.dim)
+        out[:, self.arrays["position"]] = flat * self.arrays["sign"]
+        return out
 
-    def _kronecker(self, grad: LayerGrad):
-        d = grad.delta if "P_out" not in self.arrays else grad.delta @ self.arrays["P_out"].T
-        if grad.index is not None:
-            P_in = self.arrays.get("P_in")
-            cols = P_in.T if P_in is not None else torch.eye(self.layer.n, dtype=d.dtype, device=d.device)
-            idx = grad.index.clamp(min=0)
-            a = cols[idx] * (grad.index >= 0).unsqueeze(-1).to(d.dtype)
-        else:
-            a = grad.a if "P_in" not in self.arrays else grad.projected_inputs(self.arrays["P_in"])
-        out = torch.einsum("bto,bti->boi", d, a).reshape(grad.batch, -1)
-        return out, grad.squared_norm()
+    def _gaussian(self, grad: BlockGrad) -> torch.Tensor:
+        return grad.full().reshape(grad.batch, -1) @ self.arrays["P"].T
 
-    def _sketch(self, grad: LayerGrad):
+    def _kronecker(self, grad: BlockGrad) -> torch.Tensor:
+        m, n = self.block.m, self.block.n
+        P_out, P_in = self.arrays.get("P_out"), self.arrays.get("P_in")
+        total = None
+        for term in grad.terms:
+            if isinstance(term, Dense):
+                g = term.g
+                g = g if P_out is None else P_out @ g
+                g = g if P_in is None else g @ P_in.T
+                part = g.reshape(g.shape[0], -1)
+            else:
+                if isinstance(term, ConvOuter):
+                    u = torch.cat([c.deltas() for c in term.calls], dim=1) if len(term.calls) > 1 \
+                        else term.calls[0].deltas()
+                    if P_in is None:
+                        v = term.factors()[1]
+                    else:
+                        parts = [c.projected_patches(P_in, term.bias) for c in term.calls]
+                        v = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+                else:
+                    u, v = term.u, term.v
+                    v = v if P_in is None else v @ P_in.T
+                if not u.is_floating_point():  # one-hot rows: columns of P_out (or of I)
+                    cols = P_out.T if P_out is not None else torch.eye(m, dtype=v.dtype, device=v.device)
+                    u_proj = cols[u.clamp(min=0)] * (u >= 0).unsqueeze(-1).to(v.dtype)
+                else:
+                    u_proj = u if P_out is None else u @ P_out.T
+                part = torch.einsum("bto,bti->boi", u_proj, v).reshape(v.shape[0], -1)
+            total = part if total is None else total + part
+        out = total.new_zeros(total.shape[0], self.dim)
+        out[:, self.arrays["position"]] = total * self.arrays["sign"]
+        return out
+
+    def _sketch(self, grad: BlockGrad) -> torch.Tensor:
         k = self.dim
         h_o, s_o, h_i, s_i = (self.arrays[x] for x in ("h_out", "s_out", "h_in", "s_in"))
-        B, T, m = grad.delta.shape
-        n = self.layer.n
-        if grad.index is not None:  # one-hot rows: scatter T*m values straight into the buckets
-            idx = grad.index.clamp(min=0)
-            valid = (grad.index >= 0).to(grad.delta.dtype).unsqueeze(-1)
-            buckets = (h_o.view(1, 1, m) + h_i[idx].unsqueeze(-1)) % k
-            values = grad.delta * s_o.view(1, 1, m) * (s_i[idx].unsqueeze(-1) * valid)
-            out = torch.zeros(B, k, dtype=grad.delta.dtype, device=grad.delta.device)
-            return out.scatter_add_(1, buckets.reshape(B, -1), values.reshape(B, -1)), grad.squared_norm()
+        m, n = self.block.m, self.block.n
+        B = grad.batch
+        total = None
+        for term in grad.terms:
+            if isinstance(term, Outer) and term.indexed:  # one-hot rows: scatter T*n values into the buckets
+                ids, v = term.u, term.v
+                idx = ids.clamp(min=0)
+                valid = (ids >= 0).to(v.dtype).unsqueeze(-1)
+                buckets = (h_o[idx].unsqueeze(-1) + h_i.view(1, 1, n)) % k
+                values = v * s_i.view(1, 1, n) * (s_o[idx].unsqueeze(-1) * valid)
+                part = v.new_zeros(B, k).scatter_add_(1, buckets.reshape(B, -1), values.reshape(B, -1))
+            elif isinstance(term, Dense) or not self._fft_cheaper(term):
+                full = term.full(m, n)
+                buckets = ((h_o.view(m, 1) + h_i.view(1, n)) % k).reshape(-1)
+                signs = (s_o.view(m, 1) * s_i.view(1, n)).reshape(1, -1)
+                part = full.new_zeros(B, k).index_add_(1, buckets, full.reshape(B, -1) * signs)
+            else:
+                u, v = term.factors()
+                cs_u = _count_sketch(u, h_o, s_o, k)
+                cs_v = _count_sketch(v, h_i, s_i, k)
+                spectrum = (torch.fft.rfft(cs_u, n=k) * torch.fft.rfft(cs_v, n=k)).sum(dim=1)
+                part = torch.fft.irfft(spectrum, n=k)
+            total = part if total is None else total + part
+        return total
+
+    def _fft_cheaper(self, term) -> bool:
+        m, n, k = self.block.m, self.block.n, self.dim
+        T = term.positions
         fft_cost = T * (m + n + 3 * k * max(1, math.log2(k)))
-        if grad.conv is not None:
-            # For a conv layer the explicit G is one batched weight-gradient convolution, while the FFT route
-            # first unfolds the patches (im2col) and scatters [B, T, n] into [B, T, k]: memory-bound steps that
-            # measured ~10-20x slower per element than the convolution (Fashion-MNIST conv2, k=64: 280 ms vs
-            # 30 ms per batch of 256). Choose FFT only where the explicit G is far larger.
+        if isinstance(term, ConvOuter):
+            # The explicit G of a conv is one batched weight-gradient convolution, while the FFT route first
+            # unfolds the patches (im2col) and scatters [B, T, n] into [B, T, k]: memory-bound steps that
+            # measured ~10-20x slower per element than the convolution. Choose FFT only where G is far larger.
             fft_cost *= FFT_CONV_PENALTY
-        if fft_cost < T * m * n:
-            cs_d = _count_sketch(grad.delta, h_o, s_o, k)
-            cs_a = _count_sketch(grad.a, h_i, s_i, k)
-            spectrum = (torch.fft.rfft(cs_d, n=k) * torch.fft.rfft(cs_a, n=k)).sum(dim=1)
-            return torch.fft.irfft(spectrum, n=k), grad.squared_norm()
-        full = grad.full()
-        buckets = ((h_o.view(m, 1) + h_i.view(1, n)) % k).reshape(-1)
-        signs = (s_o.view(m, 1) * s_i.view(1, n)).reshape(1, -1)
-        out = torch.zeros(B, k, dtype=full.dtype, device=full.device)
-        out.index_add_(1, buckets, full.reshape(B, -1) * signs)
-        return out, grad.squared_norm(full)
-
-
-FFT_CONV_PENALTY = 16
+        return fft_cost < T * m * n
 
 
 def _count_sketch(x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, k: int) -> torch.Tensor:
@@ -126,26 +171,31 @@ def _count_sketch(x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, k: 
     return out.index_add_(x.dim() - 1, bucket, x * sign)
 
 
-def make_projector(layer: TracedLayer, kind: str, dim: int, seed: int, checkpoint: int) -> LayerProjector:
-    """Draw the projection of `layer` at checkpoint index `checkpoint` (deterministic)."""
-    if kind == "exact" or layer.size <= dim:
-        return LayerProjector(layer, "exact", layer.size, {})
-    m, n = layer.m, layer.n
+def make_projector(block: TracedBlock, kind: str, dim: int, seed: int, checkpoint: int) -> BlockProjector:
+    """Draw the projection of `block` at checkpoint index `checkpoint` into `dim` numbers (deterministic)."""
+    if kind == "exact":
+        return BlockProjector(block, "exact", block.size, {})
+    if kind not in KINDS:
+        raise ValueError(f"unknown projection kind {kind!r}")
+    m, n = block.m, block.n
+    if block.size <= dim:
+        position, sign = _placement(block.size, dim, _generator(seed, checkpoint, block.name, "place"))
+        return BlockProjector(block, "place", dim, {"position": position, "sign": sign})
     if kind == "gaussian":
-        return LayerProjector(layer, kind, dim, {"P": _gaussian(dim, m * n, _generator(seed, checkpoint, layer.name, "P"))})
+        return BlockProjector(block, kind, dim, {"P": _gaussian(dim, m * n, _generator(seed, checkpoint, block.name, "P"))})
     if kind == "kronecker":
         k_out, k_in = _kronecker_split(m, n, dim)
         arrays = {}
         if k_out < m:
-            arrays["P_out"] = _gaussian(k_out, m, _generator(seed, checkpoint, layer.name, "out"))
+            arrays["P_out"] = _gaussian(k_out, m, _generator(seed, checkpoint, block.name, "out"))
         if k_in < n:
-            arrays["P_in"] = _gaussian(k_in, n, _generator(seed, checkpoint, layer.name, "in"))
-        return LayerProjector(layer, kind, k_out * k_in, arrays)
-    if kind == "sketch":
-        h_out, s_out = _hash(m, dim, _generator(seed, checkpoint, layer.name, "out"))
-        h_in, s_in = _hash(n, dim, _generator(seed, checkpoint, layer.name, "in"))
-        return LayerProjector(layer, kind, dim, {"h_out": h_out, "s_out": s_out, "h_in": h_in, "s_in": s_in})
-    raise ValueError(f"unknown projection kind {kind!r}")
+            arrays["P_in"] = _gaussian(k_in, n, _generator(seed, checkpoint, block.name, "in"))
+        position, sign = _placement(k_out * k_in, dim, _generator(seed, checkpoint, block.name, "place"))
+        arrays.update(position=position, sign=sign)
+        return BlockProjector(block, kind, dim, arrays)
+    h_out, s_out = _hash(m, dim, _generator(seed, checkpoint, block.name, "out"))
+    h_in, s_in = _hash(n, dim, _generator(seed, checkpoint, block.name, "in"))
+    return BlockProjector(block, kind, dim, {"h_out": h_out, "s_out": s_out, "h_in": h_in, "s_in": s_in})
 
 
 def _kronecker_split(m: int, n: int, dim: int) -> tuple[int, int]:
@@ -158,12 +208,12 @@ def _kronecker_split(m: int, n: int, dim: int) -> tuple[int, int]:
     return root, max(1, dim // root)
 
 
-def fingerprint(projectors: list[list[LayerProjector]], kind: str, seed: int, dim: int) -> str:
+def fingerprint(projectors: list[list[BlockProjector]], kind: str, seed: int, dim: int) -> str:
     """sha256 of the projection settings and of every drawn array, in order."""
     digest = hashlib.sha256(f"{kind}:{seed}:{dim}".encode())
-    for c, per_layer in enumerate(projectors):
-        for p in per_layer:
-            digest.update(f"|{c}:{p.layer.name}:{p.kind}:{p.dim}:{p.layer.m}x{p.layer.n}".encode())
+    for c, per_block in enumerate(projectors):
+        for p in per_block:
+            digest.update(f"|{c}:{p.block.name}:{p.kind}:{p.dim}:{p.block.m}x{p.block.n}".encode())
             for name in sorted(p.arrays):
                 array = p.arrays[name].contiguous()
                 digest.update(name.encode())

@@ -49,9 +49,10 @@ def _openapi_examples(engine: Engine | None, settings: Settings) -> dict[str, An
         first = engine.examples[0]["id"]
         out["training example"] = {"summary": f"explain training example {first}",
                                    "value": {"train_id": first, "k": settings.default_k}}
-        out["label filter"] = {"summary": "only proponents/opponents with training label 0",
-                               "value": {"train_id": first, "k": settings.default_k,
-                                         "filter_label": int(engine.labels[0])}}
+        if engine.labels is not None:
+            label = int(engine.labels[0])
+            out["label filter"] = {"summary": f"only proponents/opponents with training label {label}",
+                                   "value": {"train_id": first, "k": settings.default_k, "filter_label": label}}
     return out or None
 
 

@@ -95,7 +95,7 @@ class Engine:
     task: Any  # indexer.task.Task
     embedder: Any  # indexer.embedding.Embedder
     search_params: dict[str, Any]
-    labels: np.ndarray  # int64 [N]
+    labels: np.ndarray | None  # int64 [N] class ids (class tasks); None for regression / multi-label
     id_to_row: dict[str, int]
     si_order: np.ndarray  # rows by descending self-influence
     si_rank: np.ndarray  # 1-based rank of each row
@@ -110,6 +110,8 @@ class Engine:
     search_pool: Any = None  # threads for block-parallel Flat scans and for searching q and -q at once
     _display_flags: dict[str, np.ndarray] | None = None
     gpu_index: Any = None  # a faiss-gpu copy for unfiltered searches (label filters stay on the CPU index)
+    label_kind: str = "class"  # "class" | "multilabel" | "regression" (manifest task.label_kind)
+    label_width: int = 0  # numbers per label row (0: one number)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -128,8 +130,8 @@ class Engine:
     def queries(self) -> list[dict[str, Any]]:
         return self.index_dir.queries
 
-    def label_name(self, label: int) -> str:
-        return self.task.label_name(int(label))
+    def label_name(self, label: Any) -> str:
+        return self.task.label_name(label)
 
     @contextmanager
     def stage(self, name: str):
@@ -141,23 +143,50 @@ class Engine:
                 self.metrics.stage.labels(name).observe(time.perf_counter() - t0)
 
     # -- input checks --------------------------------------------------------------------------
-    def parse_label(self, value: int | str, field_name: str, loc: list | None = None) -> int:
-        try:
-            label = self.task.parse_label(value)
-        except ValueError as exc:
-            raise ApiError(422, "unknown_label", field_name, str(exc), loc) from None
+    def parse_label(self, value: Any, field_name: str, loc: list | None = None) -> Any:
+        """A query label in the JSON form the task's loss takes (class id, target value(s), label vector)."""
+        if self.label_kind != "class":
+            try:
+                return self.task.parse_label(value, self.label_width)
+            except ValueError as exc:
+                raise ApiError(422, "invalid_label", field_name, str(exc), loc) from None
+        return self.class_id(value, field_name, loc)
+
+    def class_id(self, value: Any, field_name: str, loc: list | None = None) -> int:
+        """An integer class id or a class name -> the class id (class and multi-label tasks)."""
+        names = list(self.class_names) if self.class_names is not None else None
+        if isinstance(value, str) and names is not None and value in names:
+            label = names.index(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            label = value
+        elif isinstance(value, str) and value.lstrip("-").isdigit():
+            label = int(value)
+        else:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
+            raise ApiError(422, "unknown_label", field_name,
+                           f"unknown label {shown}: give a class id" + (f" or one of {names[:20]}" if names else ""), loc)
         if self.num_classes is not None and not 0 <= label < self.num_classes:
             raise ApiError(422, "unknown_label", field_name,
-                           f"label {value!r} is out of range 0..{self.num_classes - 1}", loc)
+                           f"label {label} is out of range 0..{self.num_classes - 1}", loc)
         return label
 
     def label_rows(self, value: int | str, field_name: str, loc: list | None = None) -> tuple[int, np.ndarray]:
-        label = self.parse_label(value, field_name, loc)
+        """(class id, training rows with that label) for a label filter; 422 where filters do not apply."""
+        if self.label_kind == "regression":
+            raise ApiError(422, "unsupported", field_name, "this task's labels are regression targets: label "
+                                                           "filters apply to class and multi-label tasks only", loc)
+        label = self.class_id(value, field_name, loc)
         rows = self.rows_by_label.get(label)
         if rows is None or rows.size == 0:
             raise ApiError(422, "no_examples", field_name,
-                           f"no training example has label {self.label_name(label)!r}", loc)
+                           f"no training example has label {self.label_name(self._class_label(label))!r}", loc)
         return label, rows
+
+    def _class_label(self, class_id: int) -> Any:
+        """The JSON label meaning "class c" (a one-hot vector for multi-label tasks), for display."""
+        if self.label_kind == "multilabel" and self.label_width:
+            return [1 if i == class_id else 0 for i in range(self.label_width)]
+        return class_id
 
     def row_of(self, example_id: str, field_name: str, status: int = 422, loc: list | None = None) -> int:
         row = self.id_to_row.get(example_id)
@@ -166,8 +195,8 @@ class Engine:
         return row
 
     # -- queries -------------------------------------------------------------------------------
-    def embed_examples(self, examples: list[Any], labels: list[int] | None = None) -> dict[str, Any]:
-        """Encode validated examples, predict, embed with `labels` (default: the predictions).
+    def embed_examples(self, examples: list[Any], labels: list[Any] | None = None) -> dict[str, Any]:
+        """Encode validated examples, predict, embed with `labels` (JSON form; default: the predictions).
 
         The vectors come from the indexer's `Embedder.embed`, the function that built the index."""
         import torch
@@ -178,27 +207,32 @@ class Engine:
             raise ApiError(422, "invalid_example", "example", f"the task cannot encode this example: {exc}") from None
         with self.stage("predict"):
             predicted, probabilities = self.embedder.predict(inputs)
-        probabilities = probabilities.detach().to("cpu", torch.float64)
-        if not bool(torch.isfinite(probabilities).all()):
+        predicted = predicted.detach().to("cpu")
+        if probabilities is not None:
+            probabilities = probabilities.detach().to("cpu", torch.float64)
+        finite = bool(torch.isfinite(predicted.double()).all()) and (
+            probabilities is None or bool(torch.isfinite(probabilities).all()))
+        if not finite:
             raise ApiError(422, "non_finite_output", "example", "the model's output is not finite for this example")
-        classes = int(probabilities.shape[-1]) if probabilities.dim() > 1 else None
+        predictions = [self.task.label_to_json(predicted[i]) for i in range(predicted.shape[0])]
         if labels is None:
-            used = [int(x) for x in predicted.tolist()]
+            used = predictions
         else:
             used = labels
-            if classes is not None:
+            classes = int(probabilities.shape[-1]) if probabilities is not None and probabilities.dim() > 1 else None
+            if self.label_kind == "class" and classes is not None:
                 for label in used:
                     if not 0 <= label < classes:
                         raise ApiError(422, "unknown_label", "label",
                                        f"label {label} is out of range 0..{classes - 1} for this model")
         with self.stage("embed"):
-            embedding = self.embedder.embed(inputs, torch.tensor(used, dtype=torch.long))
+            embedding = self.embedder.embed(inputs, self.task.labels_tensor(used))
         vectors = embedding.vectors.detach().to("cpu")
         self_influence = embedding.self_influence.detach().to("cpu", torch.float64)
         if not (bool(torch.isfinite(vectors).all()) and bool(torch.isfinite(self_influence).all())):
             raise ApiError(422, "non_finite_gradient", "example",
                            "the loss gradient of this example is not finite (inputs too large for the model?)")
-        return {"vectors": vectors, "self_influence": self_influence, "predicted": predicted.tolist(),
+        return {"vectors": vectors, "self_influence": self_influence, "predicted": predictions,
                 "probabilities": probabilities, "labels": used}
 
     def influence(self, req: Any, started: float | None = None) -> dict[str, Any]:
@@ -222,7 +256,7 @@ class Engine:
                 raise ApiError(422, "unsupported", "train_id", self.reconstruct_error)
             with self.stage("lookup"):
                 vector = np.asarray(self.index_dir.index.reconstruct(int(self_row)), dtype=np.float32)
-            label_used = int(self.labels[self_row])
+            label_used = self.examples[self_row]["label"]
             prediction = None
             query.update(train_id=req.train_id, self_influence=float(self.index_dir.self_influence[self_row]))
         else:
@@ -230,9 +264,10 @@ class Engine:
             out = self.embed_examples([req.example], None if label is None else [label])
             vector = out["vectors"][0].to(torch.float32).numpy()  # as the indexer stores it (any model dtype)
             label_used = out["labels"][0]
-            predicted = int(out["predicted"][0])
+            predicted = out["predicted"][0]
+            probabilities = out["probabilities"]
             prediction = {"label": predicted, "label_name": self.label_name(predicted),
-                          "probabilities": out["probabilities"][0].tolist()}
+                          "probabilities": probabilities[0].tolist() if probabilities is not None else None}
             query["self_influence"] = float(out["self_influence"][0])
         if req.include_embedding:
             query["embedding"] = vector.astype(np.float64).tolist()
@@ -311,7 +346,8 @@ class Engine:
             if not math.isfinite(score):
                 continue
             ex = self.examples[row]
-            out.append({"id": ex["id"], "score": score, "label": int(ex["label"]), "display": ex.get("display") or {}})
+            out.append({"id": ex["id"], "score": score, "label": ex["label"], "label_name": self.label_name(ex["label"]),
+                        "display": ex.get("display") or {}})
             if len(out) == k:
                 break
         return out
@@ -324,7 +360,8 @@ class Engine:
             order = self.si_order_by_label[label_value]
         rows = order[offset:offset + k].tolist()
         si = self.index_dir.self_influence
-        items = [{"id": self.examples[r]["id"], "score": float(si[r]), "label": int(self.labels[r]),
+        items = [{"id": self.examples[r]["id"], "score": float(si[r]), "label": self.examples[r]["label"],
+                  "label_name": self.label_name(self.examples[r]["label"]),
                   "display": self.examples[r].get("display") or {}, "rank": int(self.si_rank[r])} for r in rows]
         return {"items": items, "total": int(order.size), "offset": offset, "k": k, "label": label_value}
 
@@ -371,7 +408,7 @@ class Engine:
     def example_info(self, example_id: str) -> dict[str, Any]:
         row = self.row_of(example_id, "id", status=404, loc=["path", "id"])
         ex = self.examples[row]
-        return {"id": ex["id"], "row": row, "label": int(ex["label"]), "label_name": self.label_name(ex["label"]),
+        return {"id": ex["id"], "row": row, "label": ex["label"], "label_name": self.label_name(ex["label"]),
                 "display": ex.get("display") or {}, "self_influence": float(self.index_dir.self_influence[row]),
                 "rank": int(self.si_rank[row])}
 
@@ -504,7 +541,9 @@ def load_engine(settings: Settings) -> Engine:
             raise ServiceStartupError(f"{path}: FAISS search parameters {unknown} do not apply to this "
                                       f"{type(base).__name__} index (TRACIN_FAISS_PARAMS / index.search_params)")
 
-    labels = np.asarray([int(e["label"]) for e in index_dir.examples], dtype=np.int64)
+    label_kind = manifest["task"].get("label_kind") or task.kind
+    label_width = int(manifest["task"].get("label_width") or 0)
+    labels, rows_by_label = _label_rows(index_dir.examples, label_kind, path)
     id_to_row: dict[str, int] = {}
     for row, ex in enumerate(index_dir.examples):
         id_to_row.setdefault(str(ex["id"]), row)
@@ -515,17 +554,19 @@ def load_engine(settings: Settings) -> Engine:
     si_order = np.argsort(-si, kind="stable")
     si_rank = np.empty_like(si_order)
     si_rank[si_order] = np.arange(1, si.size + 1)
-    rows_by_label = {int(lab): np.flatnonzero(labels == lab).astype(np.int64) for lab in np.unique(labels)}
-    ordered_labels = labels[si_order]
-    si_order_by_label = {lab: si_order[ordered_labels == lab] for lab in rows_by_label}
+    rank_of = np.empty(si.size, dtype=np.int64)
+    rank_of[si_order] = np.arange(si.size)
+    si_order_by_label = {lab: rows[np.argsort(rank_of[rows], kind="stable")] for lab, rows in rows_by_label.items()}
 
     reconstruct_error = _enable_reconstruct(index_dir.index)
     flat = _flat_vectors(index_dir.index) if settings.search == "auto" else None
     engine = Engine(
         settings=settings, index_dir=index_dir, task=task, embedder=embedder, search_params=params,
         labels=labels, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank, rows_by_label=rows_by_label,
-        si_order_by_label=si_order_by_label, num_classes=len(class_names) if class_names is not None else None,
+        si_order_by_label=si_order_by_label,
+        num_classes=len(class_names) if class_names is not None else (label_width if label_kind == "multilabel" else None),
         reconstruct_error=reconstruct_error, class_names=class_names, flat_vectors=flat,
+        label_kind=label_kind, label_width=label_width,
         search_pool=(ThreadPoolExecutor(settings.effective_search_threads, thread_name_prefix="tracin-search")
                      if settings.effective_search_threads > 1 else None),
     )
@@ -536,6 +577,21 @@ def load_engine(settings: Settings) -> Engine:
         engine.warm_up()
     engine.load_seconds = time.perf_counter() - t0
     return engine
+
+
+def _label_rows(examples: list[dict[str, Any]], kind: str, path) -> tuple[np.ndarray | None, dict[int, np.ndarray]]:
+    """(class ids [N] or None, class id -> training rows with that label) for label filters."""
+    try:
+        if kind == "class":
+            labels = np.asarray([int(e["label"]) for e in examples], dtype=np.int64)
+            return labels, {int(lab): np.flatnonzero(labels == lab).astype(np.int64) for lab in np.unique(labels)}
+        if kind == "multilabel":
+            matrix = np.asarray([e["label"] for e in examples], dtype=np.float64)
+            return None, {c: np.flatnonzero(matrix[:, c] > 0.5).astype(np.int64) for c in range(matrix.shape[1])}
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise ServiceStartupError(f"{path}: the examples table's labels do not fit the task's label kind "
+                                  f"{kind!r}: {exc}") from None
+    return None, {}
 
 
 def _gpu_copy(index, settings: Settings):

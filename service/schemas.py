@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, create_model
 
+#: a class label: an integer class id or a class name (label filters)
 Label = Union[StrictInt, StrictStr]
+#: a query label in whatever form the task's loss takes: class id or name, a regression target (number or
+#: list of numbers), or a multi-label vector (list of 0/1 or of class names)
+QueryLabel = Union[StrictInt, StrictFloat, StrictStr, list[Union[StrictInt, StrictFloat, StrictStr]]]
+#: a label as stored: class id (int), target (float or list of floats) or label vector (list of 0/1)
+LabelValue = Union[int, float, list[Union[int, float]]]
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -19,14 +25,17 @@ class Hit(BaseModel):
 
     id: str
     score: float = Field(description="TracIn score e(train) . e(query) (> 0 for proponents, < 0 for opponents)")
-    label: int = Field(description="training label (index into the task's class names)")
+    label: LabelValue = Field(description="training label: class id, regression target(s) or label vector")
+    label_name: Optional[str] = Field(None, description="the label as a person reads it (class names, values)")
     display: dict[str, Any] = Field(default_factory=dict, description="task display fields (image, text, flags)")
 
 
 class Prediction(BaseModel):
-    label: int = Field(description="predicted label at the last checkpoint")
+    label: LabelValue = Field(description="prediction at the last checkpoint in the form of a label: class id, "
+                                          "predicted value(s) (regression) or a 0/1 vector (multi-label, p > 0.5)")
     label_name: str
-    probabilities: list[float]
+    probabilities: Optional[list[float]] = Field(None, description="softmax (class) or sigmoid (multi-label) "
+                                                                   "probabilities; null for regression")
 
 
 class QueryInfo(BaseModel):
@@ -43,8 +52,8 @@ class IndexBrief(BaseModel):
 
 class InfluenceResponse(BaseModel):
     prediction: Optional[Prediction] = Field(None, description="null for train_id queries (no gradient work)")
-    label_used: int = Field(description="label of the query loss: `label` if given, else the prediction "
-                                        "(train_id: the stored training label)")
+    label_used: LabelValue = Field(description="label of the query loss: `label` if given, else the prediction "
+                                               "(train_id: the stored training label)")
     label_used_name: str
     query: QueryInfo
     proponents: list[Hit] = Field(description="largest positive scores first")
@@ -56,7 +65,8 @@ class InfluenceResponse(BaseModel):
 class SelfInfluenceItem(BaseModel):
     id: str
     score: float = Field(description="exact self-influence sum_i lr_i ||g_i(z)||^2")
-    label: int
+    label: LabelValue
+    label_name: Optional[str] = None
     display: dict[str, Any] = Field(default_factory=dict)
     rank: int = Field(description="1-based rank by descending self-influence among all training examples")
 
@@ -82,7 +92,7 @@ class SelfInfluenceHistogram(BaseModel):
 class ExampleInfo(BaseModel):
     id: str
     row: int
-    label: int
+    label: LabelValue
     label_name: str
     display: dict[str, Any] = Field(default_factory=dict)
     self_influence: float
@@ -91,7 +101,7 @@ class ExampleInfo(BaseModel):
 
 class QueryExample(BaseModel):
     id: str
-    label: Optional[int] = None
+    label: Optional[LabelValue] = None
     example: Optional[dict[str, Any]] = Field(None, description="the example in the task's schema: post it as "
                                                                 "`example` to POST /influence")
     display: dict[str, Any] = Field(default_factory=dict)
@@ -166,8 +176,10 @@ def make_influence_request(example_schema: type[BaseModel], max_k: int, default_
         example=(Optional[example_schema], Field(None, description="the query example in the task's schema")),
         train_id=(Optional[StrictStr], Field(None, description="explain a training example from its stored "
                                                                "vector instead (no gradient work)")),
-        label=(Optional[Label], Field(None, description="label for the query loss (integer or class name); "
-                                                        "default: the model's prediction at the last checkpoint")),
+        label=(Optional[QueryLabel], Field(None, description="label for the query loss, in the form the task's loss "
+                                                             "takes: class id or name, regression target (number or "
+                                                             "list), or multi-label vector (0/1 list or class names); "
+                                                             "default: the model's prediction at the last checkpoint")),
         k=(StrictInt, Field(default_k, ge=1, le=max_k, description=f"proponents and opponents to return (1..{max_k})")),
         filter_label=(Optional[Label], Field(None, description="only search training examples with this label "
                                                                "(applied inside FAISS with an ID selector)")),

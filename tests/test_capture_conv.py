@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from indexer.capture import ConvCall, GradientCapture, LayerGrad, select_layers
+from indexer.blocks import select_blocks
+from indexer.capture import CaptureError, CapturePlan, GradientCapture
+from indexer.grads import BlockGrad, ConvCall, ConvOuter, Outer
 from indexer.projection import make_projector
 
 GEOMETRIES = [  # (batch, c_in, side, c_out, kernel, stride, padding, dilation, bias)
@@ -43,23 +45,24 @@ def test_projected_patches_equal_unfold_matmul(geometry):
     assert torch.allclose(call.projected_patches(P, bias), a @ P.T, rtol=1e-12, atol=1e-12)
 
 
-def test_conv_layer_grad_routes_agree_for_every_kind():
-    """A conv LayerGrad (lazy patches) and the same gradient given as explicit patches project alike."""
+def test_conv_block_grad_routes_agree_for_every_kind():
+    """A conv term (lazy patches, explicit gradient by convolution) and the same gradient given as explicit
+    patches project alike, and have the same norm and inner products."""
     call, bias = _call(GEOMETRIES[1], seed=2)
     B, m = call.d.shape[:2]
-    delta = call.d.reshape(B, m, -1).transpose(1, 2)
-    from indexer.capture import TracedLayer
+    from indexer.blocks import TracedBlock
 
-    layer = TracedLayer("conv", "conv2d", m, call.x.shape[1] * 9 + 1, ("conv.weight", "conv.bias"), True)
-    lazy = LayerGrad(layer, delta, conv=(call,))
-    dense = LayerGrad(layer, delta, a=call.unfolded(bias))
+    n = call.x.shape[1] * 9 + 1
+    block = TracedBlock("conv", "conv2d", m, n, ("conv.weight", "conv.bias"), ((m, n - 1), (m,)))
+    lazy = lambda: BlockGrad(block, [ConvOuter((call,), bias)])  # noqa: E731
+    dense = lambda: BlockGrad(block, [Outer(call.deltas(), call.unfolded(bias))])  # noqa: E731
     for kind in ("exact", "sketch", "kronecker", "gaussian"):
-        proj = make_projector(layer, kind, 24, seed=5, checkpoint=0)
-        v1, n1 = proj.project(LayerGrad(layer, delta, conv=(call,)))
-        v2, n2 = proj.project(LayerGrad(layer, delta, a=dense.a))
-        assert torch.allclose(v1, v2, rtol=1e-10, atol=1e-12), kind
-        assert torch.allclose(n1, n2, rtol=1e-12), kind
-    assert torch.allclose(lazy.squared_norm(), dense.full().pow(2).sum((1, 2)), rtol=1e-12)
+        proj = make_projector(block, kind, 24, seed=5, checkpoint=0)
+        assert torch.allclose(proj.project(lazy()), proj.project(dense()), rtol=1e-10, atol=1e-12), kind
+    explicit = dense().full()
+    assert torch.allclose(lazy().squared_norm(), explicit.pow(2).sum((1, 2)), rtol=1e-12)
+    assert torch.allclose(lazy().batch_sum(), explicit.sum(0), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(lazy().inner(dense()), explicit.reshape(B, -1) @ explicit.reshape(B, -1).T, rtol=1e-10)
 
 
 class _InPlace(nn.Module):
@@ -77,8 +80,10 @@ class _InPlace(nn.Module):
 
 def test_in_place_edit_of_a_kept_conv_input_is_refused():
     model = _InPlace().double()
-    layers = select_layers(model, None)
-    capture = GradientCapture(model, layers, lambda m, x, y: nn.functional.cross_entropy(m(x), y, reduction="none"))
+    blocks = select_blocks(model, None)
+    plan = CapturePlan(blocks, {b.name: "hook" for b in blocks}, {"conv1": 0, "fc": 0})
+    loss = lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    capture = GradientCapture(model, plan, lambda m, x: m(x), loss, torch.float64)
     x = torch.randn(2, 1, 7, 7, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="modified in place"):
+    with pytest.raises(CaptureError, match="modified in place"):
         capture.capture(x, torch.tensor([0, 1]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexer.embedding import CheckpointEmbedder, Embedder, ProjectionPlan
+from indexer.embedding import CheckpointEmbedder, Embedder, plan_embedding
 from indexer.projection import make_projector
 from tests.conftest import make_checkpoints
 from tests.oracle import tracin_matrix
@@ -14,15 +14,17 @@ TASKS = [MLPTask, CNNTask, TokenTask]
 
 
 def _embed(task, ckpts, kind, dim, seed=0, batch=None, layers=None):
+    """(vectors, self-influence) in the compute dtype (float64 here), before the float32 of the index."""
     ts = task.training_set()
-    plan = ProjectionPlan.build(task.build_model(), layers, kind, dim, seed, len(ckpts))
+    plan = plan_embedding(task, ckpts, layers, kind, dim, seed, ts.batch(0, 3))
     embedder = Embedder(task, ckpts, plan)
     batch = batch or len(ts)
     vecs, sis = [], []
     for start in range(0, len(ts), batch):
         x, y = ts.batch(start, min(len(ts), start + batch))
         out = embedder.embed(x, y)
-        vecs.append(out.vectors)
+        parts = [p.vectors for p in out.per_checkpoint]
+        vecs.append(torch.cat(parts, dim=1) if kind == "exact" else sum(parts))
         sis.append(out.self_influence)
     return torch.cat(vecs), torch.cat(sis)
 
@@ -73,14 +75,13 @@ def test_projected_inner_products_are_unbiased(setup, kind):
     task, ckpts, oracle = setup
     ts = task.training_set()
     x, y = ts.batch(0, len(ts))
-    plan = ProjectionPlan.build(task.build_model(), None, "exact", 1, 0, len(ckpts))
-    captured = [(c.lr, CheckpointEmbedder(task, c, i, plan).capture.capture(x, y)) for i, c in enumerate(ckpts)]
+    plan = plan_embedding(task, ckpts, None, "exact", 1, 0, ts.batch(0, 3))
+    captured = [(c.lr, CheckpointEmbedder(task, c, i, plan).grads(x, y).grads) for i, c in enumerate(ckpts)]
     seeds = 150
     estimates = []
     for seed in range(seeds):
-        parts = [lr ** 0.5 * make_projector(g.layer, kind, 8, seed, i).project(g)[0]
-                 for i, (lr, grads) in enumerate(captured) for g in grads]
-        v = torch.cat(parts, dim=1)
+        v = sum(lr ** 0.5 * make_projector(g.block, kind, 8, seed, i).project(g)
+                for i, (lr, grads) in enumerate(captured) for g in grads)
         estimates.append(v @ v.T)
     stack = torch.stack(estimates)
     single_error = (stack - oracle).pow(2).mean().sqrt()

@@ -154,7 +154,7 @@ def test_interrupted_build_resumes_and_matches(tmp_path, ckpts, monkeypatch):
     class Crashing(real):
         def __init__(self, *a, **k):
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == 4:  # prepare() builds one (self-check, query path), then checkpoints 0, 1, 2
                 raise KeyboardInterrupt("simulated crash while embedding checkpoint 2")
             super().__init__(*a, **k)
 
@@ -165,7 +165,7 @@ def test_interrupted_build_resumes_and_matches(tmp_path, ckpts, monkeypatch):
     assert json.loads(next(tmp_path.glob(".index.partial-*/progress.json")).read_text())["done"] == [0, 1]
     calls["n"] = 10  # no more crashes; count how many checkpoints are embedded again
     build_index(config, tmp_path / "index")
-    assert calls["n"] == 11, "only the unfinished checkpoint is embedded again"
+    assert calls["n"] == 12, "only the unfinished checkpoint is embedded again (+1 in prepare)"
     for name in ("index.faiss", "self_influence.npy"):
         assert (tmp_path / "index" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert not list(tmp_path.glob(".index*"))

@@ -1,0 +1,514 @@
+"""The model zoo: every layer kind users bring, as tiny seeded tasks (importable as tests.zoo:Name).
+
+Each task is small enough for a brute-force float64 oracle (one torch.autograd.grad per example) and has
+a JSON schema + encode, so it can also be indexed with `tracin index` and served over HTTP. Every capture
+change runs against all of them (tests/test_zoo.py)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from indexer.task import ExampleSet, Task
+
+N = 12  # training examples
+Q = 3  # held-out examples
+SEQ = 4  # sequence length; the zoo tests also index with batch_size = SEQ (T == B)
+
+
+class ZooExample(BaseModel):
+    """One example as nested lists (the task's `encode` turns them into its input tensors)."""
+
+    x: list[Any]
+
+
+class PairExample(BaseModel):
+    x: list[Any]
+    z: list[Any]
+
+
+class ZooTask(Task):
+    """Base: float64 inputs [N, *shape] with class labels; subclasses set the model and the data."""
+
+    example_schema = ZooExample
+    classes = 3
+    input_shape: tuple[int, ...] = (6,)
+    integer_inputs = 0  # > 0: token ids in 0..integer_inputs-1
+    dtype = torch.float64
+
+    def __init__(self, seed: int = 0, n: int = N):
+        self.seed, self.n = seed, n
+
+    def make_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        return self.make_model().to(self.dtype)
+
+    def _inputs(self, count: int, offset: int):
+        g = torch.Generator().manual_seed(self.seed * 100 + offset)
+        if self.integer_inputs:
+            x = torch.randint(1, self.integer_inputs, (count, *self.input_shape), generator=g)
+        else:
+            x = torch.randn(count, *self.input_shape, generator=g, dtype=torch.float64).to(self.dtype)
+        return x
+
+    def _labels(self, count: int, offset: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100 + offset + 50)
+        return torch.randint(0, self.classes, (count,), generator=g)
+
+    def _set(self, count: int, offset: int, prefix: str) -> ExampleSet:
+        x, y = self._inputs(count, offset), self._labels(count, offset)
+        return ExampleSet(x, y, ids=[f"{prefix}{i}" for i in range(count)],
+                          display=lambda i: {"row": i},
+                          examples=lambda i: {"x": x[i].tolist()})
+
+    def training_set(self) -> ExampleSet:
+        return self._set(self.n, 1, "t")
+
+    def held_out_set(self) -> ExampleSet:
+        return self._set(Q, 2, "q")
+
+    def encode(self, examples: Sequence[ZooExample]) -> torch.Tensor:
+        if self.integer_inputs:
+            return torch.tensor([e.x for e in examples], dtype=torch.long)
+        return torch.tensor([e.x for e in examples], dtype=torch.float64).to(self.dtype)
+
+
+# -- plain ------------------------------------------------------------------------------------------
+
+class MLP(ZooTask):
+    def make_model(self):
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+class _CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu_(self.conv2(x))  # in-place on a traced output on purpose
+        return self.fc(x.flatten(1))
+
+
+class CNN(ZooTask):
+    input_shape = (1, 7, 7)
+
+    def make_model(self):
+        return _CNN()
+
+
+# -- shared and tied parameters ------------------------------------------------------------------------
+
+class _TiedLM(nn.Module):
+    """Embedding and LM head share one tensor (head.weight = emb.weight), as every language model does."""
+
+    def __init__(self, vocab=9, dim=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids)))  # [B, T, E]
+        return self.head(h.mean(1))
+
+
+class TiedLMHead(ZooTask):
+    input_shape = (SEQ,)
+    integer_inputs = 9
+    classes = 9
+
+    def make_model(self):
+        return _TiedLM()
+
+
+class _FunctionalTie(nn.Module):
+    """The head reuses the embedding matrix functionally (no module call), the GPT-2 way."""
+
+    def __init__(self, vocab=9, dim=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(self.emb(ids))).mean(1)
+        return h @ self.emb.weight.T
+
+
+class FunctionalTie(TiedLMHead):
+    def make_model(self):
+        return _FunctionalTie()
+
+
+class _CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 5)
+        self.shared = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+        return self.out(torch.tanh(self.shared(h)))
+
+
+class CalledTwice(ZooTask):
+    def make_model(self):
+        return _CalledTwice()
+
+
+class _FrozenPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+        self.encoder.requires_grad_(False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.tanh(self.encoder(x))
+        return self.head(h)
+
+
+class FrozenEncoder(ZooTask):
+    def make_model(self):
+        return _FrozenPart()
+
+
+class _WeightNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.utils.parametrizations.weight_norm(nn.Linear(6, 5))
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class WeightNorm(ZooTask):
+    def make_model(self):
+        return _WeightNorm()
+
+
+# -- layouts where rows are not examples -----------------------------------------------------------
+
+class _SeqFirst(nn.Module):
+    """A Linear applied to [T, B, E] activations (the default layout of nn.LSTM / nn.Transformer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # x [B, T, 3]
+        h = torch.tanh(self.proj(x.transpose(0, 1)))  # [T, B, 5]
+        return self.head(h.mean(0))
+
+
+class SeqFirstLinear(ZooTask):
+    input_shape = (SEQ, 3)
+
+    def make_model(self):
+        return _SeqFirst()
+
+
+class _Positions(nn.Module):
+    """Position ids of shape [1, T] broadcast over the batch (BERT's position embedding)."""
+
+    def __init__(self, vocab=9, dim=4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(SEQ, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        h = torch.tanh(self.tok(ids) + self.pos(positions))
+        return self.head(h.mean(1))
+
+
+class BroadcastPositions(ZooTask):
+    input_shape = (SEQ,)
+    integer_inputs = 9
+
+    def make_model(self):
+        return _Positions()
+
+
+class _Folded(nn.Module):
+    """Inputs [B, N, F] folded to [B*N, F] for a shared per-item Linear, then unfolded."""
+
+    def __init__(self):
+        super().__init__()
+        self.item = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        B, n, f = x.shape
+        h = torch.tanh(self.item(x.reshape(B * n, f))).reshape(B, n, -1)
+        return self.head(h.sum(1))
+
+
+class FoldedBatch(ZooTask):
+    input_shape = (SEQ, 3)
+
+    def make_model(self):
+        return _Folded()
+
+
+# -- recurrent and attention ------------------------------------------------------------------------
+
+class _RNN(nn.Module):
+    def __init__(self, kind, batch_first: bool):
+        super().__init__()
+        self.rnn = kind(3, 4, batch_first=batch_first)
+        self.batch_first = batch_first
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # [B, T, 3]
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        out, _ = self.rnn(x)
+        last = out[:, -1] if self.batch_first else out[-1]
+        return self.head(last)
+
+
+class LSTM(ZooTask):
+    input_shape = (SEQ, 3)
+
+    def make_model(self):
+        return _RNN(nn.LSTM, batch_first=True)
+
+
+class GRU(ZooTask):
+    input_shape = (SEQ, 3)
+
+    def make_model(self):
+        return _RNN(nn.GRU, batch_first=False)
+
+
+class _Attention(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.att = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+        self.batch_first = batch_first
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        o, _ = self.att(h, h, h)
+        if not self.batch_first:
+            o = o.transpose(0, 1)
+        return self.head(o.mean(1))
+
+
+class MultiheadAttention(ZooTask):
+    input_shape = (SEQ, 3)
+
+    def make_model(self):
+        return _Attention(True)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.enc = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=batch_first)
+        self.batch_first = batch_first
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        o = self.enc(h)
+        if not self.batch_first:
+            o = o.transpose(0, 1)
+        return self.head(o.mean(1))
+
+
+class TransformerBatchFirst(ZooTask):
+    input_shape = (SEQ, 3)
+
+    def make_model(self):
+        return _Encoder(True)
+
+
+class TransformerSeqFirst(ZooTask):
+    input_shape = (SEQ, 3)
+
+    def make_model(self):
+        return _Encoder(False)
+
+
+# -- examples mixed by the batch ----------------------------------------------------------------------
+
+class _BatchStats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.norm = nn.BatchNorm2d(3, track_running_stats=False)
+        self.fc = nn.Linear(3 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+class BatchStatsNorm(ZooTask):
+    input_shape = (1, 7, 7)
+
+    def make_model(self):
+        return _BatchStats()
+
+
+class _BatchStats1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 4)
+        self.norm = nn.BatchNorm1d(4, track_running_stats=False)
+        self.fc2 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+class BatchStatsNorm1d(ZooTask):
+    """BatchNorm1d with batch statistics cannot run on one example alone: refused."""
+
+    def make_model(self):
+        return _BatchStats1d()
+
+
+# -- labels that are not class ids ------------------------------------------------------------------------
+
+class Regression(ZooTask):
+    label_kind = "regression"
+
+    def make_model(self):
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+
+    def forward(self, model, inputs):
+        return model(inputs).squeeze(-1)  # [B]: drops the feature axis only
+
+    def _labels(self, count, offset):
+        g = torch.Generator().manual_seed(self.seed * 100 + offset + 50)
+        return torch.randn(count, generator=g, dtype=torch.float64)
+
+
+class MultiOutputRegression(Regression):
+    def make_model(self):
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+
+    def forward(self, model, inputs):
+        return model(inputs)
+
+    def _labels(self, count, offset):
+        g = torch.Generator().manual_seed(self.seed * 100 + offset + 50)
+        return torch.randn(count, 2, generator=g, dtype=torch.float64)
+
+
+class MultiLabel(ZooTask):
+    label_kind = "multilabel"
+    class_names = ["red", "green", "blue", "round"]
+
+    def make_model(self):
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+
+    def _labels(self, count, offset):
+        g = torch.Generator().manual_seed(self.seed * 100 + offset + 50)
+        return (torch.rand(count, 4, generator=g) > 0.5).to(torch.float32)
+
+
+# -- precision and odd inputs ------------------------------------------------------------------------------
+
+class BFloat16(ZooTask):
+    dtype = torch.bfloat16
+
+    def make_model(self):
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+class _MaxNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, max_norm=1.0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+class EmbeddingMaxNorm(ZooTask):
+    input_shape = (SEQ,)
+    integer_inputs = 9
+
+    def make_model(self):
+        return _MaxNorm()
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, z):
+        return self.head(torch.tanh(self.a(x) + self.b(z)))
+
+
+class TupleInputs(ZooTask):
+    example_schema = PairExample
+
+    def make_model(self):
+        return _Pair()
+
+    def _set(self, count, offset, prefix):
+        g = torch.Generator().manual_seed(offset)
+        x = torch.randn(count, 6, generator=g, dtype=torch.float64)
+        z = torch.randn(count, 2, generator=g, dtype=torch.float64)
+        y = self._labels(count, offset)
+        return ExampleSet((x, z), y, ids=[f"{prefix}{i}" for i in range(count)],
+                          examples=lambda i: {"x": x[i].tolist(), "z": z[i].tolist()})
+
+    def encode(self, examples):
+        return (torch.tensor([e.x for e in examples], dtype=torch.float64),
+                torch.tensor([e.z for e in examples], dtype=torch.float64))
+
+
+class _Squeezed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x).squeeze()  # drops the batch axis of a batch of one
+
+
+class SqueezeOutput(ZooTask):
+    """A forward ending in .squeeze(): a batch of one loses its batch axis. Refused before indexing."""
+
+    def make_model(self):
+        return _Squeezed()
+
+
+#: zoo entries that must give exact answers (name -> task class)
+EXACT = {t.__name__: t for t in (
+    MLP, CNN, TiedLMHead, FunctionalTie, CalledTwice, FrozenEncoder, WeightNorm, SeqFirstLinear,
+    BroadcastPositions, FoldedBatch, LSTM, GRU, MultiheadAttention, TransformerBatchFirst, TransformerSeqFirst,
+    BatchStatsNorm, Regression, MultiOutputRegression, MultiLabel, BFloat16, EmbeddingMaxNorm, TupleInputs)}
+#: zoo entries that must be refused in one line (name -> (task class, words the message must contain))
+REFUSED = {"BatchStatsNorm1d": (BatchStatsNorm1d, "one example alone"),
+           "SqueezeOutput": (SqueezeOutput, "squeeze")}
