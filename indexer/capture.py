@@ -28,6 +28,7 @@ accumulated in low precision and results do not depend on the batch.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -336,7 +337,9 @@ class GradientCapture:
             check_losses(losses, 1)
             return losses.sum()
 
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # torch.func warns when an op has no batching rule (it then loops inside): slower, still exact
+            warnings.filterwarnings("ignore", message="There is a performance drop")
             per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))(traced, inputs, labels)
         return {b.name: BlockGrad(b, [Dense(b.assemble([per_example[p].detach().to(self.dtype) for p in b.params]))])
                 for b in blocks}

@@ -44,6 +44,32 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Calibrate the capture, run the self-check and the query path, print every traced block."""
+    from indexer.config import load_config
+    from indexer.pipeline import prepare
+
+    config = load_config(args.config)
+    ready = prepare(config, strict=False)
+    plan, report = ready.plan, ready.check
+    print(f"task       {config.task.ref}  ({len(ready.examples)} training examples, labels: {ready.task.kind})")
+    print(f"capture    compute dtype {plan.compute_dtype}"
+          + ("; one example at a time: module " + repr(plan.capture.mixing) + " mixes the examples of a batch"
+             if plan.capture.per_example else "; batched"))
+    print(f"self-check rows {report.rows} at checkpoints {report.checkpoints}, threshold {report.threshold:.0e}, "
+          f"{report.seconds:.1f}s")
+    print(report.table())
+    reasons = [(b.name, plan.capture.reasons[b.name]) for b in plan.blocks if plan.capture.reasons.get(b.name)]
+    if reasons:
+        print("why not the hook route:")
+        for name, why in reasons:
+            print(f"  {name}: {why}")
+    if not report.ok:
+        raise UsageError(report.refusal())
+    print(f"ok: every traced block agrees with torch.autograd.grad per example; the query path works")
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from indexer.store import IndexDirectory
 
@@ -123,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", help="embed only shard I of N (e.g. $SLURM_ARRAY_TASK_ID/8)")
     p.add_argument("--merge", metavar="N", type=int, help="build the index from N finished shards")
     p.set_defaults(fn=_cmd_index)
+
+    p = sub.add_parser("check", help="check the capture of a config's model against per-example autograd")
+    p.add_argument("config", help="TOML config (task, checkpoints, layers, projection, index)")
+    p.set_defaults(fn=_cmd_check)
 
     p = sub.add_parser("inspect", help="summarise an index directory")
     p.add_argument("dir")

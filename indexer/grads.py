@@ -17,7 +17,8 @@ A tied weight has one term per module that uses it; everything else has one. Fro
     batch_sum()       [m, n]     sum_b G_b     (must equal the batch gradient of the summed loss)
 
 The factored identity is <sum_t u_t v_t^T, sum_s u'_s v'_s^T> = sum_{t,s} (u_t . u'_s)(v_t . v'_s).
-Everything is computed in the dtype of the factors (float32 or float64: capture upcasts lower precisions).
+Factors and explicit gradients are kept in the capture's dtype (float32 or float64); norms and inner
+products are accumulated in float64 (a float32 Gram identity loses digits to cancellation).
 """
 from __future__ import annotations
 
@@ -244,6 +245,15 @@ def _gram(x: torch.Tensor, y: torch.Tensor, cross: bool) -> torch.Tensor:
     return picked * valid.unsqueeze(-1)
 
 
+def _f64(factors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(f.to(torch.float64) if f.is_floating_point() else f for f in factors)
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """sum of squares over all but the batch axis, accumulated in float64 [B]."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=torch.float64).square()
+
+
 def _factored_cost(x: Term, y: Term, m: int, n: int, pairs: int) -> float:
     u_cost = 1 if (x.indexed or y.indexed) else m
     return pairs * x.positions * y.positions * (u_cost + n)
@@ -316,18 +326,18 @@ class BlockGrad:
         if len(self.terms) == 1 and isinstance(self.terms[0], Outer) and self.terms[0].positions == 1 \
                 and not self.terms[0].indexed:
             u, v = self.terms[0].factors()
-            return u.pow(2).sum(dim=(1, 2)) * v.pow(2).sum(dim=(1, 2))
+            return _sq(u) * _sq(v)
         if self._use_factors(self, self.batch, cross=False):
             total = None
             for i, x in enumerate(self.terms):
                 for j, y in enumerate(self.terms[i:], start=i):
-                    (ux, vx), (uy, vy) = x.factors(), y.factors()
+                    (ux, vx), (uy, vy) = _f64(x.factors()), _f64(y.factors())
                     value = (_gram(ux, uy, False) * _gram(vx, vy, False)).sum(dim=(1, 2))
                     value = value if i == j else 2 * value
                     total = value if total is None else total + value
             return total
         full = self.full()
-        return torch.linalg.vector_norm(full.reshape(full.shape[0], -1), dim=1).square()
+        return torch.linalg.vector_norm(full.reshape(full.shape[0], -1), dim=1, dtype=torch.float64).square()
 
     def inner(self, other: "BlockGrad") -> torch.Tensor:
         """Exact <G_a, G_b>_F for every pair: [Ba, Bb] (self = a, other = b, same block)."""
@@ -335,12 +345,12 @@ class BlockGrad:
             total = None
             for x in self.terms:
                 for y in other.terms:
-                    (ux, vx), (uy, vy) = x.factors(), y.factors()
+                    (ux, vx), (uy, vy) = _f64(x.factors()), _f64(y.factors())
                     value = (_gram(ux, uy, True) * _gram(vx, vy, True)).sum(dim=(2, 3))
                     total = value if total is None else total + value
             return total
-        a = self.full().reshape(self.batch, -1)
-        b = other.full().reshape(other.batch, -1)
+        a = self.full().reshape(self.batch, -1).to(torch.float64)
+        b = other.full().reshape(other.batch, -1).to(torch.float64)
         return a @ b.T
 
     @staticmethod

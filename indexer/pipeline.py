@@ -60,10 +60,10 @@ class Prepared:
     check: SelfCheckReport
 
 
-def prepare(config: IndexConfig, log: Callable[[str], None] | None = None) -> Prepared:
+def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, strict: bool = True) -> Prepared:
     """Load the task, checkpoints and training set; calibrate the capture routes; run the self-check and
     the service's query path once. Raises ConfigError (one line) on anything that would give a wrong
-    number or an index that cannot be served."""
+    number or an index that cannot be served (with `strict=False` a failed self-check is only reported)."""
     from indexer.checkpoints import CheckpointError
 
     task = config.task.build()
@@ -102,8 +102,10 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None) -> Pr
             f"{len(report.checkpoints)} checkpoints, max relative error {report.to_json()['max_error']:.1e} "
             f"({report.seconds:.1f}s)")
     if not report.ok:
-        raise ConfigError(report.refusal())
-    check_query_path(task, last, examples)
+        if strict:
+            raise ConfigError(report.refusal())
+    else:
+        check_query_path(task, last, examples)
     return Prepared(task, checkpoints, plan, examples, label_width(examples.labels), report)
 
 

@@ -64,7 +64,17 @@ def top_k(index: faiss.Index, query: np.ndarray, k: int, sign: int = 1, rows: np
     return Hits(ids[ok].astype(np.int64), (sign * scores[ok]).astype(np.float32))
 
 
+#: the largest vector dimension a FAISS index file can be read back with (faiss/impl/index_read.cpp)
+FAISS_MAX_DIM = 1 << 20
+
+
 def build_faiss_index(factory: str, dim: int) -> faiss.Index:
+    """An empty inner-product index for `factory`; ValueError (naming index.factory or the dim) if FAISS
+    cannot build it or could not read it back."""
+    if dim > FAISS_MAX_DIM:
+        raise ValueError(f"projection: the embedding would have {dim:,} numbers per example, more than the "
+                         f"{FAISS_MAX_DIM:,} a FAISS index can hold; exact mode suits small models: use "
+                         "kind = \"sketch\" (the service re-ranks candidates by exact TracIn)")
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:

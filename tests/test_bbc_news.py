@@ -143,7 +143,7 @@ def test_service_answers_a_text_query(small):
 
 
 def test_block_mode_traces_the_last_encoder_block(tmp_path):
-    """`--block`: the last MiniLM block is fine-tuned with the head and its Linear layers are traced."""
+    """`--block`: the last MiniLM block is fine-tuned with the head and all its parameters are traced."""
     from indexer.config import load_config
     from indexer.demo.bbc_news import train_bbc_news
     from indexer.embedding import load_embedder
@@ -154,10 +154,12 @@ def test_block_mode_traces_the_last_encoder_block(tmp_path):
                             max_train=16, max_held_out=2)
     build_index(load_config(config), tmp_path / "index")
     index = IndexDirectory.open(tmp_path / "index")
-    names = [layer["name"] for layer in index.manifest["layers"]]
-    assert names[:6] == ["block.attention.self.query", "block.attention.self.key", "block.attention.self.value",
-                         "block.attention.output.dense", "block.intermediate.dense", "block.output.dense"]
-    assert names[6:] == ["head.0", "head.2"]
+    layers = {layer["name"]: layer for layer in index.manifest["layers"]}
+    for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense"):
+        assert layers[f"blocks.0.{name}"]["route"] == "hook"
+    assert layers["blocks.0.output.LayerNorm.weight"]["route"] in ("vmap", "loop")
+    assert {"head.0", "head.2"} <= set(layers)
     ckpt = (tmp_path / "index" / index.manifest["checkpoints"][0]["file"]).stat().st_size
     assert 5e6 < ckpt < 10e6, "a checkpoint holds the block (~7 MB) and the head, not the whole encoder"
     task, embedder = load_embedder(index)
@@ -165,3 +167,45 @@ def test_block_mode_traces_the_last_encoder_block(tmp_path):
     predicted, _ = embedder.predict(task.encode([example]))
     vector = embedder.embed(task.encode([example]), predicted).vectors
     assert vector.shape == (1, index.manifest["embedding_dim"]) and torch.isfinite(vector).all()
+
+
+def test_all_encoder_layers_traced_exactly(tmp_path):
+    """The MiniLM classifier with all six encoder blocks fine-tuned and traced (Linear layers by hooks,
+    LayerNorms by torch.func, attention inside). Exact mode would need 21 M numbers per example (more than
+    FAISS holds: refused in one line); the exact embeddings equal a float64 torch.autograd.grad loop, and
+    the default index's self-influence is exact."""
+    from indexer.cli import main as tracin
+    from indexer.config import load_config
+    from indexer.demo.bbc_news import train_bbc_news
+    from indexer.embedding import Embedder, plan_embedding, resolve_checkpoints
+    from indexer.pipeline import build_index
+    from indexer.store import IndexDirectory
+    from tests.oracle import tracin_matrix
+
+    config_path = train_bbc_news(tmp_path, epochs=2, checkpoints=2, log=lambda *_: None, blocks=6, max_train=4,
+                                 max_held_out=1, max_length=16)
+    config = load_config(config_path)
+    task = config.task.build()
+    ckpts = resolve_checkpoints([(c.path, c.lr) for c in config.checkpoints])
+    ts = task.training_set()
+    x, y = ts.batch(0, len(ts))
+    oracle = tracin_matrix(task, ckpts, x, y, x, y).numpy()
+    scale = np.abs(oracle).max()
+
+    plan = plan_embedding(task, ckpts, config.layers, "exact", 1, 0, ts.batch(0, 3))
+    out = Embedder(task, ckpts, plan).embed(x, y)
+    exact = torch.cat([p.vectors.double() for p in out.per_checkpoint], dim=1).numpy()
+    assert np.abs(exact @ exact.T - oracle).max() <= 1e-6 * scale
+    assert np.abs(out.self_influence.numpy() - np.diag(oracle)).max() <= 1e-6 * scale
+    routes = {b.name: plan.capture.routes[b.name] for b in plan.blocks}
+    assert routes["blocks.0.attention.self.query"] == "hook" and routes["blocks.5.output.LayerNorm.weight"] != "hook"
+    assert len([n for n in routes if n.startswith("blocks.5.")]) == len([n for n in routes if n.startswith("blocks.0.")])
+
+    build_index(config, tmp_path / "index")
+    index = IndexDirectory.open(tmp_path / "index")
+    assert np.abs(index.self_influence - np.diag(oracle)).max() <= 1e-6 * scale
+
+    exact_config = tmp_path / "exact.toml"
+    exact_config.write_text(config_path.read_text().replace('kind = "sketch"', 'kind = "exact"'))
+    assert tracin(["index", str(exact_config), "--out", str(tmp_path / "exact"), "--quiet"]) == 2
+    assert not (tmp_path / "exact").exists()

@@ -16,10 +16,11 @@ store the 90 MB encoder five times:
   * default (`block = false`): the whole encoder is frozen; `build_model()` returns the head
     Linear(384, hidden) -> ReLU -> Linear(hidden, 5) on the mean-pooled, L2-normalised sentence
     embedding (exactly what sentence-transformers returns for this model). Traced: `head.*`.
-  * `block = true`: the encoder's last transformer block is fine-tuned with the head; `build_model()`
-    returns block + pooling + head, and the lower 5 blocks are the frozen feature extractor. Trained
-    and traced: the block's six Linear layers and the head (the block's two LayerNorms stay frozen:
-    their per-example gradients would need torch.func through the frozen encoder).
+  * `blocks = N` (1..6; `block = true` means 1): the encoder's top N transformer blocks are fine-tuned
+    with the head; `build_model()` returns those blocks + pooling + head, and the embeddings and lower
+    blocks are the frozen feature extractor. Trained and traced: every parameter of those blocks (their
+    Linear layers by hooks, their LayerNorms by torch.func per-sample gradients) and the head.
+    `blocks = 6` traces all encoder layers.
 The frozen part belongs to the Task (`Task.forward` runs it under no_grad before the model), so the
 indexer and the service go text -> tokenizer -> frozen encoder -> model through the same code. Its
 output per distinct token sequence is memoised in memory (bounded, `feature_cache_mb`): a pure
@@ -274,18 +275,20 @@ _CACHES_LOCK = threading.Lock()
 # The trained model (what the checkpoints hold) and the Task.
 # --------------------------------------------------------------------------------------------------
 class BBCNewsModel(nn.Module):
-    """head(pool(block(h))) when a block is given (h = frozen hidden states [B, T, 384] + mask),
+    """head(pool(blocks(h))) when blocks are given (h = frozen hidden states [B, T, 384] + mask),
     else head(x) on the frozen sentence embedding x [B, 384]."""
 
-    def __init__(self, hidden: int, classes: int, block: nn.Module | None = None):
+    def __init__(self, hidden: int, classes: int, blocks: Sequence[nn.Module] = ()):
         super().__init__()
-        self.block = block
+        self.blocks = nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.Linear(EMBED_DIM, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.block is not None:
-            hidden = run_block(self.block, features, additive_mask(attention_mask, features.dtype))
-            features = mean_pool_normalise(hidden, attention_mask)
+        if len(self.blocks):
+            mask4 = additive_mask(attention_mask, features.dtype)
+            for block in self.blocks:
+                features = run_block(block, features, mask4)
+            features = mean_pool_normalise(features, attention_mask)
         return self.head(features)
 
 
@@ -296,8 +299,7 @@ class BBCNewsExample(BaseModel):
                       examples=["Ad sales boost Time Warner profit\n\nQuarterly profits at US media giant TimeWarner jumped 76%..."])
 
 
-BLOCK_LAYERS = ["block.attention.self.query", "block.attention.self.key", "block.attention.self.value",
-                "block.attention.output.dense", "block.intermediate.dense", "block.output.dense", "head.*"]
+BLOCK_LAYERS = ["blocks.*", "head.*"]
 HEAD_LAYERS = ["head.*"]
 
 
@@ -306,7 +308,8 @@ class BBCNewsTask(Task):
 
     seed        data split and head initialisation
     hidden      the head's hidden width
-    block       also fine-tune (and trace) the encoder's last block
+    blocks      fine-tune (and trace) the encoder's top N blocks (0 = the head only, 6 = all encoder layers)
+    block       legacy switch for blocks = 1
     max_length  tokens per article (truncation and fixed padding)
     max_train   use only the first N training articles (a balanced subset; None = all 1,808)
     max_held_out  how many held-out articles ship with the index as example queries (None = all 319)
@@ -317,30 +320,34 @@ class BBCNewsTask(Task):
     class_names = list(CATEGORIES)
 
     def __init__(self, seed: int = 0, hidden: int = 128, block: bool = False, max_length: int = 128,
-                 max_train: int | None = None, max_held_out: int | None = None, feature_cache_mb: int = 1024):
+                 max_train: int | None = None, max_held_out: int | None = None, feature_cache_mb: int = 1024,
+                 blocks: int | None = None):
         if max_length < 8 or max_length > 512:
             raise ValueError("max_length must be in 8..512")
-        self.seed, self.hidden, self.block = seed, hidden, block
+        blocks = blocks if blocks is not None else (1 if block else 0)
+        if not 0 <= blocks <= 6:
+            raise ValueError("blocks must be in 0..6 (MiniLM-L6 has 6 encoder blocks)")
+        self.seed, self.hidden, self.blocks = seed, hidden, blocks
         self.max_length, self.max_train, self.max_held_out = max_length, max_train, max_held_out
         self.feature_cache_mb = feature_cache_mb
         self._frozen: dict[str, nn.Module] = {}
         self._lock = threading.Lock()
 
     # -- model --------------------------------------------------------------------------------------
+    @property
+    def block(self) -> bool:
+        return self.blocks > 0
+
     def frozen_layers(self) -> int:
-        return len(load_encoder().encoder.layer) - (1 if self.block else 0)
+        return len(load_encoder().encoder.layer) - self.blocks
 
     def build_model(self) -> nn.Module:
-        block = copy.deepcopy(load_encoder().encoder.layer[-1]) if self.block else None
-        if block is not None:
-            # Fine-tune the block's Linear layers; its LayerNorms stay frozen, so that every trained
-            # parameter is traced by one batched backward (LayerNorm would need torch.func through the
-            # frozen encoder) and TracIn sums over exactly the parameters that training changed.
-            for module in block.modules():
-                if isinstance(module, nn.Linear):
-                    module.requires_grad_(True)
+        layers = list(load_encoder().encoder.layer)
+        blocks = [copy.deepcopy(b) for b in layers[len(layers) - self.blocks:]] if self.blocks else []
+        for block in blocks:
+            block.requires_grad_(True)  # fine-tuned, so traced: Linear layers and LayerNorms alike
         torch.manual_seed(self.seed)
-        return BBCNewsModel(self.hidden, len(CATEGORIES), block)
+        return BBCNewsModel(self.hidden, len(CATEGORIES), blocks)
 
     def frozen_encoder(self, device: torch.device) -> nn.Module:
         key = str(device)
@@ -378,7 +385,7 @@ class BBCNewsTask(Task):
         return torch.stack([value.to(device) for value in found])
 
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
-        features = self.features(inputs)
+        features = self.features(inputs).to(next(model.parameters()).dtype)  # the model may run in float64
         return model(features, inputs["attention_mask"]) if self.block else model(features)
 
     def encode(self, examples: Sequence[BBCNewsExample]) -> dict[str, torch.Tensor]:
@@ -410,7 +417,7 @@ class BBCNewsTask(Task):
         return self._example_set(self.held_out_articles())
 
     def task_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = {"seed": self.seed, "hidden": self.hidden, "block": self.block,
+        args: dict[str, Any] = {"seed": self.seed, "hidden": self.hidden, "blocks": self.blocks,
                                 "max_length": self.max_length}
         if self.max_train is not None:
             args["max_train"] = self.max_train
@@ -431,9 +438,9 @@ def _toml_value(value: Any) -> str:
 
 
 def train_bbc_news(out_dir: str | Path, *, epochs: int | None = None, checkpoints: int = 5, lr: float | None = None,
-                   batch_size: int = 32, gamma: float = 0.85, projection_dim: int = 256, log=print,
+                   batch_size: int = 32, gamma: float = 0.85, projection_dim: int | None = None, log=print,
                    **task_args: Any) -> Path:
-    """Train the head (and the last block if `block=True`) and write `<out_dir>/bbc_news.toml`.
+    """Train the head (and the top `blocks` encoder blocks) and write `<out_dir>/bbc_news.toml`.
 
     The frozen encoder's output is computed once per article (through `BBCNewsTask.features`, the
     same code the index and the service run) and reused across epochs. Returns the config path."""
@@ -484,7 +491,8 @@ def train_bbc_news(out_dir: str | Path, *, epochs: int | None = None, checkpoint
              "layers = [" + ", ".join(json.dumps(x) for x in layers) + "]", ""]
     for path in saved:
         lines += ["[[checkpoints]]", f'path = "checkpoints/{path.name}"', ""]
-    lines += ["[projection]", 'kind = "sketch"', f"dim = {projection_dim}", "seed = 0", "",
+    lines += ["[projection]", 'kind = "sketch"'] + ([f"dim = {projection_dim}"] if projection_dim else []) + [
+              "seed = 0", "",
               "[index]", 'factory = "Flat"', f"batch_size = {16 if block else 64}", ""]
     config = out_dir / "bbc_news.toml"
     config.write_text("\n".join(lines))
@@ -568,8 +576,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    task_args: dict[str, Any] = {"seed": args.seed, "block": args.block, "max_length": args.max_length,
-                                 "hidden": args.hidden}
+    task_args: dict[str, Any] = {"seed": args.seed, "blocks": args.blocks if args.blocks is not None else int(args.block),
+                                 "max_length": args.max_length, "hidden": args.hidden}
     if args.max_train:
         task_args["max_train"] = args.max_train
     if args.max_held_out:
@@ -587,12 +595,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=".tracin/bbc", help="work directory (checkpoints, config)")
     p.add_argument("--epochs", type=int, default=None, help="default 20 (head) or 6 (--block)")
     p.add_argument("--lr", type=float, default=None, help="initial SGD learning rate (default 0.5), decaying by 0.85 per epoch")
-    p.add_argument("--block", action="store_true", help="also fine-tune and trace the encoder's last block")
+    p.add_argument("--block", action="store_true", help="also fine-tune and trace the encoder's last block "
+                                                        "(= --blocks 1)")
+    p.add_argument("--blocks", type=int, default=None, help="fine-tune and trace the top N encoder blocks (6 = all)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per article")
     p.add_argument("--hidden", type=int, default=128, help="head hidden width")
     p.add_argument("--max-train", type=int, default=None, help="only the first N training articles (a quick run)")
     p.add_argument("--max-held-out", type=int, default=None, help="ship only N held-out articles with the index")
-    p.add_argument("--dim", type=int, default=256, help="projection dim per layer and checkpoint")
+    p.add_argument("--dim", type=int, default=None, help="[projection] dim: numbers per example (default: the "
+                                                          "library's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_train)
     p = sub.add_parser("query", help="proponents and opponents of held-out articles or a text, from an index")
