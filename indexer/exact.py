@@ -1,0 +1,108 @@
+"""Exact TracIn scores of a query against chosen training examples: the second stage of retrieval.
+
+The compact index only proposes candidates; their exact scores
+
+    TracInCP(q, z_c) = sum_i lr_i sum_l <G_{i,l}(q), G_{i,l}(z_c)>_F
+
+are recomputed here from the training examples themselves (read through the task, only the candidates'
+rows), at every checkpoint, in batches, with the capture plan that built the index. Inner products use
+the factored identity where it is cheaper than explicit gradients (`indexer.grads.BlockGrad.inner`), and
+are accumulated in float64. The per-checkpoint terms are returned too: they sum to the score and say
+where it comes from.
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from indexer.embedding import Embedder
+from indexer.grads import BlockGrad
+from indexer.task import ExampleSet, Inputs, input_tensors
+
+
+@dataclass
+class ExactScores:
+    """Exact scores of one query against `rows`: total [K] and per checkpoint [C, K] (float64, lr-weighted)."""
+
+    rows: np.ndarray
+    total: np.ndarray
+    per_checkpoint: np.ndarray
+
+
+class ExactScorer:
+    """Recomputes candidates' per-example gradients at every checkpoint and scores them exactly.
+
+    `rows_of(rows) -> (inputs, labels)` reads training examples (default: `ExampleSet.rows`). `threads` > 1
+    scores checkpoints in parallel (each checkpoint's model has its own lock)."""
+
+    def __init__(self, embedder: Embedder, rows_of: Callable[[np.ndarray], tuple[Inputs, torch.Tensor]],
+                 batch_size: int = 256, threads: int = 1):
+        self.embedder, self.rows_of, self.batch_size = embedder, rows_of, batch_size
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tracin-exact") if threads > 1 else None
+
+    @classmethod
+    def for_examples(cls, embedder: Embedder, examples: ExampleSet, **kwargs) -> "ExactScorer":
+        return cls(embedder, lambda rows: examples.rows(rows), **kwargs)
+
+    def scores(self, query: Sequence[Sequence[BlockGrad]], rows: np.ndarray) -> ExactScores:
+        """`query[c]` = the query's block gradients at checkpoint c (one example: `Embedder.embed(...,
+        keep_grads=True).per_checkpoint[c].grads`); `rows` = training rows to score."""
+        rows = np.asarray(rows, dtype=np.int64)
+        C = len(self.embedder.per_checkpoint)
+        if rows.size == 0:
+            return ExactScores(rows, np.zeros(0), np.zeros((C, 0)))
+        batches = [rows[s:s + self.batch_size] for s in range(0, rows.size, self.batch_size)]
+        data = [self.rows_of(b) for b in batches]
+
+        def one_checkpoint(c: int) -> np.ndarray:
+            embedder = self.embedder.per_checkpoint[c]
+            parts = []
+            for inputs, labels in data:
+                cand = embedder.grads(inputs, labels).grads
+                total = None
+                for q, g in zip(query[c], cand):
+                    term = q.inner(g)[0]
+                    total = term if total is None else total + term
+                parts.append(total.to("cpu", torch.float64).numpy())
+            return embedder.checkpoint.lr * np.concatenate(parts)
+
+        if self.pool is not None and C > 1:
+            per = list(self.pool.map(one_checkpoint, range(C)))
+        else:
+            per = [one_checkpoint(c) for c in range(C)]
+        per_checkpoint = np.stack(per)
+        return ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint)
+
+
+def training_set_digest(examples: ExampleSet, max_bytes: int = 1 << 30, sample: int = 4096) -> dict:
+    """What the index records about its training set, so the service can check that the task still reads
+    the same examples in the same order before it re-ranks with them: the row count, sha256 of the labels
+    and sha256 of the inputs (all rows up to `max_bytes` of inputs, else `sample` evenly spaced rows)."""
+    n = len(examples)
+    labels = examples.labels.detach().cpu().contiguous()
+    digest = {"count": n, "labels_sha256": hashlib.sha256(_bytes(labels)).hexdigest()}
+    tensors = input_tensors(examples.inputs)
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    if size <= max_bytes:
+        rows = None
+    else:
+        rows = torch.as_tensor(np.unique(np.linspace(0, n - 1, num=min(sample, n)).round().astype(np.int64)))
+    h = hashlib.sha256()
+    for t in tensors:
+        part = t if rows is None else t[rows]
+        h.update(str(tuple(part.shape)).encode() + str(part.dtype).encode())
+        h.update(_bytes(part))
+    digest["inputs_sha256"] = h.hexdigest()
+    digest["inputs_rows"] = "all" if rows is None else int(rows.numel())
+    return digest
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype (bfloat16 and bool included)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
