@@ -118,7 +118,7 @@ def build_router(request_model: type[BaseModel], settings: Settings,
         engine = getattr(request.app.state, "engine", None)
         return {
             "service": "tracin-service",
-            "index": str(engine.index_dir.path) if engine is not None else None,
+            "index": engine.index_dir.path.resolve().name if engine is not None else None,
             "count": engine.count if engine is not None else None,
             "docs": "/docs",
             "routes": ["POST /influence", "GET /self-influence/top", "GET /self-influence/histogram", "GET /examples/{id}", "GET /queries",
