@@ -146,11 +146,12 @@ class Engine:
     def parse_label(self, value: int | str, field_name: str, loc: list | None = None) -> int:
         try:
             label = self.task.parse_label(value)
-        except ValueError as exc:
-            raise ApiError(422, "unknown_label", field_name, str(exc), loc) from None
+        except ValueError as exc:  # the task's message may quote the value: it is quoted once, cut, by ApiError
+            message = str(exc).replace(f" {value!r}", "").replace(repr(value), "this label")[:300]
+            raise ApiError(422, "unknown_label", field_name, message, loc, echo=value) from None
         if self.num_classes is not None and not 0 <= label < self.num_classes:
-            raise ApiError(422, "unknown_label", field_name,
-                           f"label {value!r} is out of range 0..{self.num_classes - 1}", loc)
+            raise ApiError(422, "unknown_label", field_name, f"label is out of range 0..{self.num_classes - 1}", loc,
+                           echo=value)
         return label
 
     def label_rows(self, value: int | str, field_name: str, loc: list | None = None) -> tuple[int, np.ndarray]:
@@ -164,7 +165,7 @@ class Engine:
     def row_of(self, example_id: str, field_name: str, status: int = 422, loc: list | None = None) -> int:
         row = self.id_to_row.get(example_id)
         if row is None:
-            raise ApiError(status, "unknown_id", field_name, f"no training example has id {example_id!r}", loc)
+            raise ApiError(status, "unknown_id", field_name, "no training example has this id", loc, echo=example_id)
         return row
 
     # -- queries -------------------------------------------------------------------------------
