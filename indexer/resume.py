@@ -358,4 +358,7 @@ def disk_error(exc: BaseException) -> str | None:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+    """Bytes for people: GB, MB or kB (powers of 1000)."""
+    if n >= 1e8:
+        return f"{n / 1e9:,.1f} GB"
+    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
