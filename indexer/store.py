@@ -259,7 +259,7 @@ class IndexDirectory:
         except (ValueError, OSError) as exc:
             raise IndexDirectoryError(f"{path}: cannot read {SELF_INFLUENCE_FILE}: {exc}") from None
         examples = _read_rows(path, EXAMPLES_FILE)
-        queries = _read_rows(path, QUERIES_FILE) if (path / QUERIES_FILE).is_file() else []
+        queries = _read_rows(path, QUERIES_FILE) if QUERIES_FILE in model.files else []  # only a covered file
         count, dim = model.count, model.embedding_dim
         if index.ntotal != count or len(examples) != count or self_influence.shape != (count,):
             raise IndexDirectoryError(
