@@ -162,25 +162,45 @@ def test_a_second_build_is_refused_while_the_output_is_locked(tmp_path, ckpts):
     assert _tracin("index", config, "--out", out).returncode == 0  # released: the next build runs
 
 
+class SlowMLPTask(MLPTask):
+    """MLPTask whose training set takes a few seconds to load: a build that holds its lock a while."""
+
+    def training_set(self):
+        import time
+
+        time.sleep(4)
+        return super().training_set()
+
+
 def test_two_concurrent_builds_never_mix(tmp_path, ckpts):
-    for seed in (3, 4):
+    """A second build (another config) started while the first runs is refused naming the first's pid;
+    the output is the first build's, whole."""
+    import time
+
+    configs = []
+    for seed, ref in ((3, "tests.test_trust_build:SlowMLPTask"), (4, REF)):
         directory = tmp_path / f"config-{seed}"
         directory.mkdir()
-        config = write_config(directory, REF, ckpts, kind="sketch", dim=16)
+        config = write_config(directory, ref, ckpts, kind="sketch", dim=16)
         config.write_text(config.read_text().replace("seed = 3", f"seed = {seed}"))
+        configs.append(config)
     out = tmp_path / "index"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-m", "indexer.cli", "index", str(tmp_path / f"config-{s}" / "config.toml"),
-                               "--out", str(out), "--force", "--quiet"], stderr=subprocess.PIPE, text=True, cwd=REPO,
-                              env=env) for s in (3, 4)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    for code, err in results:
-        assert code in (0, 2), err
-        if code == 2:
-            assert "another build (pid" in err and "Traceback" not in err, err
-    assert any(code == 0 for code, _ in results)
-    index = IndexDirectory.open(out)  # whole, verified, and one config's: never a mixture
-    assert index.manifest["projection"]["seed"] in (3, 4)
+
+    def start(config):
+        return subprocess.Popen([sys.executable, "-m", "indexer.cli", "index", str(config), "--out", str(out),
+                                 "--force", "--quiet"], stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+    first = start(configs[0])
+    deadline = time.monotonic() + 30
+    while not (tmp_path / ".index.lock").exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = start(configs[1])
+    (code1, err1), (code2, err2) = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
+    assert code1 == 0, err1
+    assert code2 == 2 and f"another build (pid {first.pid}) is writing" in err2 and "Traceback" not in err2, err2
+    index = IndexDirectory.open(out)  # whole, verified, and the first build's
+    assert index.manifest["projection"]["seed"] == 3
     assert _leftovers(tmp_path) == []
 
 
