@@ -101,9 +101,9 @@ def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
         job = _Job.prepare(config, out, overwrite)
         work = out.parent / f".{out.name}.partial-{job.config_hash}"
         _remove_stale(out, keep=work)
+        state = ResumeState(work, job.config_hash, (0, job.count), job.plan.total_dim, len(job.checkpoints))
+        _check_disk(job, out.parent, resumable=state)  # a refusal before starting keeps an earlier resume state
         with _failure_cleanup(job, [work]):
-            state = ResumeState(work, job.config_hash, (0, job.count), job.plan.total_dim, len(job.checkpoints))
-            _check_disk(job, out.parent, resumable=state)
             kill_point("prepared")
             vectors_file, self_influence, seconds = _embed_rows(job, state, 0, progress, show_progress)
             vectors = np.load(vectors_file, mmap_mode="r")  # read-only: the FAISS index is built from it
@@ -138,9 +138,9 @@ def build_shard(config: IndexConfig, out: str | Path, shard: int, shards: int,
         start, stop = shard_rows(job.count, shard, shards)
         work = final.with_name(final.name + f".partial-{job.config_hash}")
         staging = final.with_name(final.name + ".tmp")
+        state = ResumeState(work, job.config_hash, (start, stop), job.plan.total_dim, len(job.checkpoints))
+        _check_disk(job, final.parent, resumable=state, rows=stop - start, final_index=False)
         with _failure_cleanup(job, [work, staging]):
-            state = ResumeState(work, job.config_hash, (start, stop), job.plan.total_dim, len(job.checkpoints))
-            _check_disk(job, final.parent, resumable=state, rows=stop - start, final_index=False)
             vectors_file, self_influence, seconds = _embed_rows(job, state, start, None, show_progress)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
