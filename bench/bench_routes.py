@@ -1,7 +1,7 @@
 """What a capture fallback costs: time per example of each capture route against a plain batched
 forward + backward on the same model (issue 8).
 
-    .venv/bin/python bench/bench_routes.py                       # the full run (~10 min on 2 cores)
+    .venv/bin/python bench/bench_routes.py                       # the full run (~3 min on 2 cores)
     .venv/bin/python bench/bench_routes.py --quick               # small sizes, 1 repetition (< 1 min)
     .venv/bin/python bench/bench_routes.py --models mlp,lstm --json /tmp/routes.json
 
@@ -26,7 +26,8 @@ of --reps repetitions, one torch thread:
   capture  `CheckpointEmbedder.grads` (per-example gradients of every block, all routes)
   embed    `CheckpointEmbedder.embed` (capture + projection + exact norms)
   route:*  `GradientCapture.hook_route / vmap_route / loop_route` alone on that route's blocks (run one
-           example at a time when the plan says so, as the capture does)
+           example at a time when the plan says so, as the capture does); for the blocks calibrated to
+           `vmap`, also `loop_route` on the same blocks (the alternative route, for comparison)
   check    `self_check` on the model (4 examples; 1 checkpoint here, first + last in a real build)
 
 and the self-check's share of a 10,000-example build at the measured embed rate. Finally the digits demo
@@ -252,6 +253,10 @@ def bench_model(spec: Spec, workdir: Path, reps: int, dim: int, min_seconds: flo
             blocks = capture.by_route[r]
             methods[f"route:{r}"] = (lambda r=r, blocks=blocks: per_example(
                 capture, capture_plan, lambda x, y: routes[r](blocks, x, y), inputs, labels))
+        if capture.by_route["vmap"]:  # the alternative calibration did not take: the same blocks by the loop
+            blocks = capture.by_route["vmap"]
+            methods["vmap blocks by loop"] = lambda: per_example(
+                capture, capture_plan, lambda x, y: capture.loop_route(blocks, x, y), inputs, labels)
     methods["check"] = lambda: self_check(task, [checkpoint], plan, examples, embedders={0: embedder})
 
     inner = {}
@@ -278,7 +283,11 @@ def bench_model(spec: Spec, workdir: Path, reps: int, dim: int, min_seconds: flo
                                   "reason": capture_plan.reasons.get(b.name)} for b in plan.blocks},
         "plan_seconds": plan_seconds,
         "seconds": times, "calls_per_timing": inner, "median_seconds": med, "ms_per_example": ms,
-        "ratio": {k: v / ms["plain"] for k, v in ms.items()},
+        # paired: each repetition's time over the same repetition's plain time, then the median / spread
+        "ratio": {k: statistics.median(t / p for t, p in zip(times[k], times["plain"])) for k in ms},
+        "ratio_range": {k: [min(t / p for t, p in zip(times[k], times["plain"])),
+                            max(t / p for t, p in zip(times[k], times["plain"]))] for k in ms},
+        "ratio_of_medians": {k: v / ms["plain"] for k, v in ms.items()},
         "self_check_seconds": med["check"], "self_check_rows": report.rows,
         "self_check_max_error": max(b.error for b in report.blocks), "self_check_ok": report.ok,
         "build_seconds_estimate": build_seconds, "self_check_share": med["check"] / build_seconds,
@@ -320,21 +329,32 @@ def route_counts(r: dict) -> str:
 
 
 def markdown(results: list[dict], digits: dict | None) -> str:
-    lines = ["| model | routes (blocks) | plain ms/ex | capture ms/ex | × plain | capture + projection ms/ex | × plain |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    def spread(r, key):
+        lo, hi = r["ratio_range"][key]
+        return f"{lo:.2f}–{hi:.2f}"
+
+    lines = ["| model | routes (blocks) | capture × plain (range) | capture + projection × plain (range) | "
+             "plain ms/ex | capture ms/ex | capture + projection ms/ex |",
+             "|---|---|---|---|---:|---:|---:|"]
     for r in results:
         ms, ratio = r["ms_per_example"], r["ratio"]
-        lines.append(f"| {r['model']} | {route_counts(r)} | {ms['plain']:.3f} | {ms['capture']:.3f} | "
-                     f"**{ratio['capture']:.2f}** | {ms['embed']:.3f} | **{ratio['embed']:.2f}** |")
+        lines.append(f"| {r['model']} | {route_counts(r)} | **{ratio['capture']:.2f}** ({spread(r, 'capture')}) | "
+                     f"**{ratio['embed']:.2f}** ({spread(r, 'embed')}) | {ms['plain']:.3f} | {ms['capture']:.3f} | "
+                     f"{ms['embed']:.3f} |")
     split = [r for r in results if any(k.startswith("route:") for k in r["ms_per_example"])]
     if split:
-        lines += ["", "| model | route: blocks | route alone ms/ex | × plain |", "|---|---|---:|---:|"]
+        lines += ["", "| model | route: blocks | route alone × plain (range) | route alone ms/ex |",
+                  "|---|---|---|---:|"]
         for r in split:
             for route in ROUTES:
                 key = f"route:{route}"
                 if key in r["ms_per_example"]:
-                    lines.append(f"| {r['model']} | {route}: {r['routes'][route]} | {r['ms_per_example'][key]:.3f} | "
-                                 f"{r['ratio'][key]:.2f} |")
+                    lines.append(f"| {r['model']} | {route}: {r['routes'][route]} | {r['ratio'][key]:.2f} "
+                                 f"({spread(r, key)}) | {r['ms_per_example'][key]:.3f} |")
+            key = "vmap blocks by loop"
+            if key in r["ms_per_example"]:
+                lines.append(f"| {r['model']} | (the {r['routes']['vmap']} vmap blocks by `loop_route` instead) | "
+                             f"{r['ratio'][key]:.2f} ({spread(r, key)}) | {r['ms_per_example'][key]:.3f} |")
     lines += ["", f"| model | self-check s | {BUILD_EXAMPLES:,}-example build at the embed rate, s | share |",
               "|---|---:|---:|---:|"]
     for r in results:
@@ -351,19 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repetition (< 1 min)")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 5; quick 1)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 7; quick 1)")
     parser.add_argument("--models", default=None, help="comma-separated subset of: " + ", ".join(specs(False)))
     parser.add_argument("--min-seconds", type=float, default=None,
-                        help="repeat a fast call within one timing to last about this long (default 0.3; quick 0.05)")
+                        help="repeat a fast call within one timing to last about this long (default 0.5; quick 0.05)")
     parser.add_argument("--dim", type=int, default=1024, help="sketch projection dim")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--skip-digits", action="store_true", help="skip the digits demo build")
     parser.add_argument("--json", default=None, help="write every figure here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    reps = args.reps or (1 if args.quick else 5)
+    reps = args.reps or (1 if args.quick else 7)
     if args.min_seconds is None:
-        args.min_seconds = 0.05 if args.quick else 0.3
+        args.min_seconds = 0.05 if args.quick else 0.5
     available = specs(args.quick)
     chosen = list(available) if not args.models else [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in available]
@@ -373,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(), "quick": args.quick, "reps": reps, "dim": args.dim,
             "min_seconds": args.min_seconds,
             "load_average_start": load_average()}
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), reps {reps}, load {info['load_average_start']}")
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), reps {reps}, "
+        f"load {info['load_average_start']}")
     results = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-routes-") as tmp:

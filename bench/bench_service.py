@@ -53,6 +53,7 @@ def derive_index(src: Path, factory: str, search_params: dict, out: Path) -> Pat
 
     import faiss
 
+    from indexer.manifest import write_manifest
     from indexer.pipeline import _write_faiss
     from indexer.store import INDEX_FILE, MANIFEST
 
@@ -68,7 +69,7 @@ def derive_index(src: Path, factory: str, search_params: dict, out: Path) -> Pat
     manifest["faiss"] = info
     digest = hashlib.sha256((out / INDEX_FILE).read_bytes()).hexdigest()
     manifest["files"][INDEX_FILE] = digest
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_manifest(out, manifest)  # manifest.json and its digest manifest.sha256
     print(f"derived {factory} index at {out}: recall {info.get('recall_at_10')}", file=sys.stderr)
     return out
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,42 +52,218 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, metadata) from a tracin checkpoint, a plain state_dict file, or .safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+RESAVE_HINT = ("re-save it with indexer.checkpoints.save_checkpoint(path, model, optimizer) or "
+               "torch.save(model.state_dict(), path)")
+_STATE_KEYS = ("state_dict", "model_state_dict", "model")  # where training code puts the weights
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-            return load_file(str(path)), {}
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    if isinstance(payload, dict) and "state_dict" in payload:
-        meta = {k: v for k, v in payload.items() if k != "state_dict"}
-        state = payload["state_dict"]
-    elif isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        state, meta = payload, {}
+
+def load_checkpoint(path: str | Path, prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, metadata) from a checkpoint people have, read without unpickling objects.
+
+    Formats: a tracin checkpoint (`save_checkpoint`), a plain `torch.save(model.state_dict())` file,
+    `{"model_state_dict": ...}` / `{"model": ...}` training dicts, Lightning's `{"state_dict": ...,
+    "optimizer_states": ...}`, a `.safetensors` file, and a Hugging Face `save_pretrained` folder
+    (model.safetensors, sharded safetensors with their index json, or pytorch_model.bin).
+
+    Keys: `prefix` (e.g. "model." for Lightning) keeps only the keys that start with it and strips
+    it; without a prefix, a `module.` that every key carries (DataParallel / DDP) is stripped.
+
+    Metadata: `lr` is the recorded learning rate, from an `lr` or `learning_rate` entry or, failing
+    those, from the saved optimizer state when all its parameter groups share one lr (absent when
+    the file records none). Raises CheckpointError (one line: the keys found and how to re-save)."""
+    path = Path(path)
+    if path.is_dir():
+        state, meta = _load_pretrained_folder(path)
+    elif not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    elif path.suffix == ".safetensors":
+        state, meta = _load_safetensors(path)
     else:
-        raise CheckpointError(f"checkpoint {path} holds neither a state_dict nor a tracin checkpoint")
+        state, meta = _unwrap(_torch_load(path), path)
+    state = _strip_prefix(state, prefix, path)
     return state, meta
 
 
-def checked_lr(value: Any, where: str) -> float:
+def _torch_load(path: Path) -> Any:
     try:
-        lr = float(value)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{where}: lr must be a number, got {value!r}") from None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise CheckpointError(f"cannot read checkpoint {path}: it holds a pickled {found.group(1)} object, and "
+                                  f"checkpoints are only read with torch.load(weights_only=True); {RESAVE_HINT}") from None
+        line = next((x.strip() for x in text.splitlines() if x.strip()), type(exc).__name__)
+        raise CheckpointError(f"cannot read checkpoint {path}: {line[:300]}; {RESAVE_HINT}") from None
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _keys_found(payload: Any) -> str:
+    if isinstance(payload, dict):
+        keys = [str(k) for k in payload]
+        return f"keys found: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+    return f"found a {type(payload).__name__}"
+
+
+def _unwrap(payload: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and the metadata of a loaded payload (see load_checkpoint for the formats)."""
+    if _is_state(payload):
+        return payload, {}
+    if isinstance(payload, dict):
+        for key in _STATE_KEYS:
+            if key in payload and _is_state(payload[key]):
+                meta = {k: v for k, v in payload.items() if k != key and isinstance(k, str)}
+                return payload[key], _normalise_meta(meta)
+        for key in _STATE_KEYS:
+            if key in payload and isinstance(payload[key], dict):
+                bad = [k for k, v in payload[key].items() if not isinstance(v, torch.Tensor)][:3]
+                raise CheckpointError(f"checkpoint {path}: {key!r} holds entries that are not tensors ({bad}); "
+                                      f"{RESAVE_HINT}")
+    raise CheckpointError(f"checkpoint {path} holds no state_dict ({_keys_found(payload)}); expected a state_dict, "
+                          f"or a dict with one under {list(_STATE_KEYS)}; {RESAVE_HINT}")
+
+
+def _optimizer_lr(meta: dict[str, Any]) -> float | None:
+    """The lr of a saved optimizer state (PyTorch `optimizer_state_dict`, Lightning `optimizer_states`),
+    when all its parameter groups agree."""
+    for key in ("optimizer_state_dict", "optimizer", "optimizer_states"):
+        value = meta.get(key)
+        states = value if isinstance(value, list) else [value]
+        if len(states) != 1 or not isinstance(states[0], dict):
+            continue
+        groups = states[0].get("param_groups")
+        if isinstance(groups, list) and groups and all(isinstance(g, dict) and "lr" in g for g in groups):
+            lrs = {g["lr"] if not isinstance(g["lr"], torch.Tensor) else float(g["lr"]) for g in groups}
+            if len(lrs) == 1:
+                return next(iter(lrs))
+    return None
+
+
+def _normalise_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """`lr` from `lr`, `learning_rate` or the saved optimizer state; the optimizer state itself is dropped."""
+    out = {k: v for k, v in meta.items() if k not in ("optimizer_state_dict", "optimizer", "optimizer_states")}
+    if "lr" not in out and "learning_rate" in out:
+        out["lr"] = out["learning_rate"]
+    if "lr" not in out:
+        lr = _optimizer_lr(meta)
+        if lr is not None:
+            out["lr"] = lr
+            out["lr_source"] = "optimizer state"
+    if isinstance(out.get("lr"), torch.Tensor) and out["lr"].numel() == 1:
+        out["lr"] = float(out["lr"])
+    return out
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}; {RESAVE_HINT}") from None
+    meta: dict[str, Any] = {}
+    for key in ("lr", "learning_rate"):
+        if key in metadata:
+            try:
+                meta[key] = float(metadata[key])
+            except ValueError:
+                meta[key] = metadata[key]
+    return state, _normalise_meta(meta)
+
+
+def _load_pretrained_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A Hugging Face `save_pretrained` folder: model.safetensors (or shards listed in
+    model.safetensors.index.json), else pytorch_model.bin (read with weights_only=True)."""
+    found = [name for name in _HF_WEIGHTS if (path / name).is_file()]
+    if not found:
+        names = sorted(p.name for p in path.iterdir())[:8]
+        raise CheckpointError(f"checkpoint folder {path} has none of {list(_HF_WEIGHTS)} (found {names}); give a "
+                              f"checkpoint file, or {RESAVE_HINT}")
+    name = found[0]
+    if name.endswith(".index.json"):
+        import json
+
+        try:
+            weight_map = json.loads((path / name).read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint folder {path}: {name} is not a shard index: {exc}") from None
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            shard_path = (path / shard)
+            if "/" in shard or not shard_path.is_file():
+                raise CheckpointError(f"checkpoint folder {path}: shard {shard!r} listed in {name} is missing")
+            part, _ = (_load_safetensors(shard_path) if shard.endswith(".safetensors")
+                       else _unwrap(_torch_load(shard_path), shard_path))
+            state.update(part)
+        return state, {}
+    if name.endswith(".safetensors"):
+        return _load_safetensors(path / name)
+    return _unwrap(_torch_load(path / name), path / name)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str | None, path: Path) -> dict[str, torch.Tensor]:
+    if prefix:
+        kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not kept:
+            raise CheckpointError(f"checkpoint {path}: no key starts with the prefix {prefix!r} "
+                                  f"(keys found: {list(state)[:5]})")
+        return kept
+    while state and all(k.startswith("module.") for k in state):  # DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 of a checkpoint file; for a folder, of its files' names and sha256s (sorted)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def checked_lr(value: Any, where: str) -> float:
+    """`value` as a float, or CheckpointError unless it is a finite number > 0 (booleans and strings
+    are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CheckpointError(f"{where}: lr must be a number, got {value!r}")
+    lr = float(value)
     if not math.isfinite(lr) or lr <= 0:
         raise CheckpointError(f"{where}: lr must be a finite number > 0, got {value!r}")
     return lr
 
 
+def recorded_lr(meta: dict[str, Any], where: str) -> float | None:
+    """The lr a checkpoint file records (validated), or None when it records none."""
+    if "lr" not in meta:
+        return None
+    return checked_lr(meta["lr"], f"{where} (the lr the file records)")
+
+
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """load_state_dict(strict=True) with a message that names what does not match."""
+    """load_state_dict(strict=True) with a message that names what does not match.
+
+    Tied parameters (one tensor under several names, e.g. an LM head sharing the embedding) may be
+    present once in `state` (Hugging Face writes a tied tensor once): the missing names are filled from
+    the present one. When several names of one tied tensor are present their values must be equal."""
     own = model.state_dict()
+    state = _fill_tied(model, dict(state), where)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
@@ -101,8 +279,42 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str
             parts.append(f"unexpected keys {unexpected[:5]}")
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:5]))
-        raise CheckpointError(f"{where} does not match the model: " + ", ".join(parts))
+        hint = _prefix_hint(set(own), set(state))
+        raise CheckpointError(f"{where} does not match the model: " + ", ".join(parts) + hint)
     model.load_state_dict(state, strict=True)
+
+
+def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        present = [n for n in names if n in state]
+        if not present:
+            continue
+        first = state[present[0]]
+        for other in present[1:]:
+            if state[other].shape != first.shape or not torch.equal(state[other], first):
+                raise CheckpointError(f"{where}: the model ties {present[0]!r} and {other!r} (one tensor), but the "
+                                      "checkpoint holds different values for them")
+        for name in names:
+            state.setdefault(name, first)
+    return state
+
+
+def _prefix_hint(own: set[str], found: set[str]) -> str:
+    """A hint when the checkpoint's keys are the model's under a prefix (e.g. Lightning's 'model.')."""
+    firsts = {k.split(".", 1)[0] for k in found if "." in k}
+    for first in sorted(firsts):
+        prefix = first + "."
+        stripped = {k[len(prefix):] for k in found if k.startswith(prefix)}
+        if stripped and len(stripped & own) >= max(1, len(own) // 2):
+            return (f"; its keys are the model's under the prefix {prefix!r}: set checkpoint_prefix = "
+                    f"\"{prefix}\" in the config")
+    sample = sorted(found)[:5]
+    return f" (keys found: {sample}{' ...' if len(found) > 5 else ''}; {RESAVE_HINT})"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -187,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001
-        from indexer.store import IndexDirectoryError
+        from indexer.manifest import ManifestError
+        from indexer.store import IndexBuildError, IndexDirectoryError
 
-        if isinstance(exc, IndexDirectoryError):
+        if isinstance(exc, (IndexDirectoryError, IndexBuildError, ManifestError)):
             print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise

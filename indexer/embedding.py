@@ -126,13 +126,14 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 def plan_embedding(task: Task, checkpoints: list[Checkpoint], layer_patterns: list[str] | None, kind: str,
                    dim: int, seed: int, probe: tuple[Inputs, torch.Tensor], compute_dtype: str = "auto",
-                   device: str | torch.device = "cpu") -> ProjectionPlan:
+                   device: str | torch.device = "cpu", state: dict | None = None) -> ProjectionPlan:
     """Select the traced blocks, calibrate their capture routes on `probe` (a few training examples) at the
-    first checkpoint, and draw the projections. Raises ConfigError / CaptureError naming the problem."""
+    first checkpoint (`state`: its state dict, when already loaded), and draw the projections. Raises
+    ConfigError / CaptureError naming the problem."""
     model = task.build_model()
     dtype = compute_dtype_for(model_dtype(model), compute_dtype)
     blocks = select_blocks(model, layer_patterns)
-    model = load_model(task, checkpoints[0], device, dtype)
+    model = load_model(task, checkpoints[0], device, dtype, state)
     inputs, labels = probe
     inputs = move_inputs(inputs, device, dtype)
     labels = _labels_to(labels, device, dtype)

@@ -1,8 +1,11 @@
 """Build an index directory: checkpoints in the outer loop (each loaded once), batches inside.
 
-Vectors stream into a float32 memory map [N, D] column block by column block, so memory stays at one
-model + one batch (+ the FAISS index itself at the end). Progress is saved after every checkpoint: an
-interrupted build resumes from the last finished checkpoint when run again with the same config.
+A build holds an exclusive lock beside its output (`.<name>.lock`), refuses `--force` on anything that
+is not recognisably an index directory, estimates its disk use before it starts, and commits its
+progress once per checkpoint with one rename (`indexer.resume`): a build killed at any point resumes
+from the last committed checkpoint when run again with the same config, and produces the same bytes as
+an uninterrupted build. A build that *fails* (bad input, full disk, non-finite embeddings) removes its
+partial files; an interrupted one (Ctrl-C, kill) keeps them for the next run.
 """
 from __future__ import annotations
 
@@ -18,19 +21,23 @@ import faiss
 import numpy as np
 import torch
 
-from indexer.checkpoints import load_checkpoint, load_state_into, sha256_file
+from indexer.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint, load_state_into, recorded_lr
 from indexer.config import ConfigError, IndexConfig
 from indexer.capture import SUM_CHECK_EVERY
 from indexer.embedding import Checkpoint, CheckpointEmbedder, ProjectionPlan, plan_embedding, resolve_checkpoints
-from indexer.search import build_faiss_index, is_approximate
+from indexer.manifest import ManifestError, write_manifest
+from indexer.resume import (
+    OutputLock, ResumeState, RowFile, disk_error, gb, kill_point, save_npy, say,
+)
+from indexer.search import FAISS_MAX_DIM, build_faiss_index, is_approximate
 from indexer.store import (
     CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, MANIFEST, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
-    StagingDirectory, file_hashes, library_versions, write_jsonl,
+    IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
 )
 from indexer.selfcheck import SelfCheckReport, check_query_path, self_check
-from indexer.task import ExampleSet, Task, infer_label_kind, label_width
+from indexer.task import ExampleSet, Task, batch_size_of, infer_label_kind, label_width
 
-PROGRESS_FILE = "progress.json"
+CHECKPOINT_FORMAT = "tracin-checkpoint/1"
 
 
 @dataclass
@@ -44,6 +51,7 @@ class BuildResult:
 
 def _config_hash(config: IndexConfig, digests: list[str]) -> str:
     data = config.to_json()
+    data["index"].pop("max_disk_gb", None)  # a limit, not an input of the vectors
     data["checkpoint_sha256"] = digests
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -61,42 +69,60 @@ class Prepared:
 
 
 def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, strict: bool = True) -> Prepared:
-    """Load the task, checkpoints and training set; calibrate the capture routes; run the self-check and
-    the service's query path once. Raises ConfigError (one line) on anything that would give a wrong
-    number or an index that cannot be served (with `strict=False` a failed self-check is only reported)."""
-    from indexer.checkpoints import CheckpointError
-
+    """Everything that can fail on a bad config or model, checked before any file is written: the task (a
+    Task subclass), checkpoints (readable, fitting the model, lr finite > 0 and equal to the lr a file
+    records), the training set, the capture routes (calibrated), the self-check against per-example
+    autograd, the service's query path, the projection, FAISS factory and device. Raises ConfigError (one
+    line); with `strict=False` a failed self-check is only reported."""
     task = config.task.build()
     try:
         checkpoints = resolve_checkpoints([(c.path, c.lr) for c in config.checkpoints])
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     model = task.build_model()
-    for i, ckpt in enumerate(checkpoints):
+    for i, (ckpt, spec) in enumerate(zip(checkpoints, config.checkpoints)):
+        where = f"checkpoints[{i}] ({ckpt.path.name})"
         try:
-            state, _ = load_checkpoint(ckpt.path)
-            load_state_into(model, state, f"checkpoints[{i}] ({ckpt.path.name})")
+            state, meta = load_checkpoint(ckpt.path, spec.prefix)
+            recorded = recorded_lr(meta, where)
+            load_state_into(model, state, where)
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
+        if recorded is not None and not np.isclose(recorded, ckpt.lr, rtol=1e-9, atol=0.0):
+            raise ConfigError(f"checkpoints[{i}].lr: {ckpt.lr!r} in the config but {ckpt.path.name} records lr "
+                              f"{recorded!r}; remove lr from the config (the file's is used) or re-save the file")
     if config.index.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"index.device: {config.index.device!r} requested but CUDA is not available")
     examples = task.training_set()
+    if not isinstance(examples, ExampleSet):
+        raise ConfigError(f"task: training_set() returned a {type(examples).__name__}, not an ExampleSet")
     if len(examples) == 0:
         raise ConfigError("task: training_set() is empty")
     try:
         task.label_kind = infer_label_kind(task, examples.labels)
     except ValueError as exc:
         raise ConfigError(f"task: {exc}") from None
+    _check_loss_shape(task, checkpoints[0], config.checkpoints[0].prefix, examples)
+    states = [load_checkpoint(c.path, s.prefix)[0] for c, s in ((checkpoints[0], config.checkpoints[0]),
+                                                                  (checkpoints[-1], config.checkpoints[-1]))]
     plan = plan_embedding(task, checkpoints, config.layers, config.projection.kind, config.projection.dim,
                           config.projection.seed, examples.batch(0, min(len(examples), 3)),
-                          config.index.compute_dtype, config.index.device)
+                          config.index.compute_dtype, config.index.device, state=states[0])
+    if plan.total_dim > FAISS_MAX_DIM:
+        raise ConfigError(f"projection: {config.projection.kind} mode gives {plan.total_dim:,} numbers per example "
+                          f"({len(examples):,} examples x {plan.total_dim:,} numbers = "
+                          f"{gb(4 * len(examples) * plan.total_dim)} of float32 vectors), more than the "
+                          f"{FAISS_MAX_DIM:,} a FAISS index can hold; use kind = \"sketch\" (the service re-ranks "
+                          "candidates by exact TracIn) or trace fewer layers")
     try:
         build_faiss_index(config.index.factory, plan.total_dim)  # fails early on a bad factory string
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    last = CheckpointEmbedder(task, checkpoints[-1], len(checkpoints) - 1, plan, config.index.device)
+    _check_faiss_training(config, plan.total_dim, len(examples))
+    last = CheckpointEmbedder(task, checkpoints[-1], len(checkpoints) - 1, plan, config.index.device, state=states[1])
     report = self_check(task, checkpoints, plan, examples, config.index.device,
-                        embedders={len(checkpoints) - 1: last})
+                        embedders={len(checkpoints) - 1: last},
+                        states={0: states[0], len(checkpoints) - 1: states[1]})
     if log is not None:
         log(f"self-check: {len(plan.blocks)} traced blocks on {len(report.rows)} examples x "
             f"{len(report.checkpoints)} checkpoints, max relative error {report.to_json()['max_error']:.1e} "
@@ -111,14 +137,29 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
 
 def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
                 progress: Callable[[int, int], None] | None = None, show_progress: bool = False) -> BuildResult:
-    """Embed every training example at every checkpoint and write the index directory `out`."""
+    """Embed every training example at every checkpoint and write the index directory `out`.
+
+    Raises ConfigError / CheckpointError (bad input), FileExistsError (`out` exists, no `overwrite`),
+    IndexBuildError (lock held, `out` not replaceable, not enough disk, a full disk while writing,
+    non-finite embeddings, a loss of the wrong shape). Nothing of a failed build is left behind; an
+    interrupted one (KeyboardInterrupt, a kill) leaves its resume state for the next run."""
     started = time.perf_counter()
-    job = _Job.prepare(config, out, overwrite)
-    work = job.out.parent / f".{job.out.name}.partial-{job.config_hash}"
-    vectors, self_influence, seconds = _embed_rows(job, 0, job.count, work, progress, show_progress)
-    result = _finalize(job, vectors, self_influence, started, seconds)
-    del vectors
-    shutil.rmtree(work, ignore_errors=True)
+    out = Path(out).resolve()
+    with OutputLock(out.parent / f".{out.name}.lock", out):
+        _check_out(out, overwrite, config)
+        job = _Job.prepare(config, out, overwrite)
+        work = out.parent / f".{out.name}.partial-{job.config_hash}"
+        _remove_stale(out, keep=work)
+        state = ResumeState(work, job.config_hash, (0, job.count), job.plan.total_dim, len(job.checkpoints))
+        _check_disk(job, out.parent, resumable=state)  # a refusal before starting keeps an earlier resume state
+        with _failure_cleanup(job, [work]):
+            kill_point("prepared")
+            vectors_file, self_influence, seconds = _embed_rows(job, state, 0, progress, show_progress)
+            vectors = np.load(vectors_file, mmap_mode="r")  # read-only: the FAISS index is built from it
+            result = _finalize(job, vectors, self_influence, started, seconds)
+            del vectors
+        kill_point("index-committed")
+        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -134,56 +175,132 @@ def shard_rows(count: int, shard: int, shards: int) -> tuple[int, int]:
 def build_shard(config: IndexConfig, out: str | Path, shard: int, shards: int,
                 show_progress: bool = False) -> Path:
     """Embed one contiguous range of examples (run one per job-array task / torchrun rank), into
-    `<out>.shards/shard-i-of-n/`; `merge_shards` then builds the index directory `out`."""
+    `<out>.shards/shard-i-of-n/`; `merge_shards` then builds the index directory `out`. Each shard
+    holds its own lock and resume state."""
     if not 0 <= shard < shards:
         raise ConfigError(f"--shard: expected i/n with 0 <= i < n, got {shard}/{shards}")
-    job = _Job.prepare(config, out, overwrite=True)
-    start, stop = shard_rows(job.count, shard, shards)
-    final = shard_dir(job.out, shard, shards)
-    work = final.with_name(final.name + f".partial-{job.config_hash}")
-    vectors, self_influence, seconds = _embed_rows(job, start, stop, work, None, show_progress)
-    np.save(work / SELF_INFLUENCE_FILE, self_influence)
-    (work / "shard.json").write_text(json.dumps({"config_hash": job.config_hash, "start": start, "stop": stop,
-                                                 "embed_seconds": seconds}))
-    del vectors
-    if final.exists():
-        shutil.rmtree(final)
-    work.rename(final)
+    out = Path(out).resolve()
+    final = shard_dir(out, shard, shards)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(final.parent / f".{final.name}.lock", final):
+        job = _Job.prepare(config, out, overwrite=True)
+        start, stop = shard_rows(job.count, shard, shards)
+        work = final.with_name(final.name + f".partial-{job.config_hash}")
+        staging = final.with_name(final.name + ".tmp")
+        state = ResumeState(work, job.config_hash, (start, stop), job.plan.total_dim, len(job.checkpoints))
+        _check_disk(job, final.parent, resumable=state, rows=stop - start, final_index=False)
+        with _failure_cleanup(job, [work, staging]):
+            vectors_file, self_influence, seconds = _embed_rows(job, state, start, None, show_progress)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            vectors_file.replace(staging / "vectors.npy")
+            save_npy(staging / SELF_INFLUENCE_FILE, self_influence)
+            (staging / "shard.json").write_text(json.dumps({"config_hash": job.config_hash, "start": start,
+                                                            "stop": stop, "embed_seconds": seconds}))
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+        shutil.rmtree(work, ignore_errors=True)
     return final
 
 
 def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: bool = False) -> BuildResult:
     """Build the index directory from `shards` finished shards of the same config."""
     started = time.perf_counter()
-    job = _Job.prepare(config, out, overwrite)
-    work = job.out.parent / f".{job.out.name}.merge-{job.config_hash}"
-    work.mkdir(parents=True, exist_ok=True)
-    vectors = np.lib.format.open_memmap(work / "vectors.npy", mode="w+", dtype=np.float32,
-                                        shape=(job.count, job.plan.total_dim))
-    self_influence = np.zeros(job.count, dtype=np.float64)
-    seconds = 0.0
-    for shard in range(shards):
-        directory = shard_dir(job.out, shard, shards)
-        info_file = directory / "shard.json"
-        if not info_file.is_file():
-            raise ConfigError(f"shard {shard}/{shards} is missing or unfinished ({directory})")
-        info = json.loads(info_file.read_text())
-        if info["config_hash"] != job.config_hash:
-            raise ConfigError(f"shard {shard}/{shards} was built from another config or other checkpoints")
-        start, stop = info["start"], info["stop"]
-        if (start, stop) != shard_rows(job.count, shard, shards):
-            raise ConfigError(f"shard {shard}/{shards} covers rows {start}..{stop}, not its own range")
-        part = np.load(directory / "vectors.npy", mmap_mode="r")
-        for s in range(0, stop - start, 65536):
-            vectors[start + s:start + min(s + 65536, stop - start)] = part[s:s + 65536]
-        self_influence[start:stop] = np.load(directory / SELF_INFLUENCE_FILE)
-        seconds += info["embed_seconds"]
-    vectors.flush()
-    result = _finalize(job, vectors, self_influence, started, seconds)
-    del vectors
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(job.out.parent / f"{job.out.name}.shards", ignore_errors=True)
+    out = Path(out).resolve()
+    with OutputLock(out.parent / f".{out.name}.lock", out):
+        _check_out(out, overwrite, config)
+        job = _Job.prepare(config, out, overwrite)
+        work = out.parent / f".{out.name}.merge-{job.config_hash}"
+        with _failure_cleanup(job, [work]):
+            infos = []
+            for shard in range(shards):
+                directory = shard_dir(out, shard, shards)
+                info_file = directory / "shard.json"
+                if not info_file.is_file():
+                    raise ConfigError(f"shard {shard}/{shards} is missing or unfinished ({directory})")
+                info = json.loads(info_file.read_text())
+                if info["config_hash"] != job.config_hash:
+                    raise ConfigError(f"shard {shard}/{shards} was built from another config or other checkpoints")
+                if (info["start"], info["stop"]) != shard_rows(job.count, shard, shards):
+                    raise ConfigError(f"shard {shard}/{shards} covers rows {info['start']}..{info['stop']}, "
+                                      "not its own range")
+                infos.append((directory, info))
+            _check_disk(job, out.parent, resumable=None, merge=True)
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            rows = RowFile.create(work / "vectors.npy", job.count, job.plan.total_dim)
+            self_influence = np.zeros(job.count, dtype=np.float64)
+            seconds = 0.0
+            for directory, info in infos:
+                start, stop = info["start"], info["stop"]
+                part = np.load(directory / "vectors.npy", mmap_mode="r")
+                for s in range(0, stop - start, 65536):
+                    rows.write(start + s, part[s:s + 65536])
+                del part
+                self_influence[start:stop] = np.load(directory / SELF_INFLUENCE_FILE, allow_pickle=False)
+                seconds += info["embed_seconds"]
+            rows.sync()
+            rows.close()
+            vectors = np.load(work / "vectors.npy", mmap_mode="r")
+            result = _finalize(job, vectors, self_influence, started, seconds)
+            del vectors
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(out.parent / f"{out.name}.shards", ignore_errors=True)
     return result
+
+
+class _failure_cleanup:
+    """On an Exception: remove `paths` (the partial files of a failed build) and turn a full disk into
+    one IndexBuildError line. KeyboardInterrupt and other BaseExceptions keep them (resumable)."""
+
+    def __init__(self, job: "_Job", paths: list[Path]):
+        self.job, self.paths = job, paths
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        for path in self.paths:
+            shutil.rmtree(path, ignore_errors=True)
+        reason = disk_error(exc)
+        if reason is not None:
+            where = self.job.out.parent
+            free = shutil.disk_usage(where).free if where.exists() else 0
+            raise IndexBuildError(f"{reason} while writing the index for {self.job.out} ({gb(free)} free on its "
+                                  f"filesystem, about {gb(self.job.estimate)} needed); the partial files were removed "
+                                  "and nothing was left behind") from None
+        return False
+
+
+def _check_out(out: Path, overwrite: bool, config: IndexConfig) -> None:
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (use --force to replace it)")
+        check_replaceable(out, _protected(config))
+
+
+def _protected(config: IndexConfig) -> list[Path]:
+    paths = [c.path for c in config.checkpoints]
+    if config.source is not None:
+        paths.append(Path(config.source))
+    return paths
+
+
+def _remove_stale(out: Path, keep: Path) -> None:
+    """Leftovers of killed builds into `out` (we hold its lock): staging and old directories, and the
+    resume state of another config (it can never be resumed)."""
+    for entry in out.parent.glob(f".{out.name}.*"):
+        name = entry.name[len(out.name) + 2:]
+        if entry == keep or not entry.is_dir() or entry.is_symlink():
+            continue
+        if name.startswith(("tmp-", "old-", "merge-")):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif name.startswith("partial-"):
+            say(f"removed {entry.name}: the resume state of a build with another config or other checkpoints")
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 @dataclass
@@ -199,6 +316,7 @@ class _Job:
     plan: ProjectionPlan
     examples: ExampleSet
     config_hash: str
+    estimate: int = 0
     label_width: int = 0
     check: SelfCheckReport | None = None
 
@@ -209,29 +327,113 @@ class _Job:
     @classmethod
     def prepare(cls, config: IndexConfig, out: str | Path, overwrite: bool) -> "_Job":
         out = Path(out).resolve()
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} already exists (use --force to replace it)")
         ready = prepare(config)
-        digests = [sha256_file(c.path) for c in ready.checkpoints]
+        digests = [checkpoint_digest(c.path) for c in ready.checkpoints]
         return cls(config, out, overwrite, ready.task, ready.checkpoints, digests, ready.plan, ready.examples,
-                   _config_hash(config, digests), ready.label_width, ready.check)
+                   _config_hash(config, digests), label_width=ready.label_width, check=ready.check)
 
 
-def _embed_rows(job: _Job, start_row: int, stop_row: int, work: Path,
-                progress: Callable[[int, int], None] | None, show_progress: bool):
-    """Vectors [rows, D] (float32 memmap in `work`) and exact self-influence for rows
-    start_row..stop_row; checkpoints outside, batches inside; resumable per checkpoint."""
-    count, dim, plan = stop_row - start_row, job.plan.total_dim, job.plan
-    work.mkdir(parents=True, exist_ok=True)
-    state_file = work / PROGRESS_FILE
-    done = json.loads(state_file.read_text())["done"] if state_file.is_file() else []
-    vectors = np.lib.format.open_memmap(work / "vectors.npy", mode="r+" if done else "w+",
-                                        dtype=np.float32, shape=(count, dim))
-    if not done:
-        vectors[:] = 0
-    si_file = work / "self_influence.partial.npy"
-    self_influence = np.load(si_file) if done else np.zeros(count, dtype=np.float64)
+def _check_faiss_training(config: IndexConfig, dim: int, count: int) -> None:
+    """An IVF / PQ factory needs at least as many training vectors as it has lists / centroids: refuse
+    before the embedding work, not after it."""
+    index = build_faiss_index(config.index.factory, dim)
+    sample = min(count, config.index.train_sample)
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexPreTransform):
+        base = faiss.downcast_index(base.index)
+    needs = []
+    if isinstance(base, faiss.IndexIVF):
+        needs.append(("lists", int(base.nlist)))
+    pq = getattr(base, "pq", None)
+    if pq is not None:
+        needs.append(("PQ centroids per sub-quantizer", int(pq.ksub)))
+    for what, n in needs:
+        if n > sample:
+            raise ConfigError(f"index.factory: {config.index.factory!r} has {n} {what} but only {sample} vectors "
+                              f"to train on ({count} examples, index.train_sample {config.index.train_sample}); use "
+                              f"at most {sample} (e.g. IVF{max(1, int(sample ** 0.5))},Flat) or \"Flat\"")
 
+
+def _check_loss_shape(task: Task, checkpoint: Checkpoint, prefix: str | None, examples: ExampleSet) -> None:
+    """The task's loss must be one finite-shaped value per example ([B]); checked on two examples."""
+    model = task.build_model()
+    state, _ = load_checkpoint(checkpoint.path, prefix)
+    load_state_into(model, state, str(checkpoint.path))
+    model.eval()
+    inputs, labels = examples.batch(0, min(2, len(examples)))
+    batch = batch_size_of(inputs)
+    try:
+        with torch.no_grad():
+            loss = task.loss(task.forward(model, inputs), labels)
+    except Exception as exc:  # noqa: BLE001 - the user's task code on its own training examples
+        raise IndexBuildError(f"task: forward + loss failed on training rows 0..{batch - 1}: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from None
+    if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (batch,):
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise IndexBuildError(f"task.loss must return one loss per example (shape [{batch}] for {batch} examples), "
+                              f"got {shape}; compute it with reduction=\"none\" (the indexer sums it)")
+
+
+def _estimate_bytes(job: _Job, rows: int, final_index: bool = True) -> dict[str, int]:
+    """Disk figures of a build, in bytes: vectors [rows, D] float32 twice for the resume state (the state
+    in use and the one being written), the FAISS index (at most the vectors), self-influence, the
+    examples table (from a sample of rows), the checkpoint copies."""
+    vectors = rows * job.plan.total_dim * 4
+    self_influence = rows * 8
+    figures = {"resume state": 2 * (vectors + self_influence)}
+    if final_index:
+        sample = range(0, job.count, max(1, job.count // 16))
+        labels = job.examples.labels
+        sizes = [len(json.dumps({"id": job.examples.id_of(r), "label": labels[r].tolist(),
+                                 "display": job.examples.display_of(r)}, separators=(",", ":"))) + 1 for r in sample]
+        figures["FAISS index"] = vectors + rows * 16 + (1 << 20)
+        figures["self-influence"] = self_influence
+        figures["examples table"] = int(np.mean(sizes) * job.count * 1.1) if sizes else 0
+        figures["checkpoint copies"] = sum(_size(c.path) for c in job.checkpoints)
+    return figures
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _check_disk(job: _Job, where: Path, resumable: ResumeState | None, rows: int | None = None,
+                final_index: bool = True, merge: bool = False) -> None:
+    """Refuse (IndexBuildError, with the figures) when the estimated size exceeds the free space of the
+    output's filesystem (less what a resumable state already holds) or `index.max_disk_gb`."""
+    rows = job.count if rows is None else rows
+    figures = _estimate_bytes(job, rows, final_index)
+    if merge:  # the merged vectors replace the resume state: one copy
+        figures["resume state"] //= 2
+    total = sum(figures.values())
+    job.estimate = total
+    detail = ", ".join(f"{name} {gb(n)}" for name, n in figures.items() if n)
+    dims = f"{rows:,} examples x {job.plan.total_dim:,} numbers"
+    limit = job.config.index.max_disk_gb
+    if limit is not None and total > limit * 1e9:
+        raise IndexBuildError(f"this build needs about {gb(total)} of disk ({dims}: {detail}), over index.max_disk_gb = "
+                              f"{limit:g}; use a smaller projection dim or fewer layers")
+    present = 0
+    if resumable is not None and resumable.work.is_dir():
+        present = sum(p.stat().st_size for p in resumable.work.rglob("*") if p.is_file())
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    if total - present > free:
+        raise IndexBuildError(f"this build needs about {gb(total)} of disk ({dims}: {detail}) but {where} has "
+                              f"{gb(free)} free; free some space, write elsewhere (--out), or use a smaller "
+                              "projection dim or fewer layers")
+
+
+def _embed_rows(job: _Job, state: ResumeState, start_row: int,
+                progress: Callable[[int, int], None] | None, show_progress: bool) -> tuple[Path, np.ndarray, float]:
+    """Embed rows state.rows at every checkpoint not yet committed in `state`; returns (the committed
+    vectors file [rows, D] float32, exact self-influence [rows] float64, embedding seconds)."""
+    count, plan = state.count, job.plan
+    last_done, self_influence = state.load()
+    if self_influence is None:
+        self_influence = np.zeros(count, dtype=np.float64)
     batch_size = job.config.index.batch_size
     batches = (count + batch_size - 1) // batch_size
     total = len(job.checkpoints) * batches
@@ -239,49 +441,80 @@ def _embed_rows(job: _Job, start_row: int, stop_row: int, work: Path,
     embed_seconds, offset = 0.0, 0
     for c, ckpt in enumerate(job.checkpoints):
         width = plan.checkpoint_dim(c)
-        if c in done:
+        if c <= last_done:
             offset += width
             bar.update(batches)
             continue
         t0 = time.perf_counter()
-        embedder = CheckpointEmbedder(job.task, ckpt, c, plan, job.config.index.device)
-        for b, start in enumerate(range(0, count, batch_size)):
-            stop = min(start + batch_size, count)
-            inputs, labels = job.examples.batch(start_row + start, start_row + stop)
-            part = embedder.embed(inputs, labels, check=(b % SUM_CHECK_EVERY == 0))
-            vec = part.vectors.detach().to("cpu", torch.float32).numpy()
-            if plan.summed:
-                vectors[start:stop] += vec
-            else:
-                vectors[start:stop, offset:offset + width] = vec
-            self_influence[start:stop] += part.self_influence.detach().to("cpu", torch.float64).numpy()
+        vectors = state.begin(c)
+        kill_point("state-started")
+        state_dict, _ = load_checkpoint(ckpt.path, job.config.checkpoints[c].prefix)
+        embedder = CheckpointEmbedder(job.task, ckpt, c, plan, job.config.index.device, state=state_dict)
+        del state_dict
+
+        def on_batch(b: int) -> None:
             bar.update(1)
             if progress:
                 progress(c * batches + b + 1, total)
+
+        _embed_checkpoint(job, embedder, c, vectors, self_influence, start_row, offset, width, on_batch)
+        kill_point("checkpoint-embedded")
         embed_seconds += time.perf_counter() - t0
-        vectors.flush()
-        np.save(si_file, self_influence)
-        done.append(c)
-        state_file.write_text(json.dumps({"done": done}))
+        state.commit(c, vectors, self_influence)
         offset += width
         del embedder
     bar.close()
-    return vectors, self_influence, embed_seconds
+    return state.vectors_file(len(job.checkpoints) - 1), self_influence, embed_seconds
+
+
+def _embed_checkpoint(job: _Job, embedder: CheckpointEmbedder, c: int, vectors: RowFile, self_influence: np.ndarray,
+                      start_row: int, offset: int, width: int, on_batch: Callable[[int], None]) -> None:
+    """The per-batch inner loop of checkpoint `c`: embed a batch, check it is finite, add it into the
+    accumulated vectors [rows, D] (projected kinds; exact mode writes this checkpoint's columns
+    offset..offset+width) and add its exact self-influence. The first batch and every SUM_CHECK_EVERY-th
+    are sum-checked (hook gradients vs the batch gradient: `indexer.capture`)."""
+    batch_size = job.config.index.batch_size
+    for b, start in enumerate(range(0, vectors.rows, batch_size)):
+        stop = min(start + batch_size, vectors.rows)
+        inputs, labels = job.examples.batch(start_row + start, start_row + stop)
+        part = embedder.embed(inputs, labels, check=(b % SUM_CHECK_EVERY == 0))
+        vec = part.vectors.detach().to("cpu", torch.float32).numpy()
+        sq = part.self_influence.detach().to("cpu", torch.float64).numpy()
+        _check_finite(job, c, start_row + start, start_row + stop, vec, sq)
+        block = vectors.read(start, stop)
+        if job.plan.summed:
+            block += vec  # every checkpoint adds into the same D columns, in checkpoint order
+        else:
+            block[:, offset:offset + width] = vec  # exact mode: this checkpoint's own columns
+        vectors.write(start, block)
+        self_influence[start:stop] += sq
+        on_batch(b)
+        kill_point("batch")
+
+
+def _check_finite(job: _Job, c: int, start: int, stop: int, vec: np.ndarray, sq: np.ndarray) -> None:
+    if np.isfinite(vec).all() and np.isfinite(sq).all():
+        return
+    ckpt = job.checkpoints[c]
+    raise IndexBuildError(f"checkpoints[{c}] ({ckpt.path.name}, lr {ckpt.lr!r}): the embeddings of training rows "
+                          f"{start}..{stop - 1} are not finite (inf or NaN in float32); check this checkpoint's lr "
+                          "and the model's loss at it. No index was written")
 
 
 def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, started: float,
               embed_seconds: float) -> BuildResult:
     """Write FAISS index, self-influence, examples, checkpoints and manifest; rename into place."""
     config, plan = job.config, job.plan
-    staging = StagingDirectory(job.out, overwrite=job.overwrite)
+    staging = StagingDirectory(job.out, overwrite=job.overwrite, protected=_protected(config))
     try:
         faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE)
-        np.save(staging.path / SELF_INFLUENCE_FILE, self_influence)
+        save_npy(staging.path / SELF_INFLUENCE_FILE, self_influence)
         _write_examples(job.task, job.examples, staging.path)
-        ckpt_entries = _copy_checkpoints(job.checkpoints, job.digests, staging.path)
+        ckpt_entries = _copy_checkpoints(job, staging.path)
         names = [INDEX_FILE, SELF_INFLUENCE_FILE, EXAMPLES_FILE]
         if (staging.path / QUERIES_FILE).is_file():
             names.append(QUERIES_FILE)
+        kill_point("index-staged")
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -299,10 +532,15 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
             "files": file_hashes(staging.path, names),
             "versions": library_versions(),
             "build": {"seconds": round(time.perf_counter() - started, 3), "embed_seconds": round(embed_seconds, 3),
-                      "batch_size": config.index.batch_size, "device": config.index.device},
+                      "batch_size": config.index.batch_size, "device": config.index.device,
+                      "self_check_seconds": round(job.check.seconds, 3) if job.check is not None else None},
         }
-        (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(staging.path, manifest)
+        kill_point("manifest-written")
         staging.commit()
+    except ManifestError as exc:  # a figure the service would refuse: never write such an index
+        staging.abort()
+        raise IndexBuildError(str(exc)) from None
     except BaseException:
         staging.abort()
         raise
@@ -379,11 +617,24 @@ def _write_examples(task: Task, examples: ExampleSet, directory: Path) -> None:
         ))
 
 
-def _copy_checkpoints(checkpoints: list[Checkpoint], digests: list[str], directory: Path) -> list[dict]:
+def _copy_checkpoints(job: _Job, directory: Path) -> list[dict]:
+    """checkpoints/NN-name: a byte copy of a checkpoint file the service reads as it is; a normalised
+    tracin checkpoint (weights under the model's own names, the lr) for a folder or a prefixed file."""
     (directory / CHECKPOINT_DIR).mkdir()
     entries = []
-    for i, (ckpt, digest) in enumerate(zip(checkpoints, digests)):
-        name = f"{CHECKPOINT_DIR}/{i:02d}-{ckpt.path.name}"
-        shutil.copyfile(ckpt.path, directory / name)
-        entries.append({"file": name, "source": str(ckpt.path), "lr": ckpt.lr, "sha256": digest})
+    for i, (ckpt, digest, spec) in enumerate(zip(job.checkpoints, job.digests, job.config.checkpoints)):
+        if ckpt.path.is_file() and not spec.prefix:
+            name = f"{CHECKPOINT_DIR}/{i:02d}-{ckpt.path.name}"
+            shutil.copyfile(ckpt.path, directory / name)
+            sha = digest
+        else:
+            name = f"{CHECKPOINT_DIR}/{i:02d}-{ckpt.path.stem if ckpt.path.is_file() else ckpt.path.name}.pt"
+            state, _ = load_checkpoint(ckpt.path, spec.prefix)
+            torch.save({"format": CHECKPOINT_FORMAT, "state_dict": {k: v.contiguous() for k, v in state.items()},
+                        "lr": float(ckpt.lr)}, directory / name)
+            sha = checkpoint_digest(directory / name)
+        entry = {"file": name, "source": str(ckpt.path), "lr": ckpt.lr, "sha256": sha}
+        if sha != digest:
+            entry["source_sha256"] = digest
+        entries.append(entry)
     return entries

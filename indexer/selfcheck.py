@@ -73,8 +73,7 @@ class SelfCheckReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"rows": self.rows, "checkpoints": self.checkpoints, "threshold": self.threshold,
-                "seconds": round(self.seconds, 3), "max_error": max((b.error for b in self.blocks), default=0.0),
-                "ok": self.ok}
+                "max_error": max((b.error for b in self.blocks), default=0.0), "ok": self.ok}
 
 
 def check_rows(count: int, wanted: int = 4) -> list[int]:
@@ -86,15 +85,18 @@ def check_rows(count: int, wanted: int = 4) -> list[int]:
 
 def self_check(task: Task, checkpoints: list[Checkpoint], plan: ProjectionPlan, examples: ExampleSet,
                device: str | torch.device = "cpu", rows: list[int] | None = None,
-               embedders: dict[int, CheckpointEmbedder] | None = None) -> SelfCheckReport:
-    """Compare each block's per-example gradients (plan routes, one batch) with autograd per example."""
+               embedders: dict[int, CheckpointEmbedder] | None = None,
+               states: dict[int, dict] | None = None) -> SelfCheckReport:
+    """Compare each block's per-example gradients (plan routes, one batch) with autograd per example, at
+    the first and last checkpoints (`embedders` / `states`: already built models or loaded state dicts)."""
     started = time.perf_counter()
     rows = rows if rows is not None else check_rows(len(examples))
     which = sorted({0, len(checkpoints) - 1})
     threshold = THRESHOLDS[plan.compute_dtype]
     errors = {b.name: 0.0 for b in plan.blocks}
     for c in which:
-        embedder = (embedders or {}).get(c) or CheckpointEmbedder(task, checkpoints[c], c, plan, device)
+        embedder = (embedders or {}).get(c) or CheckpointEmbedder(task, checkpoints[c], c, plan, device,
+                                                                  state=(states or {}).get(c))
         inputs, labels = embedder.prepare(*examples.rows(rows))
         with embedder._lock:
             captured = embedder.capture.capture(inputs, labels)

@@ -2,7 +2,8 @@
 
     manifest.json        schema version, task, checkpoints (lr, sha256), layers, projection
                          (kind, dim, seed, fingerprint), embedding dim, count, FAISS settings, files'
-                         sha256, library versions, build figures
+                         sha256, library versions, build figures (shape: `indexer.manifest.Manifest`)
+    manifest.sha256      sha256 of manifest.json, so the manifest is covered by the integrity check too
     index.faiss          FAISS inner-product index over the embeddings (row r = training example r)
     self_influence.npy   exact sum_i lr_i ||g_i(z)||^2 per row (float64)
     examples.jsonl       one line per row: {"id", "label", "display"}
@@ -10,34 +11,47 @@
     checkpoints/         copies of the checkpoint files, so the directory is self-contained
 
 Written into a sibling temporary directory and renamed into place: a crash never leaves a directory
-that looks whole. `IndexDirectory.open` verifies files against the manifest before anything is served.
+that looks whole, and a file a server may have memory-mapped is never rewritten in place (the old
+directory is renamed away and its files unlinked, which leaves existing mappings intact on Linux).
+`IndexDirectory.open` verifies the manifest's digest and shape, every file's sha256 and every figure
+(counts, dims, learning rates against the checkpoint files) before anything is served.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import faiss
 import numpy as np
 
 from indexer.checkpoints import sha256_file
+from indexer.manifest import (
+    MANIFEST, MANIFEST_DIGEST, SCHEMA_VERSION, Manifest, ManifestError, is_index_directory, read_manifest,
+)
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 SELF_INFLUENCE_FILE = "self_influence.npy"
 EXAMPLES_FILE = "examples.jsonl"
 QUERIES_FILE = "queries.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
+__all__ = ["SCHEMA_VERSION", "MANIFEST", "MANIFEST_DIGEST", "IndexDirectory", "IndexDirectoryError", "IndexBuildError",
+           "StagingDirectory", "check_replaceable"]
+
 
 class IndexDirectoryError(RuntimeError):
     """The index directory is missing, incomplete or does not match its manifest."""
+
+
+class IndexBuildError(RuntimeError):
+    """A build cannot start or cannot go on (lock held, --force refused, disk space, non-finite
+    embeddings, a task breaking its contract); the message is one line for the user."""
 
 
 def library_versions() -> dict[str, str]:
@@ -49,21 +63,35 @@ def library_versions() -> dict[str, str]:
 
 
 class StagingDirectory:
-    """A temporary sibling of `target` that becomes `target` on commit() (atomic rename)."""
+    """A temporary sibling of `target` that becomes `target` on commit() (atomic rename).
 
-    def __init__(self, target: Path, overwrite: bool = False):
+    With `overwrite`, an existing `target` must pass `check_replaceable` (an index directory and
+    nothing else); it is renamed away at commit and its files unlinked, never rewritten in place, so a
+    server that memory-mapped them keeps its mapping. Raises FileExistsError (exists, no overwrite)
+    or IndexBuildError (not replaceable)."""
+
+    def __init__(self, target: Path, overwrite: bool = False, protected: Iterable[Path] = ()):
         self.target = Path(target).resolve()
-        if self.target.exists() and not overwrite:
-            raise FileExistsError(f"{self.target} already exists (use --force to replace it)")
+        self.protected = [Path(p) for p in protected]
+        if self.target.exists() or self.target.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{self.target} already exists (use --force to replace it)")
+            check_replaceable(self.target, self.protected)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.path.mkdir()
         self.overwrite = overwrite
 
     def commit(self) -> Path:
+        """fsync the staged files, rename the old target away, rename the staging directory into place,
+        then unlink the old files."""
+        for file in sorted(self.path.rglob("*")):
+            if file.is_file():
+                _fsync_file(file)
         _fsync_dir(self.path)
         old = None
         if self.target.exists():
+            check_replaceable(self.target, self.protected)  # still ours (checked again just before)
             old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.target, old)
         os.replace(self.path, self.target)
@@ -74,6 +102,64 @@ class StagingDirectory:
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(directory)
+        return True
+    except ValueError:
+        return False
+
+
+def check_replaceable(target: Path, protected: Iterable[Path] = ()) -> None:
+    """Refuse (IndexBuildError, one line) to replace `target` unless it is an empty directory or an
+    index directory written by tracin holding only the files its manifest lists, and none of
+    `protected` (the config, the checkpoints, the working directory) lies inside it."""
+    target = Path(target)
+    if target.is_symlink() or not target.is_dir():
+        raise IndexBuildError(f"--force: {target} is not a directory; it is left as it is")
+    resolved = target.resolve()
+    for path in [*protected, Path.cwd()]:
+        if _inside(path, resolved):
+            what = "the current directory" if path == Path.cwd() else str(path)
+            raise IndexBuildError(f"--force: {target} contains {what}; it is not replaced (choose another --out)")
+    entries = list(target.iterdir())
+    if not entries:
+        return
+    if not is_index_directory(target):
+        raise IndexBuildError(f"--force: {target} is not an index directory (no tracin {MANIFEST}); --force only "
+                              "replaces index directories, so it is left as it is (choose another --out)")
+    raw = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    known = {MANIFEST, MANIFEST_DIGEST, *[str(k) for k in raw.get("files", {})]}
+    for entry in raw.get("checkpoints") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            known.add(entry["file"])
+    folders = {str(Path(name).parent) for name in known} - {"."}
+    unknown = []
+    for path in sorted(target.rglob("*")):
+        name = path.relative_to(target).as_posix()
+        if path.is_dir() and not path.is_symlink() and name in folders:
+            continue
+        if name not in known or path.is_symlink() or not path.is_file():
+            unknown.append(name)
+    if unknown:
+        raise IndexBuildError(f"--force: {target} holds files that are not part of its index ({', '.join(unknown[:3])}"
+                              f"{', ...' if len(unknown) > 3 else ''}); it is left as it is (move them or choose "
+                              "another --out)")
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,7 +208,9 @@ def _read_faiss(file: Path, mmap: bool) -> faiss.Index:
 
 @dataclass
 class IndexDirectory:
-    """An opened, verified index directory (what the service serves)."""
+    """An opened, verified index directory (what the service serves).
+
+    `manifest` is the raw manifest dict (validated: `model` is its `indexer.manifest.Manifest`)."""
 
     path: Path
     manifest: dict[str, Any]
@@ -130,6 +218,7 @@ class IndexDirectory:
     self_influence: np.ndarray
     examples: list[dict[str, Any]]
     queries: list[dict[str, Any]]
+    model: Manifest | None = None
 
     @property
     def count(self) -> int:
@@ -144,37 +233,78 @@ class IndexDirectory:
 
     @classmethod
     def open(cls, path: str | Path, mmap: bool = False, verify: bool = True) -> "IndexDirectory":
+        """Open `path`, refusing with IndexDirectoryError (one line) unless: manifest.json matches
+        manifest.sha256 and has the shape of `indexer.manifest.Manifest`; every file it lists exists (and,
+        with `verify`, matches its sha256); the FAISS index has `count` rows of `embedding_dim`
+        inner-product vectors; self_influence.npy is float64 [count], finite and >= 0; examples.jsonl has
+        `count` rows with an id and a label; each checkpoint's lr equals the lr its file records (when it
+        records one). The manifest digest is checked even without `verify` (it is small)."""
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise IndexDirectoryError(f"{path} is not an index directory: {MANIFEST} is missing")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise IndexDirectoryError(f"{manifest_path} is not valid JSON: {exc}") from exc
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise IndexDirectoryError(
-                f"{path}: index schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}"
-            )
-        expected = dict(manifest.get("files", {}))
-        for c in manifest["checkpoints"]:
-            expected[c["file"]] = c["sha256"]
-        for name, digest in expected.items():
+            model, manifest = read_manifest(path)
+        except ManifestError as exc:
+            raise IndexDirectoryError(str(exc)) from None
+        for name, digest in model.required_files().items():
             file = path / name
-            if not file.is_file():
+            if not file.is_file() or file.is_symlink() or not _inside(file, path.resolve()):
                 raise IndexDirectoryError(f"{path} is incomplete: {name} is missing")
             if verify and sha256_file(file) != digest:
                 raise IndexDirectoryError(f"{path}: {name} does not match the sha256 in the manifest")
-        index = _read_faiss(path / INDEX_FILE, mmap)
-        self_influence = np.load(path / SELF_INFLUENCE_FILE)
-        examples = read_jsonl(path / EXAMPLES_FILE)
-        queries = read_jsonl(path / QUERIES_FILE) if (path / QUERIES_FILE).is_file() else []
-        count = int(manifest["count"])
+        try:
+            index = _read_faiss(path / model.faiss.file, mmap)
+        except RuntimeError as exc:
+            raise IndexDirectoryError(f"{path}: cannot read {model.faiss.file}: {_last_line(exc)}") from None
+        try:
+            self_influence = np.load(path / SELF_INFLUENCE_FILE, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise IndexDirectoryError(f"{path}: cannot read {SELF_INFLUENCE_FILE}: {exc}") from None
+        examples = _read_rows(path, EXAMPLES_FILE)
+        queries = _read_rows(path, QUERIES_FILE) if QUERIES_FILE in model.files else []  # only a covered file
+        count, dim = model.count, model.embedding_dim
         if index.ntotal != count or len(examples) != count or self_influence.shape != (count,):
             raise IndexDirectoryError(
                 f"{path}: row counts disagree (manifest {count}, index {index.ntotal}, "
-                f"examples {len(examples)}, self-influence {self_influence.shape[0]})"
+                f"examples {len(examples)}, self-influence {self_influence.shape[0] if self_influence.ndim else 0})"
             )
-        if index.d != int(manifest["embedding_dim"]):
-            raise IndexDirectoryError(f"{path}: index dim {index.d} != manifest {manifest['embedding_dim']}")
-        return cls(path, manifest, index, self_influence, examples, queries)
+        if index.d != dim:
+            raise IndexDirectoryError(f"{path}: index dim {index.d} != manifest embedding_dim {dim}")
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise IndexDirectoryError(f"{path}: {model.faiss.file} is not an inner-product index")
+        if self_influence.dtype != np.float64:
+            raise IndexDirectoryError(f"{path}: {SELF_INFLUENCE_FILE} is {self_influence.dtype}, not float64")
+        bad = np.flatnonzero(~np.isfinite(self_influence) | (self_influence < 0))
+        if bad.size:
+            raise IndexDirectoryError(f"{path}: {SELF_INFLUENCE_FILE} row {int(bad[0])} is "
+                                      f"{self_influence[bad[0]]!r} (self-influence is finite and >= 0)")
+        for row, ex in enumerate(examples):
+            if not isinstance(ex, dict) or "id" not in ex or "label" not in ex:
+                raise IndexDirectoryError(f"{path}: {EXAMPLES_FILE} row {row} is not an object with an id and a label")
+        _check_recorded_lrs(path, model)
+        return cls(path, manifest, index, self_influence, examples, queries, model)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _read_rows(path: Path, name: str) -> list[dict[str, Any]]:
+    try:
+        return read_jsonl(path / name)
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise IndexDirectoryError(f"{path}: {name} is not valid JSON lines: {exc}") from None
+
+
+def _check_recorded_lrs(path: Path, model: Manifest) -> None:
+    """Each checkpoint's manifest lr must equal the lr its file records (when it records one)."""
+    from indexer.checkpoints import CheckpointError, load_checkpoint, recorded_lr
+
+    for i, entry in enumerate(model.checkpoints):
+        try:
+            _, meta = load_checkpoint(path / entry.file)
+            recorded = recorded_lr(meta, f"{entry.file}")
+        except CheckpointError as exc:
+            raise IndexDirectoryError(f"{path}: checkpoints[{i}]: {exc}") from None
+        if recorded is not None and not math.isclose(recorded, entry.lr, rel_tol=1e-9, abs_tol=0.0):
+            raise IndexDirectoryError(f"{path}: checkpoints[{i}].lr is {entry.lr!r} in the manifest but "
+                                      f"{entry.file} records lr {recorded!r}")

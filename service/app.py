@@ -4,7 +4,7 @@
     tracin serve DIR                                 # loads first (clear errors), then runs uvicorn
 
 Middlewares, outermost first: metrics -> CORS (only when origins are configured) -> bearer key (only
-when TRACIN_API_KEY is set) -> body size limit (413) -> routes.
+when TRACIN_API_KEY is set) -> body size limit and read timeout (413 / 408) -> routes.
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 from fastapi.middleware import Middleware
-from fastapi.middleware.cors import CORSMiddleware
 
 from service.dashboard import mount_dashboard
 from service.engine import Engine, ServiceStartupError, configure_threads, load_engine, open_task
-from service.errors import BearerAuth, BodySizeLimit, install_handlers
+from service.errors import BearerAuth, BodySizeLimit, JsonCORSMiddleware, install_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import build_router
 from service.schemas import make_influence_request
@@ -103,12 +102,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     middleware = [Middleware(MetricsMiddleware, metrics=metrics)]
     if settings.cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+        middleware.append(Middleware(JsonCORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
                                      max_age=600))
     if settings.api_key is not None:
         middleware.append(Middleware(BearerAuth, api_key=settings.api_key.get_secret_value()))
-    middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes))
+    middleware.append(Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s))
 
     from indexer import __version__
 

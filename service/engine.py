@@ -47,25 +47,27 @@ def configure_threads(settings: Settings) -> None:
         faiss.omp_set_num_threads(settings.faiss_threads)
 
 
-def open_task(settings: Settings):
-    """Rebuild only the Task from the manifest (light: for the request schema at app creation)."""
-    import json
+TASK_FIELD = "manifest task.ref"
 
+
+def open_task(settings: Settings):
+    """Rebuild only the Task from the manifest (light: for the request schema at app creation).
+
+    The manifest is checked against manifest.sha256 and validated (`indexer.manifest`) before its task
+    reference is used; the reference must resolve to a Task subclass (type-checked before the one call
+    that constructs it) from a module outside the index directory."""
     from indexer.config import ConfigError, TaskRef
+    from indexer.manifest import ManifestError, read_manifest
 
     path = _index_path(settings)
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        ref = manifest["task"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ServiceStartupError(f"{path}: cannot read manifest.json: {exc}") from None
+        manifest, _ = read_manifest(path)
+    except (ManifestError, OSError) as exc:
+        raise ServiceStartupError(str(exc)) from None
     try:
-        task = TaskRef(ref["ref"], dict(ref.get("args") or {})).build()
+        task = TaskRef(manifest.task.ref, dict(manifest.task.args)).build(TASK_FIELD, forbidden_dir=path)
     except ConfigError as exc:
         raise ServiceStartupError(f"{path}: cannot rebuild the task: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - user task code failing to construct
-        raise ServiceStartupError(f"{path}: cannot rebuild the task {ref.get('ref')!r}: "
-                                  f"{type(exc).__name__}: {exc}") from None
     _check_schema(task, path)
     return task
 
@@ -148,8 +150,9 @@ class Engine:
         if self.label_kind != "class":
             try:
                 return self.task.parse_label(value, self.label_width)
-            except ValueError as exc:
-                raise ApiError(422, "invalid_label", field_name, str(exc), loc) from None
+            except ValueError as exc:  # the task's message may quote the value: it is quoted once, cut, by ApiError
+                message = str(exc).replace(f" {value!r}", "").replace(repr(value), "this label")[:300]
+                raise ApiError(422, "invalid_label", field_name, message, loc, echo=value) from None
         return self.class_id(value, field_name, loc)
 
     def class_id(self, value: Any, field_name: str, loc: list | None = None) -> int:
@@ -162,12 +165,12 @@ class Engine:
         elif isinstance(value, str) and value.lstrip("-").isdigit():
             label = int(value)
         else:
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
             raise ApiError(422, "unknown_label", field_name,
-                           f"unknown label {shown}: give a class id" + (f" or one of {names[:20]}" if names else ""), loc)
+                           "unknown label: give a class id" + (f" or one of {names[:20]}" if names else ""), loc,
+                           echo=value)
         if self.num_classes is not None and not 0 <= label < self.num_classes:
-            raise ApiError(422, "unknown_label", field_name,
-                           f"label {label} is out of range 0..{self.num_classes - 1}", loc)
+            raise ApiError(422, "unknown_label", field_name, f"label is out of range 0..{self.num_classes - 1}", loc,
+                           echo=value)
         return label
 
     def label_rows(self, value: int | str, field_name: str, loc: list | None = None) -> tuple[int, np.ndarray]:
@@ -191,7 +194,7 @@ class Engine:
     def row_of(self, example_id: str, field_name: str, status: int = 422, loc: list | None = None) -> int:
         row = self.id_to_row.get(example_id)
         if row is None:
-            raise ApiError(status, "unknown_id", field_name, f"no training example has id {example_id!r}", loc)
+            raise ApiError(status, "unknown_id", field_name, "no training example has this id", loc, echo=example_id)
         return row
 
     # -- queries -------------------------------------------------------------------------------
@@ -422,7 +425,7 @@ class Engine:
         faiss_info = dict(m.get("faiss", {}))
         faiss_info["search_params_in_use"] = self.search_params
         return {
-            "path": str(self.index_dir.path),
+            "path": self.index_dir.path.resolve().name,  # the name only: the server's file layout is not shown
             "task": {"ref": m["task"]["ref"], "args": m["task"].get("args") or {}},
             "class_names": self.class_names,
             "count": self.count,
@@ -498,7 +501,7 @@ def load_engine(settings: Settings) -> Engine:
     import faiss
 
     from indexer.checkpoints import CheckpointError
-    from indexer.config import ConfigError
+    from indexer.config import ConfigError, TaskRef
     from indexer.embedding import load_embedder
     from indexer.store import IndexDirectory, IndexDirectoryError
 
@@ -512,6 +515,10 @@ def load_engine(settings: Settings) -> Engine:
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
         raise ServiceStartupError(f"{path}: cannot read the index directory: {type(exc).__name__}: {exc}") from None
 
+    try:  # resolved and type-checked (nothing called) before load_embedder constructs it
+        TaskRef(index_dir.model.task.ref, dict(index_dir.model.task.args)).check(TASK_FIELD, forbidden_dir=path)
+    except ConfigError as exc:
+        raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {exc}") from None
     try:
         task, embedder = load_embedder(index_dir, device=settings.device)
     except IndexDirectoryError as exc:

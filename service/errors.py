@@ -5,7 +5,8 @@ Every error response has the same shape (also for FastAPI's own validation error
     {"error": "validation_error", "message": "example.pixels: List should have at least 64 items ...",
      "detail": [{"loc": ["body", "example", "pixels"], "field": "example.pixels", "msg": "...", "type": "..."}]}
 
-The offending input is never echoed back (it may be huge, or a NaN that JSON cannot carry), and no
+The offending input is not echoed back (it may be huge, or a NaN that JSON cannot carry): an unknown
+id, label or path is quoted at most once (in `detail[].msg`), cut to ECHO_CHARS characters; no
 traceback ever reaches a client.
 """
 from __future__ import annotations
@@ -17,19 +18,31 @@ from typing import Any, Iterable, Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("service")
 
 _LOC_ROOTS = ("body", "query", "path", "header", "cookie")
+ECHO_CHARS = 100
+
+
+def short(value: Any, limit: int = ECHO_CHARS) -> str:
+    """repr(value) cut to `limit` characters (with the full length), for quoting user input."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class ApiError(Exception):
-    """An error for the client: status code, machine-readable code, the field at fault, a message."""
+    """An error for the client: status code, machine-readable code, the field at fault, a message, and
+    optionally the offending value (`echo`), quoted once and cut to ECHO_CHARS characters."""
 
-    def __init__(self, status: int, code: str, field: str, message: str, loc: Sequence[str | int] | None = None):
+    def __init__(self, status: int, code: str, field: str, message: str, loc: Sequence[str | int] | None = None,
+                 echo: Any = None):
         super().__init__(message)
-        self.status, self.code, self.field, self.message = status, code, field, message
+        self.status, self.code, self.field, self.message, self.echo = status, code, field, message, echo
         self.loc = list(loc) if loc is not None else ["body", *field.split(".")] if field else ["body"]
 
 
@@ -37,6 +50,13 @@ class BodyTooLarge(StarletteHTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"request body is larger than {limit} bytes")
         self.limit = limit
+
+
+class BodyTimeout(StarletteHTTPException):
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s (TRACIN_BODY_TIMEOUT_S)",
+                         headers={"Connection": "close"})
+        self.seconds = seconds
 
 
 def field_name(loc: Iterable[Any]) -> str:
@@ -53,9 +73,12 @@ def error_body(status_code: str, detail: list[dict[str, Any]], message: str | No
 
 
 def error_response(status: int, code: str, field: str, message: str, loc: Sequence[str | int] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None, echo: Any = None) -> JSONResponse:
+    """The JSON error shape for one field. `echo` (the offending value) is quoted once, in detail.msg,
+    cut to ECHO_CHARS characters; `message` is `field: message` without it."""
     loc = list(loc) if loc is not None else [field]
-    detail = [{"loc": loc, "field": field, "msg": message, "type": code}]
+    msg = message if echo is None else f"{message} (got {short(echo)})"
+    detail = [{"loc": loc, "field": field, "msg": msg, "type": code}]
     return JSONResponse(error_body(code, detail, f"{field}: {message}"), status_code=status, headers=headers)
 
 
@@ -64,10 +87,17 @@ def _clean_msg(msg: Any) -> str:
     return text[:500]
 
 
+def _loc_part(part: Any) -> str | int:
+    if isinstance(part, int) and not isinstance(part, bool):
+        return part
+    text = str(part)
+    return text if len(text) <= ECHO_CHARS else f"<a key of {len(text)} characters>"  # e.g. a huge unknown key
+
+
 def validation_detail(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for err in errors[:20]:
-        loc = [p if isinstance(p, (str, int)) else str(p) for p in err.get("loc", ())]
+        loc = [_loc_part(p) for p in err.get("loc", ())]
         msg = _clean_msg(err.get("msg", "invalid"))
         if err.get("type") == "json_invalid":  # loc is ("body", character offset)
             reason = (err.get("ctx") or {}).get("error")
@@ -107,6 +137,38 @@ def reject_non_finite(value: Any, loc: tuple) -> None:
         raise RequestValidationError([{"loc": d["loc"], "msg": d["msg"], "type": d["type"]} for d in detail])
 
 
+def coerced_number_paths(raw: Any, validated: Any, loc: tuple = (), limit: int = 5) -> list[tuple]:
+    """Paths where the raw JSON had a boolean or a string but the validated example holds a number:
+    a lax coercion (`true` -> 1.0, `"3"` -> 3) that the service refuses. Walks both trees in parallel
+    (dict keys, list positions) and ignores branches whose shapes differ (custom validators)."""
+    found: list[tuple] = []
+
+    def walk(r: Any, v: Any, path: tuple) -> None:
+        if len(found) >= limit:
+            return
+        if isinstance(r, (bool, str)):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                found.append(path)
+        elif isinstance(r, dict) and isinstance(v, dict):
+            for key, item in r.items():
+                if key in v:
+                    walk(item, v[key], path + (key,))
+        elif isinstance(r, list) and isinstance(v, (list, tuple)) and len(r) == len(v):
+            for i, (a, b) in enumerate(zip(r, v)):
+                walk(a, b, path + (i,))
+
+    walk(raw, validated, loc)
+    return found
+
+
+def reject_coerced_numbers(raw: Any, validated: Any, loc: tuple) -> None:
+    """422 naming each number field given as a boolean or a string (strict numbers)."""
+    paths = coerced_number_paths(raw, validated, loc)
+    if paths:
+        raise RequestValidationError([{"loc": ["body", *p], "msg": "must be a JSON number (booleans and numeric "
+                                       "strings are not numbers)", "type": "strict_number"} for p in paths])
+
+
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     detail = validation_detail(list(exc.errors()))
     content_type = request.headers.get("content-type", "")
@@ -120,22 +182,36 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
 
 async def _api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return error_response(exc.status, exc.code, exc.field, exc.message, exc.loc, headers)
+    return error_response(exc.status, exc.code, exc.field, exc.message, exc.loc, headers, exc.echo)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type", 422: "invalid"}
+               405: "method_not_allowed", 408: "body_timeout", 413: "body_too_large", 415: "unsupported_media_type",
+               422: "invalid"}
+
+
+def _unreadable_body(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a JSON body it read (its 400 names no reason)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start}: {cause.reason}); send JSON encoded as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply"
+    if isinstance(cause, ValueError):
+        return f"the body is not valid JSON: {_clean_msg(cause)[:200]}"
+    return None
 
 
 async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     if exc.status_code in (404, 405):
-        field, loc = "path", ["path"]
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-    else:
-        field, loc = "body", ["body"]
-        message = str(exc.detail)
-    return error_response(exc.status_code, code, field, message, loc, getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, "path", str(exc.detail), ["path"],
+                              getattr(exc, "headers", None), echo=f"{request.method} {request.url.path}")
+    if exc.status_code == 400:
+        reason = _unreadable_body(exc.__cause__)
+        if reason is not None:  # documented as a validation error of the body, like malformed JSON
+            detail = [{"loc": ["body"], "field": "body", "msg": reason, "type": "json_invalid"}]
+            return JSONResponse(error_body("validation_error", detail), status_code=422)
+    return error_response(exc.status_code, code, "body", str(exc.detail), ["body"], getattr(exc, "headers", None))
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -169,24 +245,34 @@ def _too_large_body(limit: int) -> dict[str, Any]:
                       f"body: {msg}")
 
 
+def _body_timeout(seconds: float) -> dict[str, Any]:
+    msg = f"the request body did not arrive within {seconds:g} s (TRACIN_BODY_TIMEOUT_S)"
+    return error_body("body_timeout", [{"loc": ["body"], "field": "body", "msg": msg, "type": "body_timeout"}],
+                      f"body: {msg}")
+
+
 class BodySizeLimit:
-    """413 for request bodies over `max_bytes`: at once from Content-Length, or while streaming.
+    """413 for request bodies over `max_bytes`: at once from Content-Length, or while streaming; 408
+    when the whole body has not arrived `timeout_s` seconds after the request started (slow clients).
 
-    The rest of an oversized body is read and dropped (up to `drain_bytes`) before answering, so the
-    client gets the 413 instead of a connection reset in the middle of its upload."""
+    The rest of an oversized body is read and dropped (up to `drain_bytes`, within the timeout) before
+    answering, so the client gets the 413 instead of a connection reset in the middle of its upload."""
 
-    def __init__(self, app, max_bytes: int, drain_bytes: int = 64 << 20):
-        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
+    def __init__(self, app, max_bytes: int, drain_bytes: int = 64 << 20, timeout_s: float | None = None):
+        self.app, self.max_bytes, self.drain_bytes, self.timeout_s = app, max_bytes, drain_bytes, timeout_s
 
     async def _drain(self, receive, already: int) -> None:
+        import anyio
+
         seen = already
-        while seen <= self.drain_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
+        with anyio.move_on_after(self.timeout_s if self.timeout_s else None):
+            while seen <= self.drain_bytes:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                seen += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -208,18 +294,34 @@ class BodySizeLimit:
                     await self._drain(receive, 0)
                 return await send_json(send, 413, _too_large_body(self.max_bytes), [(b"connection", b"close")])
 
+        import anyio
+
         received = 0
         limit = self.max_bytes
+        timeout = self.timeout_s
+        deadline = anyio.current_time() + timeout if timeout else None
+        body_done = False
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done or deadline is None:
+                message = await receive()
+            else:
+                try:
+                    with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyTimeout(timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body_done = True
                 if received > limit:
                     if message.get("more_body", False):
                         await self._drain(receive, received)
                     raise BodyTooLarge(limit)
+            else:
+                body_done = True
             return message
 
         started = False
@@ -235,6 +337,9 @@ class BodySizeLimit:
         except BodyTooLarge:
             if not started:
                 await send_json(send, 413, _too_large_body(limit), [(b"connection", b"close")])
+        except BodyTimeout:
+            if not started:
+                await send_json(send, 408, _body_timeout(timeout), [(b"connection", b"close")])
 
 
 class BearerAuth:
@@ -244,7 +349,7 @@ class BearerAuth:
 
     def __init__(self, app, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("path") in self.OPEN or scope.get("method") == "OPTIONS":
@@ -256,9 +361,31 @@ class BearerAuth:
             if name == b"authorization":
                 given = value
                 break
-        if not hmac.compare_digest(given, self.expected):
+        scheme, _, token = given.strip().partition(b" ")
+        valid = scheme.lower() == b"bearer"  # the scheme is case-insensitive (RFC 9110); the key is not
+        if not (hmac.compare_digest(token.strip(), self.expected) and valid):
             msg = "missing bearer token" if not given else "invalid bearer token"
             body = error_body("unauthorized", [{"loc": ["header", "authorization"], "field": "authorization",
                                                  "msg": msg, "type": "unauthorized"}], f"authorization: {msg}")
             return await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
         return await self.app(scope, receive, send)
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware, but a rejected preflight answers the JSON error shape (400) naming
+    what was refused (origin, method, headers) instead of plain text."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        text = bytes(response.body).decode(errors="replace")
+        failures = [f.strip() for f in text.replace("Disallowed CORS", "").split(",") if f.strip()]
+        fields = {"origin": "origin", "method": "access-control-request-method",
+                  "headers": "access-control-request-headers",
+                  "private-network": "access-control-request-private-network"}
+        detail = [{"loc": ["header", fields.get(f, f)], "field": fields.get(f, f),
+                   "msg": f"this {f} is not allowed by TRACIN_CORS_ORIGINS / the service's CORS policy",
+                   "type": "cors_rejected"} for f in failures]
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse(error_body("cors_rejected", detail), status_code=400, headers=headers)

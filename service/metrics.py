@@ -26,8 +26,13 @@ class Metrics:
         self.load_seconds = Gauge("tracin_index_load_seconds", "time to load and verify the index", registry=r)
 
 
+DISCONNECTED = "499"  # the client went away before the response was complete (nginx's code)
+
+
 class MetricsMiddleware:
-    """Counts and times every HTTP request by its route template (not the raw path)."""
+    """Counts and times every HTTP request by its route template (not the raw path). A request whose
+    client disconnected before the response was complete is counted with status "499", not with the
+    status of the answer nobody received."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -37,17 +42,32 @@ class MetricsMiddleware:
             return await self.app(scope, receive, send)
         status = 500
         started = time.perf_counter()
+        complete = disconnected = False
+
+        async def tracking_receive():
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect" and not complete:
+                disconnected = True
+            return message
 
         async def tracking_send(message):
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, tracking_receive, tracking_send)
+        except OSError:  # the connection went away while answering
+            disconnected = True
+            raise
         finally:
+            if disconnected:
+                status = DISCONNECTED
             self.metrics.in_flight.dec()
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Body, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from service.errors import ApiError, reject_non_finite
+from service.errors import ApiError, reject_coerced_numbers, reject_non_finite
 from service.schemas import (
     ErrorResponse, ExampleInfo, Health, IndexInfo, InfluenceResponse, QueryPage, Ready, SelfInfluenceHistogram,
     SelfInfluencePage,
@@ -20,6 +20,7 @@ from service.settings import Settings
 
 ERRORS = {
     401: {"model": ErrorResponse, "description": "missing or wrong bearer key (when TRACIN_API_KEY is set)"},
+    408: {"model": ErrorResponse, "description": "request body not complete within TRACIN_BODY_TIMEOUT_S"},
     413: {"model": ErrorResponse, "description": "request body over TRACIN_MAX_BODY_BYTES"},
     422: {"model": ErrorResponse, "description": "invalid input; `detail[].field` names the field"},
 }
@@ -50,6 +51,10 @@ def build_router(request_model: type[BaseModel], settings: Settings,
         started = time.perf_counter()
         if body.example is not None:
             reject_non_finite(body.example.model_dump(mode="python"), ("example",))
+            raw = await request.json()  # parsed once by FastAPI and cached on the request
+            if isinstance(raw, dict):  # strict numbers: no `true` or "3" where the task's schema wants a number
+                reject_coerced_numbers(raw.get("example"), body.example.model_dump(mode="python", by_alias=True),
+                                       ("example",))
         return await anyio.to_thread.run_sync(_engine(request).influence, body, started,
                                               limiter=request.app.state.limiter)
 
@@ -118,7 +123,7 @@ def build_router(request_model: type[BaseModel], settings: Settings,
         engine = getattr(request.app.state, "engine", None)
         return {
             "service": "tracin-service",
-            "index": str(engine.index_dir.path) if engine is not None else None,
+            "index": engine.index_dir.path.resolve().name if engine is not None else None,
             "count": engine.count if engine is not None else None,
             "docs": "/docs",
             "routes": ["POST /influence", "GET /self-influence/top", "GET /self-influence/histogram", "GET /examples/{id}", "GET /queries",

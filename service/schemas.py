@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
 
 #: a class label: an integer class id or a class name (label filters)
 Label = Union[StrictInt, StrictStr]
@@ -121,7 +121,7 @@ class CheckpointInfo(BaseModel):
 
 
 class IndexInfo(BaseModel):
-    path: str
+    path: str = Field(description="the index directory's name (not its location on the server)")
     task: dict[str, Any]
     class_names: Optional[list[str]] = None
     count: int
@@ -183,7 +183,7 @@ def make_influence_request(example_schema: type[BaseModel], max_k: int, default_
         k=(StrictInt, Field(default_k, ge=1, le=max_k, description=f"proponents and opponents to return (1..{max_k})")),
         filter_label=(Optional[Label], Field(None, description="only search training examples with this label "
                                                                "(applied inside FAISS with an ID selector)")),
-        exclude_self=(bool, Field(False, description="train_id queries: leave the example itself out of the "
+        exclude_self=(StrictBool, Field(False, description="train_id queries: leave the example itself out of the "
                                                      "proponents")),
-        include_embedding=(bool, Field(False, description="return the query embedding (debugging)")),
+        include_embedding=(StrictBool, Field(False, description="return the query embedding (debugging)")),
     )

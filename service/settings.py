@@ -20,6 +20,8 @@
     TRACIN_TORCH_THREADS       torch intra-op threads (default: CPUs // TRACIN_COMPUTE_THREADS, at least 1)
     TRACIN_COMPUTE_THREADS     requests doing gradient / search work at once (default: min(4, CPUs))
     TRACIN_MAX_BODY_BYTES      larger request bodies get 413 (default 1 MiB)
+    TRACIN_BODY_TIMEOUT_S      a request body not complete this many seconds after the request started
+                               gets 408 (slow clients; default 30)
     TRACIN_DEVICE              torch device for query gradients (default cpu)
     TRACIN_FAISS_GPU           search a GPU copy of the FAISS index (needs faiss-gpu): auto (default: when
                                TRACIN_DEVICE is cuda and FAISS has GPU support), true, false
@@ -64,6 +66,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1)
     compute_threads: int | None = Field(None, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
     device: str = "cpu"
     faiss_gpu: Literal["auto", "true", "false"] = "auto"
     warmup: bool = True

@@ -162,7 +162,9 @@ def test_interrupted_build_resumes_and_matches(tmp_path, ckpts, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_index(config, tmp_path / "index")
     assert not (tmp_path / "index").exists()
-    assert json.loads(next(tmp_path.glob(".index.partial-*/progress.json")).read_text())["done"] == [0, 1]
+    states = sorted(p.name for p in next(tmp_path.glob(".index.partial-*")).iterdir())
+    assert states == ["state-0001", "state-0002.tmp"], "checkpoints 0 and 1 committed as one state"
+    assert json.loads(next(tmp_path.glob(".index.partial-*/state-0001/state.json")).read_text())["checkpoint"] == 1
     calls["n"] = 10  # no more crashes; count how many checkpoints are embedded again
     build_index(config, tmp_path / "index")
     assert calls["n"] == 12, "only the unfinished checkpoint is embedded again (+1 in prepare)"
