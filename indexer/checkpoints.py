@@ -55,7 +55,8 @@ def save_checkpoint(
 RESAVE_HINT = ("re-save it with indexer.checkpoints.save_checkpoint(path, model, optimizer) or "
                "torch.save(model.state_dict(), path)")
 _STATE_KEYS = ("state_dict", "model_state_dict", "model")  # where training code puts the weights
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
 
 
 def load_checkpoint(path: str | Path, prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -61,7 +61,8 @@ class IndexSpec:
     max_disk_gb: float | None = None  # refuse a build whose estimated disk use exceeds this
 
 
-_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+_REF = re.compile(rf"^{_NAME}:{_NAME}$")
 
 
 @dataclass(frozen=True)

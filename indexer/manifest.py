@@ -32,7 +32,8 @@ MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TASK_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+_TASK_REF = re.compile(rf"^{_NAME}:{_NAME}$")
 
 
 class ManifestError(ValueError):

@@ -31,7 +31,7 @@ from indexer.resume import (
 )
 from indexer.search import FAISS_MAX_DIM, build_faiss_index, is_approximate
 from indexer.store import (
-    CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, MANIFEST, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
+    CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
     IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
 )
 from indexer.selfcheck import SelfCheckReport, check_query_path, self_check
@@ -413,8 +413,8 @@ def _check_disk(job: _Job, where: Path, resumable: ResumeState | None, rows: int
     dims = f"{rows:,} examples x {job.plan.total_dim:,} numbers"
     limit = job.config.index.max_disk_gb
     if limit is not None and total > limit * 1e9:
-        raise IndexBuildError(f"this build needs about {gb(total)} of disk ({dims}: {detail}), over index.max_disk_gb = "
-                              f"{limit:g}; use a smaller projection dim or fewer layers")
+        raise IndexBuildError(f"this build needs about {gb(total)} of disk ({dims}: {detail}), over "
+                              f"index.max_disk_gb = {limit:g}; use a smaller projection dim or fewer layers")
     present = 0
     if resumable is not None and resumable.work.is_dir():
         present = sum(p.stat().st_size for p in resumable.work.rglob("*") if p.is_file())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -208,7 +207,8 @@ class ResumeState:
     """The resume directory of one build (see the module docstring). `rows` = (start, stop)."""
 
     def __init__(self, work: Path, config_hash: str, rows: tuple[int, int], dim: int, checkpoints: int):
-        self.work, self.config_hash, self.rows, self.dim, self.checkpoints = Path(work), config_hash, rows, dim, checkpoints
+        self.work, self.config_hash, self.rows = Path(work), config_hash, rows
+        self.dim, self.checkpoints = dim, checkpoints
         self.count = rows[1] - rows[0]
 
     def state_dir(self, c: int) -> Path:

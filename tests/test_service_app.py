@@ -100,7 +100,8 @@ REFUSALS = [
 def test_refuses_to_start_on_a_bad_index(name, damage, message):
     path = copy_index(mlp_index(), name.replace(" ", "-"))
     damage(path)
-    with pytest.raises(ServiceStartupError, match=message.replace("(", r"\(").replace(".", r"\.").replace(r"\.*", ".*")):
+    pattern = message.replace("(", r"\(").replace(".", r"\.").replace(r"\.*", ".*")
+    with pytest.raises(ServiceStartupError, match=pattern):
         load_engine(_settings(path))
 
 
