@@ -57,7 +57,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"task       {m['task']['ref']} {m['task']['args'] or ''}")
     print(f"examples   {m['count']}   embedding dim {m['embedding_dim']}")
     proj = m["projection"]
-    print(f"projection {proj['kind']} dim={proj['dim']} seed={proj['seed']} fingerprint={proj['fingerprint'][:16]}")
+    if proj["kind"] == "exact":  # no projection: `dim` of the config is unused, each layer keeps its gradient
+        per_checkpoint = proj.get("dim_per_checkpoint") or sum(int(layer["dim"]) for layer in m["layers"])
+        print(f"projection exact (none: whole gradients, {per_checkpoint} numbers per checkpoint) "
+              f"fingerprint={proj['fingerprint'][:16]}")
+    else:
+        print(f"projection {proj['kind']} dim={proj['dim']} seed={proj['seed']} "
+              f"fingerprint={proj['fingerprint'][:16]}")
     f = m["faiss"]
     extra = f"  recall@10 {f.get('recall_at_10')}" if f["approximate"] else ""
     print(f"faiss      {f['factory']} ({'approximate' if f['approximate'] else 'exact'}){extra}")
@@ -69,11 +75,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     total = sum(sizes.values())
     print(f"size       {total / 1e6:.1f} MB  ({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in sizes.items() if v > 1e5)})")
     order = index.self_influence.argsort()[::-1][: args.top]
+    names = m["task"].get("class_names") or []
+
+    def label_text(label) -> str:  # "3 (Dress)" where the manifest names the classes
+        name = names[label] if isinstance(label, int) and 0 <= label < len(names) else None
+        return f"{label} ({name})" if name is not None and str(name) != str(label) else str(label)
+
+    labels = [label_text(index.examples[row]["label"]) for row in order]
+    width = max([6, *map(len, labels)])
     print(f"top {len(order)} self-influence:")
-    for rank, row in enumerate(order, 1):
+    for rank, (row, label) in enumerate(zip(order, labels), 1):
         ex = index.examples[row]
         flags = {k: v for k, v in ex["display"].items() if isinstance(v, (bool, int, float)) and k != "row"}
-        print(f"  {rank:>3}. {ex['id']:<16} label={ex['label']!s:<6} score={index.self_influence[row]:.4g} {flags or ''}")
+        print(f"  {rank:>3}. {ex['id']:<16} label={label:<{width}} score={index.self_influence[row]:.4g} {flags or ''}")
     return 0
 
 

@@ -120,6 +120,9 @@ def test_walkthrough_trains_indexes_and_inspects(walkthrough):
     assert accuracy > 0.9
     assert "indexed 150 examples" in out
     assert "top 5 self-influence" in out and "lr=0.1" in out and "lr=0.025" in out
+    # exact mode says what its dimension is (the gradient size: 13x16+16 + 16x3+3 = 275), not the unused `dim`
+    assert "projection exact (none: whole gradients, 275 numbers per checkpoint)" in out and "dim=256" not in out
+    assert re.search(r"label=\d \(cultivar \d\)", out), "class names from the manifest"
     index = IndexDirectory.open(workdir / "index")
     assert index.count == 150 and index.manifest["projection"]["kind"] == "exact"
     assert [c["lr"] for c in index.manifest["checkpoints"]] == [0.1, 0.05, 0.025]
