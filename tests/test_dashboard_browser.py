@@ -28,6 +28,8 @@ CHROMEDRIVER = os.environ.get("TRACIN_CHROMEDRIVER", "/usr/bin/chromedriver")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1440,1000", "--lang=en-US"]
+# No network but 127.0.0.1: names do not resolve, and anything else goes to a proxy that is not there.
+OFFLINE = ["--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:9"]
 WAIT = 30.0
 
 
@@ -79,7 +81,7 @@ def browser():
     profile = tempfile.mkdtemp(prefix="tracin-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in FLAGS + [f"--user-data-dir={profile}"]:
+    for flag in FLAGS + OFFLINE + [f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -342,6 +344,48 @@ def test_upload_an_image(browser, api, tmp_path):
     assert np.corrcoef(got, pixels)[0, 1] > 0.95
     assert_hits_equal(browser, api.post("/influence", json=sent).json())
     assert "inverted" in css(browser, "#upload-note")[0].text and banner(browser) is None
+
+
+def test_api_docs_render_offline(browser, server, api_key):
+    """/docs (Swagger UI) and /redoc (ReDoc) load their files from the service, not a CDN (the browser has
+    no network), before any key is typed; the OpenAPI document comes with the key the dashboard saved."""
+    from selenium.common.exceptions import WebDriverException
+
+    with pytest.raises(WebDriverException):  # the browser really is offline
+        browser.get("https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js")
+    for path in ("/docs", "/redoc", "/dashboard/vendor/swagger-ui-bundle.js", "/dashboard/vendor/redoc.standalone.js"):
+        assert httpx.get(server + path).status_code == 200, path  # no key needed: no data in them
+    assert httpx.get(server + "/openapi.json").status_code == 401  # the task's schema and examples: key needed
+    browser.get(server + "/")
+    browser.execute_script("localStorage.setItem('tracin.apiKey', arguments[0])", api_key)
+    browser.get_log("browser")  # drop earlier messages
+    body = lambda: css(browser, "body")[0].text  # noqa: E731
+    browser.get(server + "/docs")
+    wait_for(lambda: len(css(browser, "#swagger-ui .opblock")) >= 8, what="Swagger UI operations")
+    text = body()
+    for route in ("/influence", "/self-influence/top", "/examples/{id}", "/queries", "/index"):
+        assert route in text, route
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert any(u.endswith("/dashboard/vendor/swagger-ui-bundle.js") for u in urls)
+    assert all(u.startswith(server) or u.startswith("data:") for u in urls), urls
+    refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not refused, refused
+    browser.get(server + "/redoc")
+    wait_for(lambda: "/self-influence/top" in body() and "/influence" in body(), what="ReDoc operations")
+    entries = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.responseStatus])")
+    assert any(u.endswith("/dashboard/vendor/redoc.standalone.js") for u, _ in entries)
+    # ReDoc's footer ("API docs by Redocly") asks cdn.redoc.ly for a logo: the page's CSP refuses it (no
+    # answer, status 0) and ReDoc drops the image. Everything that did load came from the service.
+    assert all(u.startswith(server) or status == 0 for u, status in entries), entries
+    # Without a saved key the page still loads and says where to enter one.
+    browser.execute_script("localStorage.removeItem('tracin.apiKey')")
+    browser.get(server + "/docs")
+    note = wait_for(lambda: css(browser, "#tracin-docs-key"), what="API key note")[0].text
+    assert "needs an API key" in note and "dashboard" in note
+    browser.execute_script("localStorage.setItem('tracin.apiKey', arguments[0])", api_key)
+    browser.get(server + "/#/explain")  # back to the dashboard for the tests that follow
+    wait_for(lambda: css(browser, "#query-list .query-item"), what="dashboard again")
 
 
 def test_bad_inputs_show_visible_errors(browser, server, tmp_path):
