@@ -440,13 +440,13 @@ def test_narrow_windows(browser, server, api):
                 assert top < browser.execute_script("return window.innerHeight"), (width, top)
             probs = css(browser, "#query-summary .prob-label")
             assert probs and all(el.size["width"] > 0 for el in probs), width
+            if width == 800:
+                screenshot_at(browser, "narrow-800")
             for view, ready in (("self", "#si-table tbody tr[data-id]"), ("index", "#index-panel .card")):
                 browser.get(server + f"/#/{view}")
                 wait_for(lambda: css(browser, ready), what=f"{view} at {width}px")
                 time.sleep(0.3)  # the histogram redraws after a resize
                 assert _overflow(browser) == {"page": 0, "off": []}, (width, view)
-            if width == 800:
-                screenshot_at(browser, "narrow-800")
     finally:
         browser.set_window_size(1440, 1000)
 
