@@ -83,7 +83,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"task       {m['task']['ref']} {m['task']['args'] or ''}")
     print(f"examples   {m['count']}   embedding dim {m['embedding_dim']}")
     proj = m["projection"]
-    print(f"projection {proj['kind']} dim={proj['dim']} seed={proj['seed']} fingerprint={proj['fingerprint'][:16]}")
+    if proj["kind"] == "exact":  # no projection: `dim` of the config is unused, each layer keeps its gradient
+        per_checkpoint = proj.get("dim_per_checkpoint") or sum(int(layer["dim"]) for layer in m["layers"])
+        print(f"projection exact (none: whole gradients, {per_checkpoint} numbers per checkpoint) "
+              f"fingerprint={proj['fingerprint'][:16]}")
+    else:
+        print(f"projection {proj['kind']} dim={proj['dim']} seed={proj['seed']} "
+              f"fingerprint={proj['fingerprint'][:16]}")
     f = m["faiss"]
     extra = f"  recall@10 {f.get('recall_at_10')}" if f["approximate"] else ""
     print(f"faiss      {f['factory']} ({'approximate' if f['approximate'] else 'exact'}){extra}")
@@ -95,11 +101,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     total = sum(sizes.values())
     print(f"size       {total / 1e6:.1f} MB  ({', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in sizes.items() if v > 1e5)})")
     order = index.self_influence.argsort()[::-1][: args.top]
+    names = m["task"].get("class_names") or []
+
+    def label_text(label) -> str:  # "3 (Dress)" where the manifest names the classes
+        name = names[label] if isinstance(label, int) and 0 <= label < len(names) else None
+        return f"{label} ({name})" if name is not None and str(name) != str(label) else str(label)
+
+    labels = [label_text(index.examples[row]["label"]) for row in order]
+    width = max([6, *map(len, labels)])
     print(f"top {len(order)} self-influence:")
-    for rank, row in enumerate(order, 1):
+    for rank, (row, label) in enumerate(zip(order, labels), 1):
         ex = index.examples[row]
         flags = {k: v for k, v in ex["display"].items() if isinstance(v, (bool, int, float)) and k != "row"}
-        print(f"  {rank:>3}. {ex['id']:<16} label={ex['label']!s:<6} score={index.self_influence[row]:.4g} {flags or ''}")
+        print(f"  {rank:>3}. {ex['id']:<16} label={label:<{width}} score={index.self_influence[row]:.4g} {flags or ''}")
     return 0
 
 
@@ -108,13 +122,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from indexer.demo.digits import train_digits
     from indexer.pipeline import build_index
 
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     out = Path(args.out)
     index_dir = out / "index"
     t0 = time.perf_counter()
     if index_dir.exists() and not args.force:
         print(f"demo index already at {index_dir} (use --force to rebuild)")
     else:
-        config_path = train_digits(out / "run", epochs=args.epochs)
+        if not args.quiet:
+            print(f"training the digits MLP for {args.epochs} epochs ...", flush=True)
+        config_path = train_digits(out / "run", epochs=args.epochs, progress=None if args.quiet else _print_line)
         t1 = time.perf_counter()
         result = build_index(load_config(config_path), index_dir, overwrite=True, show_progress=not args.quiet)
         print(f"trained digits MLP in {t1 - t0:.1f}s; indexed {result.count} examples in {result.seconds:.1f}s "
@@ -122,6 +140,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.no_serve:
         return 0
     return _serve(index_dir, args.host, args.port)
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
 
 
 def _serve(index_dir: Path, host: str, port: int) -> int:
@@ -137,44 +159,55 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracin", description="TracIn influence indexing and serving")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from indexer import __version__
 
-    p = sub.add_parser("index", help="build an index directory from a TOML config")
+    parser = argparse.ArgumentParser(prog="tracin", description="TracIn influence indexing and serving")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # "(default: ...)" after every option with a help text
+
+    p = sub.add_parser("index", help="build an index directory from a TOML config", formatter_class=defaults)
     p.add_argument("config", help="TOML config (task, checkpoints, layers, projection, index)")
     p.add_argument("--out", required=True, help="index directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing index directory")
-    p.add_argument("--batch-size", type=int, default=None, help="override index.batch_size")
+    p.add_argument("--batch-size", type=int, default=None, help="override index.batch_size of the config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="embed only shard I of N (e.g. $SLURM_ARRAY_TASK_ID/8)")
     p.add_argument("--merge", metavar="N", type=int, help="build the index from N finished shards")
     p.set_defaults(fn=_cmd_index)
 
-    p = sub.add_parser("check", help="check the capture of a config's model against per-example autograd")
+    p = sub.add_parser("check", help="check the capture of a config's model against per-example autograd",
+                       formatter_class=defaults)
     p.add_argument("config", help="TOML config (task, checkpoints, layers, projection, index)")
     p.set_defaults(fn=_cmd_check)
 
-    p = sub.add_parser("inspect", help="summarise an index directory")
-    p.add_argument("dir")
+    p = sub.add_parser("inspect", help="summarise an index directory", formatter_class=defaults)
+    p.add_argument("dir", help="index directory")
     p.add_argument("--top", type=int, default=10, help="how many top self-influence examples to list")
     p.add_argument("--json", action="store_true", help="print the manifest and file sizes as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     p.set_defaults(fn=_cmd_inspect)
 
-    p = sub.add_parser("demo", help="train the embedded digits demo, index it and serve it")
+    p = sub.add_parser("demo", help="train the embedded digits demo, index it and serve it", formatter_class=defaults,
+                       description="Train a small MLP on scikit-learn's digits (10% of the training labels "
+                                   "flipped), save checkpoints with their learning rates, index them and serve "
+                                   "the index with its dashboard.")
     p.add_argument("--out", default=".tracin/demo", help="work directory (checkpoints, config, index)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (5 checkpoints, evenly spaced)")
     p.add_argument("--force", action="store_true", help="retrain and rebuild even if an index exists")
     p.add_argument("--no-serve", action="store_true", help="only build the index")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
+    p.add_argument("--quiet", action="store_true", help="no training progress lines or progress bar")
     p.set_defaults(fn=_cmd_demo)
 
-    p = sub.add_parser("serve", help="serve an index directory over HTTP")
-    p.add_argument("dir")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser("serve", help="serve an index directory over HTTP", formatter_class=defaults,
+                       description="Verify an index directory, then serve the REST API, the dashboard (/) and "
+                                   "the API docs (/docs). Further settings come from TRACIN_* environment "
+                                   "variables (docs/service.md).")
+    p.add_argument("dir", help="index directory (written by tracin index or tracin demo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
     p.set_defaults(fn=_cmd_serve)
     return parser
 

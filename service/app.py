@@ -112,7 +112,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     from indexer import __version__
 
     app = FastAPI(title="tracin-service", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  middleware=middleware)
+                  middleware=middleware, docs_url=None, redoc_url=None)  # /docs, /redoc: offline, see service/docs.py
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = False

@@ -8,6 +8,8 @@ What is served (GET and HEAD only):
                        every other client still gets the JSON service links of the `/` API route
     /dashboard, /dashboard/           a redirect to / (the page's relative asset URLs need one place)
     /dashboard/<file>                 its assets (app.js, style.css, ...), a fixed list read at mount time
+    /docs, /redoc                     the API docs pages (Swagger UI, ReDoc), offline: see service/docs.py
+    /dashboard/vendor/<file>          their Swagger UI / ReDoc files (from the fastapi-offline package)
 
 The page is a plain client of the public REST API (same origin, no build step, nothing loaded from
 the internet; a Content-Security-Policy header enforces the last point in the browser). Its files hold
@@ -35,12 +37,39 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 
 
 class _Asset:
-    __slots__ = ("body", "content_type", "etag")
+    __slots__ = ("body", "content_type", "etag", "csp")
 
-    def __init__(self, body: bytes, content_type: str):
+    def __init__(self, body: bytes, content_type: str, csp: str = CSP):
         self.body = body
         self.content_type = content_type
         self.etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        self.csp = csp  # sent with HTML
+
+
+def _type_of(name: str) -> str:
+    return _TYPES.get(Path(name).suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+_DOCS_ASSETS: dict[str, _Asset] = {}  # the docs pages and vendored files, built on first request
+
+
+def docs_asset(path: str, root: str) -> _Asset | None:
+    """The /docs or /redoc page, or a vendored file (name after /dashboard/vendor/), or None."""
+    from service import docs
+
+    key = f"{root}|{path}"
+    if key not in _DOCS_ASSETS:
+        if path in docs.PAGES:
+            body, csp = docs.page(docs.PAGES[path], root)
+            _DOCS_ASSETS[key] = _Asset(body, _TYPES[".html"], csp)
+        elif path.startswith(f"{PREFIX}/{docs.VENDOR}/"):
+            body = docs.vendor_files().get(path.rsplit("/", 1)[1])
+            if body is None:
+                return None
+            _DOCS_ASSETS[key] = _Asset(body, _type_of(path))
+        else:
+            return None
+    return _DOCS_ASSETS[key]
 
 
 def load_assets(directory: Path = STATIC_DIR) -> dict[str, _Asset]:
@@ -50,8 +79,7 @@ def load_assets(directory: Path = STATIC_DIR) -> dict[str, _Asset]:
         raise RuntimeError(f"dashboard assets not found: {directory}")
     for path in sorted(directory.iterdir()):
         if path.is_file() and not path.name.startswith("."):
-            ctype = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            assets[path.name] = _Asset(path.read_bytes(), ctype)
+            assets[path.name] = _Asset(path.read_bytes(), _type_of(path.name))
     if "index.html" not in assets:
         raise RuntimeError(f"dashboard assets not found: {directory / 'index.html'}")
     return assets
@@ -71,9 +99,10 @@ def wants_html(scope: dict[str, Any]) -> bool:
 class DashboardMiddleware:
     """Answers the dashboard's paths; passes everything else to the app unchanged."""
 
-    def __init__(self, app, assets: dict[str, _Asset] | None = None):
+    def __init__(self, app, assets: dict[str, _Asset] | None = None, docs: bool = True):
         self.app = app
         self.assets = assets if assets is not None else load_assets()
+        self.docs = docs
 
     def _asset_for(self, scope: dict[str, Any]) -> _Asset | None | bool:
         """The asset to serve; False: not a dashboard path; True: redirect to the page; None: unknown file."""
@@ -82,6 +111,8 @@ class DashboardMiddleware:
             return self.assets["index.html"] if wants_html(scope) else False
         if path in (PREFIX, PREFIX + "/"):
             return True
+        if self.docs and (path in ("/docs", "/redoc") or path.startswith(PREFIX + "/vendor/")):
+            return docs_asset(path, scope.get("root_path") or "")
         if path.startswith(PREFIX + "/"):
             return self.assets.get(path[len(PREFIX) + 1:])
         return False
@@ -108,7 +139,7 @@ class DashboardMiddleware:
                    (b"cache-control", b"no-cache"), (b"x-content-type-options", b"nosniff"),
                    (b"referrer-policy", b"no-referrer"), (b"vary", b"Accept")]
         if asset.content_type.startswith("text/html"):
-            headers.append((b"content-security-policy", CSP.encode()))
+            headers.append((b"content-security-policy", asset.csp.encode()))
         if _header(scope, b"if-none-match") == asset.etag.encode():
             await send({"type": "http.response.start", "status": 304, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
@@ -118,8 +149,9 @@ class DashboardMiddleware:
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else asset.body})
 
 
-def mount_dashboard(app, directory: Path = STATIC_DIR) -> None:
-    """Serve the dashboard from `app` (call before the app handles its first request; idempotent)."""
+def mount_dashboard(app, directory: Path = STATIC_DIR, docs: bool = True) -> None:
+    """Serve the dashboard from `app` (call before the app handles its first request; idempotent).
+    With `docs`, also the offline /docs and /redoc pages (create the app with docs_url=None, redoc_url=None)."""
     from starlette.middleware import Middleware
 
     from service.errors import BearerAuth
@@ -129,6 +161,6 @@ def mount_dashboard(app, directory: Path = STATIC_DIR) -> None:
         return  # already mounted
     if getattr(app, "middleware_stack", None) is not None:
         raise RuntimeError("mount_dashboard must be called before the app starts")
-    entry = Middleware(DashboardMiddleware, assets=load_assets(directory))
+    entry = Middleware(DashboardMiddleware, assets=load_assets(directory), docs=docs)
     at = next((i for i, m in enumerate(stack) if getattr(m, "cls", None) is BearerAuth), len(stack))
     stack.insert(at, entry)

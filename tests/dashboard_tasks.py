@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
+from indexer.demo.digits import DigitsTask
 from indexer.task import ExampleSet, Task
 
 TOPICS = {
@@ -77,3 +78,73 @@ class TinyTextTask(Task):
 
     def held_out_set(self) -> ExampleSet:
         return self._set(_articles(6, self.seed + 1), "held-")
+
+
+# -- a tabular task: the README walkthrough's wine task (no image or text field) ---------------------
+
+class Wine(BaseModel):
+    """One wine: the 13 measurements of sklearn's load_wine, in its column order."""
+
+    measurements: list[float] = Field(min_length=13, max_length=13,
+                                      description="the 13 measurements of sklearn's load_wine, in its column order")
+
+
+def _wine(held_out: int = 28):
+    from sklearn.datasets import load_wine
+
+    data = load_wine()
+    order = torch.randperm(len(data.target), generator=torch.Generator().manual_seed(0))
+    x = torch.tensor(data.data, dtype=torch.float64)[order]
+    y = torch.tensor(data.target, dtype=torch.long)[order]
+    return x[:-held_out], y[:-held_out], x[-held_out:], y[-held_out:]
+
+
+class WineNet(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.hidden = nn.Linear(13, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden((x - self.mean) / self.std)))
+
+
+class TinyWineTask(Task):
+    """As the README's WineTask: training examples show two display fields, held-out ones none."""
+
+    example_schema = Wine
+    class_names = ["cultivar 1", "cultivar 2", "cultivar 3"]
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        x = _wine()[0]
+        return WineNet(x.mean(dim=0), x.std(dim=0)).double()
+
+    def encode(self, examples: Sequence[Wine]) -> torch.Tensor:
+        return torch.tensor([e.measurements for e in examples], dtype=torch.float64)
+
+    def training_set(self) -> ExampleSet:
+        x, y, _, _ = _wine()
+        return ExampleSet(x, y, ids=[f"wine-{i}" for i in range(len(y))],
+                          display=lambda i: {"alcohol": round(float(x[i, 0]), 2),
+                                             "color_intensity": round(float(x[i, 9]), 2)},
+                          examples=lambda i: {"measurements": x[i].tolist()})
+
+    def held_out_set(self) -> ExampleSet:
+        _, _, x, y = _wine()
+        return ExampleSet(x, y, ids=[f"held-out-{i}" for i in range(len(y))],
+                          examples=lambda i: {"measurements": x[i].tolist()})
+
+
+# -- an image task with long class names (Fashion-MNIST's), on the digits data -------------------------
+
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
+
+
+class LongNamesDigitsTask(DigitsTask):
+    """The digits demo task whose ten classes carry Fashion-MNIST's names (as long as they get)."""
+
+    class_names = FASHION_NAMES

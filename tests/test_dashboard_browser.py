@@ -28,6 +28,8 @@ CHROMEDRIVER = os.environ.get("TRACIN_CHROMEDRIVER", "/usr/bin/chromedriver")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1440,1000", "--lang=en-US"]
+# No network but 127.0.0.1: names do not resolve, and anything else goes to a proxy that is not there.
+OFFLINE = ["--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:9"]
 WAIT = 30.0
 
 
@@ -79,7 +81,7 @@ def browser():
     profile = tempfile.mkdtemp(prefix="tracin-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in FLAGS + [f"--user-data-dir={profile}"]:
+    for flag in FLAGS + OFFLINE + [f"--user-data-dir={profile}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -344,6 +346,162 @@ def test_upload_an_image(browser, api, tmp_path):
     assert "inverted" in css(browser, "#upload-note")[0].text and banner(browser) is None
 
 
+def _histogram_counts(driver) -> list[int]:
+    import re
+
+    titles = driver.execute_script(
+        "return [...document.querySelectorAll('#si-histogram .bin title')].map(t => t.textContent)")
+    return [int(re.search(r": ([\d,]+) examples", t).group(1).replace(",", "")) for t in titles]
+
+
+def test_log_x_checkbox_switches_the_histogram_scale(browser, server, api):
+    browser.get(server + "/#/self")
+    hist = lambda: css(browser, "#si-histogram")[0]  # noqa: E731
+    wait_for(lambda: hist().get_attribute("data-scale") == "log" and css(browser, "#si-histogram .bin"),
+             what="log histogram")
+    log_counts = api.get("/self-influence/histogram", params={"bins": 40, "scale": "log"}).json()["counts"]
+    linear_counts = api.get("/self-influence/histogram", params={"bins": 40, "scale": "linear"}).json()["counts"]
+    assert log_counts != linear_counts
+    assert _histogram_counts(browser) == log_counts and "log scale" in hist().text
+    checkbox = css(browser, "#hist-log")[0]
+    checkbox.click()  # off: linear bins and axis
+    wait_for(lambda: hist().get_attribute("data-scale") == "linear", what="linear histogram")
+    wait_for(lambda: _histogram_counts(browser) == linear_counts, what="linear bins drawn")
+    assert "log scale" not in hist().text and banner(browser) is None
+    checkbox.click()  # on again
+    wait_for(lambda: hist().get_attribute("data-scale") == "log" and _histogram_counts(browser) == log_counts,
+             what="log histogram again")
+
+
+def test_stale_results_are_cleared(browser, server, api):
+    """An answer leaves the screen when the query options change or a later request fails."""
+    browser.get(server + "/#/explain/query/0")
+    first = api.get("/queries", params={"limit": 1}).json()["items"][0]["id"]
+    results_for(browser, "held-out", first)
+    cleared = lambda: (css(browser, "#results-cleared") and not css(browser, "#results-body li.hit")  # noqa: E731
+                       and css(browser, "#results-body")[0].get_attribute("data-source") == "")
+    k = css(browser, "#opt-k")[0]
+    k.clear()
+    k.send_keys("5")
+    css(browser, "#options summary")[0].click()  # the input loses focus: a change event
+    css(browser, "#options summary")[0].click()
+    wait_for(cleared, what="results cleared after k changed")
+    assert "options changed" in css(browser, "#results-cleared")[0].text
+    css(browser, "#rerun")[0].click()  # the same query again, with the new options
+    sent = results_for(browser, "held-out", first)
+    assert sent["k"] == 5 and len(rendered_hits(browser, "proponents")) == 5
+    from selenium.webdriver.support.ui import Select
+
+    Select(css(browser, "#opt-filter")[0]).select_by_value("3")
+    wait_for(cleared, what="results cleared after the label filter changed")
+    Select(css(browser, "#opt-filter")[0]).select_by_value("")
+    css(browser, "#rerun")[0].click()
+    results_for(browser, "held-out", first)
+    # A failing request: the error banner, and no answer left under it.
+    if not css(browser, "#raw-json")[0].get_attribute("open"):
+        css(browser, "#raw-json summary")[0].click()
+    raw = css(browser, "#raw-example")[0]
+    raw.clear()
+    raw.send_keys('{"pixels": [1, 2, 3]}')
+    css(browser, "#raw-run")[0].click()
+    wait_for(lambda: banner(browser), what="422 banner")
+    wait_for(cleared, what="results cleared under the error")
+    k = css(browser, "#opt-k")[0]
+    k.clear()
+    k.send_keys("10")
+    css(browser, "#error-close")[0].click()
+
+
+def _overflow(driver) -> dict:
+    return driver.execute_script("""
+      const w = window.innerWidth, out = {page: document.documentElement.scrollWidth - w, off: []};
+      for (const sel of ['#api-key', '#key-save', '#tab-explain', '#tab-self', '#tab-index', 'a.doclink']) {
+        const r = document.querySelector(sel).getBoundingClientRect();
+        if (r.left < 0 || r.right > w + 0.5 || r.width === 0) out.off.push(sel);
+      }
+      return out;""")
+
+
+def test_narrow_windows(browser, server, api):
+    """Below 1100 px nothing runs off the page, the top bar keeps its controls, and (down to 800 px) the
+    answer starts on the first screen instead of under the held-out list."""
+    first = api.get("/queries", params={"limit": 1}).json()["items"][0]["id"]
+    try:
+        for width in (1000, 800, 560):
+            browser.set_window_size(width, 900)
+            browser.get(server + "/#/index")  # a new hash: the explain route runs again
+            browser.get(server + "/#/explain/query/0")
+            results_for(browser, "held-out", first)
+            assert _overflow(browser) == {"page": 0, "off": []}, (width, "explain")
+            top, right = browser.execute_script(
+                "const r = document.querySelector('#proponents').getBoundingClientRect(); return [r.top, r.right]")
+            assert right <= browser.execute_script("return window.innerWidth") + 0.5, width
+            if width >= 800:
+                assert top < browser.execute_script("return window.innerHeight"), (width, top)
+            probs = css(browser, "#query-summary .prob-label")
+            assert probs and all(el.size["width"] > 0 for el in probs), width
+            if width == 800:
+                screenshot_at(browser, "narrow-800")
+            for view, ready in (("self", "#si-table tbody tr[data-id]"), ("index", "#index-panel .card")):
+                browser.get(server + f"/#/{view}")
+                wait_for(lambda: css(browser, ready), what=f"{view} at {width}px")
+                time.sleep(0.3)  # the histogram redraws after a resize
+                assert _overflow(browser) == {"page": 0, "off": []}, (width, view)
+    finally:
+        browser.set_window_size(1440, 1000)
+
+
+def screenshot_at(driver, name: str) -> None:
+    """Like screenshot(), at the window's current width."""
+    target = os.environ.get("TRACIN_SCREENSHOTS")
+    if target:
+        out = Path(target) if Path(target).is_absolute() else REPO / target
+        out.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(out / f"dashboard-{name}.png"))
+
+
+def test_api_docs_render_offline(browser, server, api_key):
+    """/docs (Swagger UI) and /redoc (ReDoc) load their files from the service, not a CDN (the browser has
+    no network), before any key is typed; the OpenAPI document comes with the key the dashboard saved."""
+    from selenium.common.exceptions import WebDriverException
+
+    with pytest.raises(WebDriverException):  # the browser really is offline
+        browser.get("https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js")
+    for path in ("/docs", "/redoc", "/dashboard/vendor/swagger-ui-bundle.js", "/dashboard/vendor/redoc.standalone.js"):
+        assert httpx.get(server + path).status_code == 200, path  # no key needed: no data in them
+    assert httpx.get(server + "/openapi.json").status_code == 401  # the task's schema and examples: key needed
+    browser.get(server + "/")
+    browser.execute_script("localStorage.setItem('tracin.apiKey', arguments[0])", api_key)
+    browser.get_log("browser")  # drop earlier messages
+    body = lambda: css(browser, "body")[0].text  # noqa: E731
+    browser.get(server + "/docs")
+    wait_for(lambda: len(css(browser, "#swagger-ui .opblock")) >= 8, what="Swagger UI operations")
+    text = body()
+    for route in ("/influence", "/self-influence/top", "/examples/{id}", "/queries", "/index"):
+        assert route in text, route
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert any(u.endswith("/dashboard/vendor/swagger-ui-bundle.js") for u in urls)
+    assert all(u.startswith(server) or u.startswith("data:") for u in urls), urls
+    refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not refused, refused
+    browser.get(server + "/redoc")
+    wait_for(lambda: "/self-influence/top" in body() and "/influence" in body(), what="ReDoc operations")
+    entries = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.responseStatus])")
+    assert any(u.endswith("/dashboard/vendor/redoc.standalone.js") for u, _ in entries)
+    # ReDoc's footer ("API docs by Redocly") asks cdn.redoc.ly for a logo: the page's CSP refuses it (no
+    # answer, status 0) and ReDoc drops the image. Everything that did load came from the service.
+    assert all(u.startswith(server) or status == 0 for u, status in entries), entries
+    # Without a saved key the page still loads and says where to enter one.
+    browser.execute_script("localStorage.removeItem('tracin.apiKey')")
+    browser.get(server + "/docs")
+    note = wait_for(lambda: css(browser, "#tracin-docs-key"), what="API key note")[0].text
+    assert "needs an API key" in note and "dashboard" in note
+    browser.execute_script("localStorage.setItem('tracin.apiKey', arguments[0])", api_key)
+    browser.get(server + "/#/explain")  # back to the dashboard for the tests that follow
+    wait_for(lambda: css(browser, "#query-list .query-item"), what="dashboard again")
+
+
 def test_bad_inputs_show_visible_errors(browser, server, tmp_path):
     css(browser, "#tab-explain")[0].click()
     wait_for(lambda: css(browser, "#view-explain")[0].is_displayed(), what="explain view")
@@ -434,3 +592,119 @@ def test_index_panel_of_an_approximate_index(browser, text_server):
     assert f"proponents {recall['proponents']:.4f}" in text and f"opponents {recall['opponents']:.4f}" in text
     assert "measured recall (min)" in text
     screenshot(browser, "text-index")
+
+
+# -- a tabular task (the README's wine walkthrough) and long class names, served without a key ----------
+
+def _serve_task(tmp_path_factory, name: str, ref: str, task, kind: str = "exact"):
+    from indexer.config import parse_config
+    from indexer.pipeline import build_index
+
+    work = tmp_path_factory.mktemp(name)
+    checkpoints = train_checkpoints(task, work / "run")
+    data = {"task": ref, "checkpoints": [{"path": str(p)} for p in checkpoints],
+            "projection": {"kind": kind, "dim": 32, "seed": 0}, "index": {"factory": "Flat", "batch_size": 256}}
+    index_dir = build_index(parse_config(data, work), work / "index").path
+    return start_server(index_dir, env={"TRACIN_API_KEY": "", "TRACIN_TORCH_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def wine_server(tmp_path_factory):
+    from tests.dashboard_tasks import TinyWineTask
+
+    proc = _serve_task(tmp_path_factory, "wine", "tests.dashboard_tasks:TinyWineTask", TinyWineTask())
+    try:
+        yield proc.base_url
+    finally:
+        proc.stop()
+
+
+def _floats(cells) -> list[float]:
+    return [float(td.get_attribute("title")) for td in cells]
+
+
+def test_tabular_task_shows_fields_as_tables(browser, wine_server):
+    """No image or text field: held-out rows, the query's feature values and the hits' display fields are tables."""
+    queries = httpx.get(wine_server + "/queries", params={"limit": 100}).json()["items"]
+    browser.get(wine_server + "/#/explain")
+    rows = wait_for(lambda: len(css(browser, "#query-list tr.query-item")) == len(queries) == 28
+                    and css(browser, "#query-list tr.query-item"), what="28 held-out rows")
+    for row, query in zip(rows, queries):
+        cells = row.find_elements("css selector", "td")
+        assert cells[0].text == query["id"]
+        assert _floats(cells[2:]) == pytest.approx(query["example"]["measurements"], rel=1e-12)
+    texts = [row.text for row in rows]
+    assert len(set(texts)) == len(texts), "held-out rows can be told apart"
+    headers = [th.text for th in css(browser, "#query-list thead tr:last-child th")]
+    assert headers == ["id", "label"] + [str(i) for i in range(13)]
+    assert "measurements" in css(browser, "#query-list thead tr:first-child")[0].text
+    rows[3].click()
+    sent = results_for(browser, "held-out", queries[3]["id"])
+    assert sent["example"] == queries[3]["example"]
+    values = css(browser, "#query-fields tbody td")
+    assert _floats(values) == pytest.approx(queries[3]["example"]["measurements"], rel=1e-12)
+    answer = httpx.post(wine_server + "/influence", json=sent).json()
+    assert_hits_equal(browser, answer)
+    for kind in ("proponents", "opponents"):
+        for li, hit in zip(css(browser, f"#{kind} li.hit"), answer[kind]):
+            assert [th.text for th in li.find_elements("css selector", "table.fields th")] == ["alcohol", "color_intensity"]
+            shown = _floats(li.find_elements("css selector", "table.fields td"))
+            assert shown == pytest.approx([hit["display"]["alcohol"], hit["display"]["color_intensity"]])
+    assert not css(browser, ".thumb-none"), "no grey 'no preview' boxes"
+    screenshot(browser, "tabular-explain")
+    css(browser, "#tab-self")[0].click()
+    wait_for(lambda: len(css(browser, "#si-table tbody tr[data-id]")) == 50, what="self-influence rows")
+    top = httpx.get(wine_server + "/self-influence/top", params={"k": 1}).json()["items"][0]
+    first = css(browser, "#si-table tbody tr[data-id]")[0]
+    assert _floats(first.find_elements("css selector", "table.fields td")) == pytest.approx(
+        [top["display"]["alcohol"], top["display"]["color_intensity"]])
+    assert not css(browser, ".thumb-none")
+
+
+@pytest.fixture(scope="module")
+def long_names_server(tmp_path_factory):
+    from tests.dashboard_tasks import LongNamesDigitsTask
+
+    proc = _serve_task(tmp_path_factory, "long-names", "tests.dashboard_tasks:LongNamesDigitsTask",
+                       LongNamesDigitsTask(), kind="sketch")
+    try:
+        yield proc.base_url
+    finally:
+        proc.stop()
+
+
+def _clipped(driver, selector: str, container: str | None = None) -> list[str]:
+    """Texts of `selector` elements cut off: wider than their box, or outside `container` (an ancestor)."""
+    return driver.execute_script("""
+      const [sel, box] = arguments; const out = [];
+      for (const el of document.querySelectorAll(sel)) {
+        let cut = el.scrollWidth > el.clientWidth + 0.5;
+        const outer = box && el.closest(box);
+        if (outer) {
+          const r = el.getBoundingClientRect(), o = outer.getBoundingClientRect();
+          cut = cut || r.left < o.left - 0.5 || r.right > o.right + 0.5;
+        }
+        if (cut) out.push(el.textContent);
+      }
+      return out;""", selector, container)
+
+
+def test_long_class_names_are_not_clipped(browser, long_names_server):
+    from tests.dashboard_tasks import FASHION_NAMES
+
+    queries = httpx.get(long_names_server + "/queries", params={"limit": 48}).json()["items"]
+    try:
+        for width in (1440, 800):
+            browser.set_window_size(width, 1000)
+            browser.get(long_names_server + "/#/index")
+            browser.get(long_names_server + "/#/explain/query/0")
+            results_for(browser, "held-out", queries[0]["id"])
+            labels = css(browser, "#query-list .query-item .query-label")
+            assert [el.text for el in labels] == [FASHION_NAMES[q["label"]] for q in queries]
+            assert _clipped(browser, "#query-list .query-label", ".query-item") == [], width
+            names = [el.get_attribute("textContent") for el in css(browser, "#query-summary .prob-label")]
+            assert sorted(names) == sorted(FASHION_NAMES)
+            assert _clipped(browser, "#query-summary .prob-label") == [], width
+            screenshot_at(browser, f"long-names-{width}")
+    finally:
+        browser.set_window_size(1440, 1000)

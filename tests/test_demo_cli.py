@@ -68,3 +68,47 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     (tmp_path / "bad.toml").write_text("task = 'x:y'\n[projection]\ndim = 'big'\n")
     proc = tracin("index", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "checkpoints" in proc.stderr
+
+
+def test_version_and_help_show_defaults():
+    from indexer import __version__
+
+    assert tracin("--version").stdout.strip() == f"tracin {__version__}"
+    for command in ("serve", "demo"):
+        text = " ".join(tracin(command, "--help").stdout.split())  # argparse wraps lines
+        assert "address to listen on" in text and "(default: 127.0.0.1)" in text, command
+        assert "TCP port to listen on" in text and "(default: 8000)" in text, command
+    assert "(default: .tracin/demo)" in text and "(default: 30)" in text  # demo's own options
+    proc = tracin("demo", "--epochs", "0", "--no-serve", check=False)
+    assert proc.returncode == 2 and "--epochs must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_training_reports_progress(tmp_path):
+    from indexer.demo.digits import train_digits
+
+    lines: list[str] = []
+    train_digits(tmp_path, epochs=10, checkpoints=5, progress=lines.append)
+    assert len(lines) == 5 and lines[0].startswith("epoch   2/10: mean loss ") and "lr 0.093," in lines[0]
+    assert all("saved checkpoint epoch-" in line for line in lines) and lines[-1].startswith("epoch  10/10")
+
+
+def _make_n(*args: str) -> list[str]:
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # under `make test`
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_make_demo_installs_no_extras_and_takes_port_and_host():
+    lines = _make_n("demo", "PORT=8001", "HOST=0.0.0.0")
+    installs = [line for line in lines if "pip install" in line and "constraints.txt -e" in line]
+    assert installs == [".venv/bin/pip install -q -c constraints.txt -e '.'"], installs  # no test/text extras
+    assert lines[-1] == ".venv/bin/tracin demo --out .tracin/demo --host 0.0.0.0 --port 8001"
+    assert _make_n("demo")[-1].endswith("--host 127.0.0.1 --port 8000")
+    installs = [line for line in _make_n("test") if "constraints.txt -e" in line]
+    assert installs == [".venv/bin/pip install -q -c constraints.txt -e '.[test,text,huggingface,lightning]'"]

@@ -173,7 +173,8 @@ def test_dockerfile_base_and_copies(path):
 def test_dockerfile_installs_like_make_setup(path):
     make = _makefile_setup_installs()
     assert any("--upgrade pip" in line for line in make)
-    [make_project] = [line for line in make if "-c constraints.txt" in line and re.search(r"['\"]?\.\[", line)]
+    # the project with its extras: '.[x,y]', or '.$(if $(E),[$(E)])' where the extras may be empty
+    [make_project] = [line for line in make if "-c constraints.txt" in line and re.search(r"['\"]?\.(\[|\$\(if )", line)]
     assert any("--index-url $(TORCH_INDEX) torch" in line for line in make), "torch from a chosen wheel index"
 
     installs = _pip_installs(path)

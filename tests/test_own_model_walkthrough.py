@@ -1,8 +1,12 @@
 """README's "Index your own model" section is executed as written, so the walkthrough cannot rot.
 
-Code fences carry an info string:  ```python file=NAME  /  ```toml file=NAME  (written to an empty
-directory),  ```bash run  (run there with bash -euo pipefail),  ```bash serve  (started in the
-background; the test swaps in a free port) and  ```bash query  (run once the server is ready).
+It runs as a reader would run it: in a clean shell (no venv on PATH, no PYTHONPATH, HOME a temporary
+directory), starting at the repository root where `make setup` created `.venv/`. Code fences carry an
+info string:  ```bash setup  (the reader's first commands: activate the venv, make and enter a working
+directory; every later bash block runs after it, as in the reader's one terminal),  ```python file=NAME
+/  ```toml file=NAME  (saved in that working directory),  ```bash run  (run with bash -euo pipefail),
+```bash serve  (started in the background; the test swaps in a free port) and  ```bash query  (run once
+the server is ready, from a shell of its own, as from a second terminal).
 The serve + query part is skipped when the service package is not importable.
 """
 from __future__ import annotations
@@ -15,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,13 +42,18 @@ def blocks() -> list[tuple[str, dict[str, str], str]]:
     return out
 
 
-def _env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # this venv's tracin/python
-    env["PYTHONPATH"] = os.pathsep.join([str(workdir), str(ROOT)])
-    for name in [k for k in env if k.startswith("TRACIN_")]:
-        env.pop(name)
-    return env
+VENV = ROOT / ".venv"
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    """A new terminal's environment: system PATH only (no venv), no PYTHONPATH, no TRACIN_* settings."""
+    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home),
+            "LANG": "C.UTF-8", "TMPDIR": os.environ.get("TMPDIR", "/tmp"), "OMP_NUM_THREADS": "2"}
+
+
+def _after_setup(block: str, setup: str) -> str:
+    """A bash block as the reader runs it: in the terminal where the setup block already ran."""
+    return f"{setup}\n{block}"
 
 
 def _bash(script: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -66,32 +74,55 @@ def test_doc_has_the_expected_blocks():
     files = [a["file"] for lang, a, _ in found if "file" in a]
     assert files == ["mytask.py", "train.py", "config.toml"]
     kinds = [next(iter(a)) for lang, a, _ in found if lang == "bash"]
-    assert kinds == ["run", "serve", "query"]
+    assert kinds == ["setup", "run", "serve", "query"]
     assert "save_checkpoint(" in next(body for _, a, body in found if a.get("file") == "train.py")
+    assert "source .venv/bin/activate" in _setup_block(found)
+
+
+def _setup_block(found) -> str:
+    """The reader's first commands (none in a README that forgets them: then the blocks run without)."""
+    return next((body for lang, a, body in found if lang == "bash" and "setup" in a), "")
 
 
 @pytest.fixture(scope="module")
 def walkthrough(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("own-model")
-    env = _env(workdir)
+    if not (VENV / "bin" / "activate").is_file():
+        pytest.skip(f"{VENV} does not exist: the walkthrough starts after `make setup`")
+    home = tmp_path_factory.mktemp("home")
+    env = _clean_env(home)
+    found = blocks()
+    setup = _setup_block(found)
+    clean = _bash("command -v tracin python || true; python3 -c 'import torch' 2>&1 | tail -1 || true",
+                  ROOT, env).stdout
+    assert "tracin" not in clean and "No module named 'torch'" in clean, f"not a clean shell: {clean}"
+    if setup:  # where the reader is after the setup block: the file blocks are saved there
+        start = ROOT
+        workdir = Path(_bash(_after_setup("pwd", setup), start, env).stdout.strip().splitlines()[-1])
+        assert workdir != ROOT and home in workdir.parents, f"work outside the checkout, not in {workdir}"
+    else:  # no setup block: the reader saves the files in an empty directory and runs the blocks there
+        start = workdir = home / "walkthrough"
+        workdir.mkdir()
     outputs = []
-    for lang, attrs, body in blocks():
+    for lang, attrs, body in found:
         if "file" in attrs:
             (workdir / attrs["file"]).write_text(body)
         elif lang == "bash" and "run" in attrs:
-            outputs.append(_bash(body, workdir, env).stdout)
-    return workdir, env, "\n".join(outputs)
+            outputs.append(_bash(_after_setup(body, setup), start, env).stdout)
+    return workdir, start, env, setup, "\n".join(outputs)
 
 
 def test_walkthrough_trains_indexes_and_inspects(walkthrough):
     from indexer.store import IndexDirectory
 
-    workdir, _, out = walkthrough
+    workdir, _, _, _, out = walkthrough
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["epoch-10.pt", "epoch-20.pt", "epoch-30.pt"]
     accuracy = float(re.search(r"training accuracy ([0-9.]+)", out).group(1))
     assert accuracy > 0.9
     assert "indexed 150 examples" in out
     assert "top 5 self-influence" in out and "lr=0.1" in out and "lr=0.025" in out
+    # exact mode says what its dimension is (the gradient size: 13x16+16 + 16x3+3 = 275), not the unused `dim`
+    assert "projection exact (none: whole gradients, 275 numbers per checkpoint)" in out and "dim=256" not in out
+    assert re.search(r"label=\d \(cultivar \d\)", out), "class names from the manifest"
     index = IndexDirectory.open(workdir / "index")
     assert index.count == 150 and index.manifest["projection"]["kind"] == "exact"
     assert [c["lr"] for c in index.manifest["checkpoints"]] == [0.1, 0.05, 0.025]
@@ -104,7 +135,7 @@ def test_walkthrough_serves_and_answers_the_curl_query(walkthrough):
         pytest.skip("the service package is not importable: serve + query part not run")
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed: the query block cannot run")
-    workdir, env, _ = walkthrough
+    workdir, start, env, setup, _ = walkthrough
     found = blocks()
     serve = next(body for lang, a, body in found if lang == "bash" and "serve" in a)
     query = next(body for lang, a, body in found if lang == "bash" and "query" in a)
@@ -113,8 +144,8 @@ def test_walkthrough_serves_and_answers_the_curl_query(walkthrough):
     serve, query = serve.replace("8000", port), query.replace("8000", port)
     log = workdir / "serve.log"
     with open(log, "w") as handle:
-        server = subprocess.Popen(["bash", "-c", "exec " + serve.strip()], cwd=workdir, env=env, stdout=handle,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(["bash", "-c", _after_setup("exec " + serve.strip(), setup)], cwd=start, env=env,
+                                  stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -126,7 +157,7 @@ def test_walkthrough_serves_and_answers_the_curl_query(walkthrough):
             if time.monotonic() > deadline:
                 pytest.fail(f"tracin serve was not ready in 120 s:\n{log.read_text()}")
             time.sleep(0.5)
-        body = json.loads(_bash(query, workdir, env, timeout=60).stdout)
+        body = json.loads(_bash(query, workdir, env, timeout=60).stdout)  # a second terminal: no setup needed
         assert body["prediction"]["label"] == 0  # the first wine of load_wine is cultivar 1
         assert 0 < len(body["proponents"]) <= 3 and all(h["score"] > 0 for h in body["proponents"])
         assert all(h["score"] < 0 for h in body["opponents"])

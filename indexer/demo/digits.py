@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -100,10 +100,15 @@ class DigitsTask(Task):
 
 
 def train_digits(out_dir: str | Path, epochs: int = 30, checkpoints: int = 5, seed: int = 0,
-                 lr: float = 0.1, batch_size: int = 32) -> Path:
+                 lr: float = 0.1, batch_size: int = 32, progress: Callable[[str], None] | None = None) -> Path:
     """Train the demo MLP, save `checkpoints` evenly spaced checkpoints with their lr, write a config.
 
+    `progress`, when given, receives a line every few epochs (epoch, mean loss, lr, elapsed time).
     Returns the path of the TOML config that indexes it."""
+    import time
+
+    started = time.perf_counter()
+    report_every = max(1, epochs // checkpoints)  # a line per checkpoint interval
     out_dir = Path(out_dir)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     task = DigitsTask(seed)
@@ -117,15 +122,22 @@ def train_digits(out_dir: str | Path, epochs: int = 30, checkpoints: int = 5, se
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train), generator=generator)
         model.train()
+        total, batches = 0.0, 0
         for start in range(0, len(train), batch_size):
             rows = order[start:start + batch_size]
             loss = task.loss(model(train.inputs[rows]), train.labels[rows]).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        if epoch % every == 0 and len(saved) < checkpoints:
+            total, batches = total + loss.item(), batches + 1
+        saving = epoch % every == 0 and len(saved) < checkpoints
+        if saving:
             saved.append(save_checkpoint(out_dir / "checkpoints" / f"epoch-{epoch:03d}.pt", model, optimizer,
                                          epoch=epoch))
+        if progress is not None and (epoch % report_every == 0 or epoch == epochs):
+            progress(f"epoch {epoch:>3}/{epochs}: mean loss {total / max(1, batches):.4f}, "
+                     f"lr {optimizer.param_groups[0]['lr']:.4g}, {time.perf_counter() - started:.1f}s"
+                     + (f"; saved checkpoint {saved[-1].name}" if saving else ""))
         scheduler.step()
     lines = ['task = "indexer.demo.digits:DigitsTask"', f"task_args = {{ seed = {seed} }}", ""]
     for path in saved:

@@ -2,8 +2,8 @@
 // Views: #/explain[/query/<offset>|/train/<id>], #/self?label=&offset=&k=, #/index.
 import { api, ApiError, getApiKey, setApiKey } from "./api.js";
 import {
-  ImageInput, binScores, clear, displayExtras, drawHistogram, exampleVisual, flippedBadge, fmtInt, fmtScore, h,
-  hitList, inputSpec, labelChip, labelSummary, probabilityBars,
+  ImageInput, binScores, clear, displayExtras, drawHistogram, exampleVisual, fieldColumns, fieldsTable, flippedBadge,
+  fmtInt, fmtScore, h, hasVisual, hitList, inputSpec, labelChip, labelSummary, probabilityBars,
 } from "./widgets.js";
 
 const $ = (id) => document.getElementById(id);
@@ -21,6 +21,8 @@ const state = {
   hist: new Map(), // label -> histogram data
   lastSelfItems: [],
   busy: 0,
+  rerun: null, // runs the last query again (after its answer was cleared)
+  rerunId: "",
 };
 
 // -- labels -----------------------------------------------------------------------------------
@@ -38,7 +40,14 @@ function labelText(label) {
 
 // -- errors -----------------------------------------------------------------------------------
 
+// Errors of these actions belong to the Explain view: the results of an earlier request are cleared, so
+// that the page never shows an error banner above answers it does not belong to.
+const EXPLAIN_CONTEXTS = new Set(["explain", "upload", "your example", "example JSON"]);
+
 function showError(err, context = "") {
+  if (EXPLAIN_CONTEXTS.has(context) && state.current) {
+    clearResults("No result: the request failed (see the error above).");
+  }
   const banner = $("error-banner");
   const e = err instanceof ApiError ? err : new ApiError(0, "client_error", err?.message || String(err));
   const where = context ? `${context}: ` : "";
@@ -228,23 +237,60 @@ async function loadQueries(offset = state.queriesOffset) {
 function renderQueries() {
   const page = state.queryPage;
   const list = clear($("query-list"));
-  list.classList.toggle("query-list-text", state.spec.kind !== "image");
+  const tabular = state.spec.kind === "json" && page && page.items.length > 0 && !page.items.some((q) => hasVisual(q.display));
+  list.classList.toggle("query-list-text", state.spec.kind !== "image" && !tabular);
+  list.classList.toggle("query-list-table", Boolean(tabular));
+  list.classList.toggle("query-list-image", state.spec.kind === "image");
   if (!page) return;
+  if (tabular) renderQueryTable(list, page);
+  else renderQueryItems(list, page);
+  if (!page.items.length) list.append(h("p", { class: "muted small", text: "This index ships no held-out examples." }));
+  pager($("queries-pager"), page.offset, page.items.length, page.total, state.queriesPage,
+    (o) => guarded(() => loadQueries(o), "held-out examples"));
+}
+
+function queryTitle(q) {
+  return `explain held-out example ${q.id}${q.label !== null && q.label !== undefined ? ` (label ${labelName(q.label)})` : ""}`;
+}
+
+// Tabular tasks: one row per held-out example (id, label, its display and example fields).
+function renderQueryTable(list, page) {
+  const displayCols = fieldColumns(page.items.map((q) => q.display), "display");
+  const exampleCols = fieldColumns(page.items.map((q) => q.example), "example");
+  const columns = [...displayCols.map((c) => ({ ...c, get: (row) => c.get(row.display) })),
+    ...exampleCols.map((c) => ({ ...c, get: (row) => c.get(row.example) }))];
+  const rows = page.items.map((q, i) => {
+    const offset = page.offset + i;
+    const active = state.current?.source === "held-out" && state.current.offset === offset;
+    return {
+      fields: q,
+      props: { class: `query-item${active ? " active" : ""}`, "data-id": q.id, "data-offset": String(offset),
+        tabindex: "0", title: queryTitle(q), onclick: () => navigate(`#/explain/query/${offset}`),
+        onkeydown: (ev) => { if (ev.key === "Enter") navigate(`#/explain/query/${offset}`); } },
+      lead: [h("td", { class: "mono", text: q.id }),
+        h("td", {}, q.label !== null && q.label !== undefined ? h("span", { class: "query-label", text: labelName(q.label) }) : null)],
+    };
+  });
+  list.append(h("div", { class: "table-scroll" }, fieldsTable(columns, rows, { compact: true, lead: ["id", "label"] })));
+}
+
+function renderQueryItems(list, page) {
+  if (state.spec.kind === "image") {
+    // Cells wide enough for the longest class name under the thumbnail (digits: 8 a row; Fashion-MNIST: 4).
+    const longest = Math.max(1, ...page.items.map((q) => (q.label === null || q.label === undefined ? 0 : labelName(q.label).length)));
+    list.style.setProperty("--label-chars", String(longest));
+  }
   page.items.forEach((q, i) => {
     const offset = page.offset + i;
     const active = state.current?.source === "held-out" && state.current.offset === offset;
     const d = q.display || {};
     list.append(h("button", {
       type: "button", class: `query-item${active ? " active" : ""}`, "data-id": q.id, "data-offset": String(offset),
-      title: `explain held-out example ${q.id}${q.label !== null && q.label !== undefined ? ` (label ${labelName(q.label)})` : ""}`,
-      onclick: () => navigate(`#/explain/query/${offset}`),
+      title: queryTitle(q), onclick: () => navigate(`#/explain/query/${offset}`),
     },
     state.spec.kind === "image" ? exampleVisual(d, { size: "sm" }) : exampleVisual(d, { lines: 1 }),
     q.label !== null && q.label !== undefined ? h("span", { class: "query-label", text: labelName(q.label) }) : null));
   });
-  if (!page.items.length) list.append(h("p", { class: "muted small", text: "This index ships no held-out examples." }));
-  pager($("queries-pager"), page.offset, page.items.length, page.total, state.queriesPage,
-    (o) => guarded(() => loadQueries(o), "held-out examples"));
 }
 
 function pager(el, offset, shown, total, size, go) {
@@ -302,6 +348,10 @@ let influenceSeq = 0;
 async function runInfluence(body, meta) {
   const results = $("results");
   const seq = ++influenceSeq;
+  state.rerun = meta.source === "held-out" ? () => navigate(`#/explain/query/${meta.offset}`)
+    : meta.source === "train" ? () => navigate(`#/explain/train/${encodeURIComponent(meta.id)}`)
+      : () => guarded(() => explainExample(meta.example, meta), "explain");
+  state.rerunId = meta.id;
   results.setAttribute("aria-busy", "true");
   try {
     const t0 = performance.now();
@@ -315,6 +365,26 @@ async function runInfluence(body, meta) {
   } finally {
     if (seq === influenceSeq) results.removeAttribute("aria-busy");
   }
+}
+
+// Take the answer off the screen (it no longer matches the options, or a later request failed); offer to
+// run the same query again.
+function clearResults(message) {
+  influenceSeq += 1; // an answer still on its way is dropped too
+  state.current = null;
+  $("results").removeAttribute("aria-busy");
+  const box = clear($("results-body"));
+  delete box.dataset.request;
+  box.dataset.source = "";
+  box.dataset.queryId = "";
+  const again = state.rerun ? h("button", { type: "button", class: "secondary", id: "rerun",
+    text: `Explain ${state.rerunId} again`, onclick: () => { clearError(); state.rerun(); } }) : null;
+  box.append(h("div", { class: "empty", id: "results-cleared" }, h("p", { text: message }), again));
+  renderQueries();
+}
+
+function onOptionsChanged() {
+  if (state.current) clearResults("The query options changed: the answer shown was for the previous ones.");
 }
 
 function pushTrail(meta) {
@@ -396,7 +466,22 @@ function renderResults() {
     preview = h("div", { class: "snippet lines-8" },
       d.title ? h("div", { class: "snippet-title", text: d.title }) : null,
       h("div", { class: "snippet-body", text: d.title ? (d.snippet || cur.example[state.spec.field]) : cur.example[state.spec.field] }));
-  } else preview = exampleVisual(cur.display || {}, { size: "lg" });
+  } else if (cur.example && !hasVisual(cur.display)) preview = null; // tabular: the fields table below
+  else preview = exampleVisual(cur.display || {}, { size: "lg" });
+  // Tabular tasks: the query's feature values (and display fields) as a table across the summary.
+  let fields = null;
+  if (state.spec.kind === "json" && !hasVisual(cur.source === "train" ? cur.info.display : cur.display)) {
+    const display = cur.source === "train" ? cur.info.display : cur.display;
+    const example = cur.source === "train" ? null : cur.example;
+    const columns = [...fieldColumns([display], "display").map((c) => ({ ...c, get: () => c.get(display) })),
+      ...fieldColumns([example], "example").map((c) => ({ ...c, get: () => c.get(example) }))];
+    if (columns.length) {
+      fields = h("div", { class: "query-fields", id: "query-fields" },
+        h("div", { class: "probs-title muted", text: cur.source === "train" ? "display fields" : "feature values" }),
+        h("div", { class: "table-scroll" }, fieldsTable(columns, [{ fields: null }], { compact: true })));
+    }
+    if (cur.source === "train") preview = null;
+  }
 
   const probs = res.prediction
     ? probabilityBars(res.prediction.probabilities, { labelName, predicted: res.prediction.label, labelUsed: res.label_used,
@@ -407,10 +492,11 @@ function renderResults() {
     h("summary", { text: "request" }),
     h("pre", { class: "mono small", text: `POST /influence\n${compactJson(body)}` }));
 
-  box.append(h("div", { class: "panel query-summary", id: "query-summary" },
-    h("div", { class: "preview" }, preview),
+  box.append(h("div", { class: `panel query-summary${preview ? "" : " no-preview"}`, id: "query-summary" },
+    preview ? h("div", { class: "preview" }, preview) : null,
     h("div", { class: "facts-wrap" }, facts, requestBox),
-    probs ? h("div", { class: "probs-wrap" }, h("div", { class: "probs-title muted", text: "probabilities (last checkpoint)" }), probs) : null));
+    probs ? h("div", { class: "probs-wrap" }, h("div", { class: "probs-title muted", text: "probabilities (last checkpoint)" }), probs) : null,
+    fields));
 
   const open = (id) => navigate(`#/explain/train/${encodeURIComponent(id)}`);
   const column = (kind, hits, title, subtitle) => {
@@ -448,11 +534,12 @@ async function loadSelf() {
 function renderSelfTable(page) {
   const { k } = state.self;
   const tbody = clear($("si-table").tBodies[0]);
-  const maxScore = Math.max(1e-30, ...page.items.map((x) => x.score), state.hist.get(state.self.label)?.max || 0);
+  const maxScore = Math.max(1e-30, ...page.items.map((x) => x.score), state.hist.get(histKey())?.max || 0);
   const textTask = state.spec.kind === "text";
   for (const item of page.items) {
     const d = item.display || {};
-    const extras = displayExtras(d).filter(([, v]) => String(v) !== labelName(item.label));
+    const tabular = !hasVisual(d);
+    const extras = tabular ? [] : displayExtras(d).filter(([, v]) => String(v) !== labelName(item.label));
     const open = () => navigate(`#/explain/train/${encodeURIComponent(item.id)}`);
     tbody.append(h("tr", {
       class: d.flipped === true ? "flipped" : "", "data-id": item.id, "data-score": String(item.score),
@@ -460,7 +547,8 @@ function renderSelfTable(page) {
       onclick: open, onkeydown: (ev) => { if (ev.key === "Enter") open(); },
     },
     h("td", { class: "num mono", text: fmtInt(item.rank) }),
-    h("td", { class: textTask ? "visual text" : "visual" }, exampleVisual(d, { size: "sm", lines: 2 })),
+    h("td", { class: textTask ? "visual text" : tabular ? "visual fields-cell" : "visual" },
+      exampleVisual(d, { size: "sm", lines: 2, drop: (k, v) => String(v) === labelName(item.label) })),
     h("td", { class: "mono", text: item.id }),
     h("td", {}, labelChip(item.label, labelName)),
     h("td", { class: "num mono", text: fmtScore(item.score) }),
@@ -477,19 +565,29 @@ function renderSelfTable(page) {
   $("si-table").dataset.total = String(page.total);
 }
 
-async function loadHistogram(label) {
-  let data = state.hist.get(label);
-  if (!data) {
-    data = await fetchHistogram(label);
-    state.hist.set(label, data);
-  }
-  renderHistogram();
+// Histograms are cached per label and x scale ("log x" asks the server for log- or linear-spaced bins).
+function histScale() {
+  return $("hist-log").checked ? "log" : "linear";
 }
 
-async function fetchHistogram(label) {
+function histKey(label = state.self.label) {
+  return `${label}|${histScale()}`;
+}
+
+async function loadHistogram(label) {
+  const key = histKey(label);
+  let data = state.hist.get(key);
+  if (!data) {
+    data = await fetchHistogram(label, histScale());
+    state.hist.set(key, data);
+  }
+  if (key === histKey()) renderHistogram();
+}
+
+async function fetchHistogram(label, scale) {
   const lab = label === "" ? undefined : label;
   try {
-    const r = await api.selfInfluenceHistogram(40, lab, "log");
+    const r = await api.selfInfluenceHistogram(40, lab, scale);
     return { edges: r.edges, counts: r.counts, flagged: r.flagged?.flipped || null, log: r.scale === "log",
       total: r.total, used: r.total, max: r.edges[r.edges.length - 1], source: "server", serverScale: r.scale };
   } catch (err) {
@@ -521,7 +619,7 @@ async function fetchHistogram(label) {
 }
 
 function renderHistogram() {
-  const raw = state.hist.get(state.self.label);
+  const raw = state.hist.get(histKey());
   const el = $("si-histogram");
   if (!raw) return;
   const wantLog = $("hist-log").checked;
@@ -540,6 +638,7 @@ function renderHistogram() {
   parts.push("shaded: rows on this page; click a bar to jump there");
   $("hist-note").textContent = parts.join(" · ");
   el.dataset.source = raw.source;
+  el.dataset.scale = data.log ? "log" : "linear";
 }
 
 function selfHash(change = {}) {
@@ -732,7 +831,8 @@ function init() {
   $("raw-run").addEventListener("click", () => guarded(explainRaw, "explain"));
   $("si-label").addEventListener("change", () => navigate(selfHash({ label: $("si-label").value, offset: 0 })));
   $("si-k").addEventListener("change", () => navigate(selfHash({ k: Number($("si-k").value), offset: 0 })));
-  $("hist-log").addEventListener("change", renderHistogram);
+  $("hist-log").addEventListener("change", () => guarded(() => loadHistogram(state.self.label), "self-influence histogram"));
+  for (const id of ["opt-k", "opt-label", "opt-filter", "opt-exclude"]) $(id).addEventListener("change", onOptionsChanged);
   let resizeTimer;
   window.addEventListener("resize", () => {
     clearTimeout(resizeTimer);

@@ -51,8 +51,14 @@ export function displayExtras(display) {
     .filter(([, v]) => typeof v !== "string" || v.length <= 60);
 }
 
-// A thumbnail (image tasks) or a title + snippet (text tasks) for one example's display fields.
-export function exampleVisual(display, { size = "md", lines = 3 } = {}) {
+// Whether display fields hold something to look at (a thumbnail, a title or a text snippet).
+export function hasVisual(display) {
+  return Boolean(safeImageUrl(display?.image) || display?.title || display?.snippet || display?.text);
+}
+
+// A thumbnail (image tasks), a title + snippet (text tasks) or, for tabular tasks (neither), the display
+// fields as a compact table, for one example's display fields.
+export function exampleVisual(display, { size = "md", lines = 3, drop = () => false } = {}) {
   const image = safeImageUrl(display?.image);
   if (image) return h("img", { class: `thumb thumb-${size}`, src: image, alt: "", loading: "lazy", decoding: "async" });
   const title = display?.title;
@@ -62,7 +68,70 @@ export function exampleVisual(display, { size = "md", lines = 3 } = {}) {
       title ? h("div", { class: "snippet-title", text: title }) : null,
       snippet ? h("div", { class: "snippet-body", text: snippet }) : null);
   }
+  const columns = fieldColumns([display], "display").filter((c) => !drop(c.label, c.get(display)));
+  if (columns.length) return fieldsTable(columns, [{ fields: display }], { compact: true });
   return h("div", { class: `thumb thumb-${size} thumb-none`, text: "no preview" });
+}
+
+// -- fields as a table (tabular tasks) --------------------------------------------------------------
+
+const MAX_ARRAY_COLUMNS = 64;
+
+// Numbers with at most 4 significant digits after the point (1065, 14.23, 0.2800 -> 0.28).
+export function fmtValue(v) {
+  if (typeof v === "number") {
+    if (!Number.isFinite(v)) return String(v);
+    if (Number.isInteger(v)) return String(v);
+    const a = Math.abs(v);
+    if (a !== 0 && (a < 1e-3 || a >= 1e6)) return v.toExponential(2);
+    return String(Number(v.toPrecision(4)));
+  }
+  if (typeof v === "boolean") return v ? "yes" : "no";
+  return v === null || v === undefined ? "" : String(v);
+}
+
+// Columns for a list of field objects (display fields, or an example's fields): one per scalar field,
+// one per element of a short number array (grouped under the array's name); `skip` drops fields.
+// Each column: {label, group, get(obj)}.
+export function fieldColumns(objects, source = "display") {
+  const first = objects.find((o) => o && Object.keys(o).length) || {};
+  const columns = [];
+  const entries = source === "display" ? displayExtras(first) : Object.entries(first);
+  for (const [key, value] of entries) {
+    if (["string", "number", "boolean"].includes(typeof value)) {
+      columns.push({ label: key, group: null, get: (o) => o?.[key] });
+    } else if (Array.isArray(value) && value.length <= MAX_ARRAY_COLUMNS && value.every((x) => typeof x === "number")) {
+      value.forEach((_, i) => columns.push({ label: String(i), group: key, get: (o) => o?.[key]?.[i] }));
+    } else if (Array.isArray(value)) {
+      columns.push({ label: key, group: null, get: (o) => `${o?.[key]?.length ?? 0} values` });
+    }
+  }
+  return columns;
+}
+
+// rows: [{fields, props, lead: [cells before the fields]}]; lead: header cells of the leading columns.
+export function fieldsTable(columns, rows, { compact = false, lead = [], caption } = {}) {
+  const grouped = columns.some((c) => c.group);
+  const head = [];
+  if (grouped) {
+    const top = lead.map(() => h("th", {}));
+    for (let i = 0; i < columns.length;) {
+      let j = i;
+      while (j < columns.length && columns[j].group === columns[i].group) j += 1;
+      top.push(h("th", { class: columns[i].group ? "group" : "", colspan: String(j - i), text: columns[i].group || "" }));
+      i = j;
+    }
+    head.push(h("tr", {}, top));
+  }
+  head.push(h("tr", {}, lead.map((t) => h("th", { text: t })),
+    columns.map((c) => h("th", { class: "num", title: c.group ? `${c.group}[${c.label}]` : c.label, text: c.label }))));
+  const body = rows.map((row) => h("tr", row.props || {}, row.lead || [],
+    columns.map((c) => {
+      const v = c.get(row.fields);
+      return h("td", { class: typeof v === "number" ? "num" : "", title: v === undefined ? "" : String(v), text: fmtValue(v) });
+    })));
+  return h("table", { class: `fields${compact ? " compact" : ""}` },
+    caption ? h("caption", { text: caption }) : null, h("thead", {}, head), h("tbody", {}, body));
 }
 
 export function flippedBadge(display, labelName) {
@@ -81,10 +150,13 @@ export function labelChip(label, labelName, extraClass = "") {
 
 export function hitList(hits, { kind, labelName, onOpen, textTask }) {
   const maxAbs = Math.max(1e-30, ...hits.map((x) => Math.abs(x.score)));
-  const list = h("ol", { class: `hits hits-${kind}${textTask ? " hits-text" : ""}`, "data-kind": kind });
+  const tabular = hits.length > 0 && !hits.some((x) => hasVisual(x.display));
+  const list = h("ol", { class: `hits hits-${kind}${textTask ? " hits-text" : ""}${tabular ? " hits-fields" : ""}`,
+    "data-kind": kind });
   hits.forEach((hit, i) => {
     const d = hit.display || {};
-    const extras = displayExtras(d).filter(([, v]) => String(v) !== labelName(hit.label));
+    // Tabular: the display fields are the table (below); elsewhere they are a line of extras.
+    const extras = tabular ? [] : displayExtras(d).filter(([, v]) => String(v) !== labelName(hit.label));
     const bar = h("div", { class: "score-bar" }, h("span", { style: { width: `${(100 * Math.abs(hit.score)) / maxAbs}%` } }));
     const li = h("li", {
       class: `hit${d.flipped === true ? " flipped" : ""}`,
@@ -94,13 +166,14 @@ export function hitList(hits, { kind, labelName, onOpen, textTask }) {
       onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); onOpen(hit.id); } },
     },
     h("span", { class: "rank", text: String(i + 1) }),
-    exampleVisual(d, { size: "md", lines: textTask ? 3 : 2 }),
+    tabular ? null : exampleVisual(d, { size: "md", lines: textTask ? 3 : 2 }),
     h("div", { class: "hit-meta" },
       h("div", { class: "hit-top" },
         h("span", { class: "hit-id mono", text: hit.id }),
         labelChip(hit.label, labelName),
         flippedBadge(d, labelName)),
       extras.length ? h("div", { class: "extras muted", text: extras.map(([k, v]) => `${k}: ${v}`).join(" · ") }) : null,
+      tabular ? exampleVisual(d, { drop: (k, v) => String(v) === labelName(hit.label) }) : null,
       h("div", { class: "hit-score" }, h("span", { class: "score mono", text: fmtScore(hit.score) }), bar)));
     list.append(li);
   });
@@ -120,13 +193,16 @@ export function labelSummary(hits, labelName) {
 export function probabilityBars(probabilities, { labelName, predicted, labelUsed, trueLabel, top = 10 }) {
   const order = probabilities.map((p, i) => [p, i]).sort((a, b) => b[0] - a[0]).slice(0, top);
   if (probabilities.length <= top) order.sort((a, b) => a[1] - b[1]);
-  return h("div", { class: "probs" }, order.map(([p, i]) => h("div", {
-    class: `prob${i === predicted ? " predicted" : ""}${i === labelUsed ? " used" : ""}${i === trueLabel ? " truth" : ""}`,
-    title: `${labelName(i)}: p = ${p.toFixed(4)}`,
-  },
-  h("span", { class: "prob-label", text: labelName(i) }),
-  h("span", { class: "prob-track" }, h("span", { class: "prob-fill", style: { width: `${Math.max(0.5, 100 * p)}%` } })),
-  h("span", { class: "prob-value mono", text: p >= 0.995 ? p.toFixed(3) : p.toFixed(2) }))));
+  // One grid for all rows (each .prob is display: contents): the label column is as wide as the longest name.
+  return h("div", { class: "probs" }, order.map(([p, i]) => {
+    const title = `${labelName(i)}: p = ${p.toFixed(4)}`;
+    return h("div", {
+      class: `prob${i === predicted ? " predicted" : ""}${i === labelUsed ? " used" : ""}${i === trueLabel ? " truth" : ""}`,
+    },
+    h("span", { class: "prob-label", title, text: labelName(i) }),
+    h("span", { class: "prob-track", title }, h("span", { class: "prob-fill", style: { width: `${Math.max(0.5, 100 * p)}%` } })),
+    h("span", { class: "prob-value mono", title, text: p >= 0.995 ? p.toFixed(3) : p.toFixed(2) }));
+  }));
 }
 
 // -- histogram --------------------------------------------------------------------------------
