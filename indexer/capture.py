@@ -41,6 +41,7 @@ from indexer.grads import BlockGrad, ConvCall, ConvOuter, Dense, Outer
 from indexer.task import Inputs, batch_size_of, take_rows, unsqueeze_inputs
 
 ROUTES = ("hook", "vmap", "loop")
+PROBE_ROWS = 3  # training rows calibration probes
 SUM_CHECK_EVERY = 64  # besides the first batch of each checkpoint, every 64th batch is sum-checked
 
 
@@ -428,7 +429,8 @@ def _device(model: nn.Module) -> torch.device:
 
 def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, loss: Callable, inputs, labels,
               dtype: torch.dtype = torch.float32) -> CapturePlan:
-    """Choose each block's route on a few examples (`inputs`: the first rows of the training set).
+    """Choose each block's route on a few examples (`inputs`: the first rows of the training set; the first
+    three are used).
 
     Raises CaptureError when the model cannot be captured at all (e.g. it mixes examples and cannot
     run one example at a time)."""
@@ -436,9 +438,13 @@ def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, lo
     routes = {b.name: ("hook" if b.uses else "vmap") for b in blocks}
     reasons: dict[str, str] = {}
     axes: dict[str, int] = {}
+    holders = {id(p): type(m).__name__ for _, m in model.named_modules() for p in m._parameters.values()
+               if p is not None}
+    params = dict(model.named_parameters())
     for b in blocks:
         if not b.uses:
-            reasons[b.name] = "no factored route for this parameter"
+            kind = holders.get(id(params[b.params[0]]), "module")
+            reasons[b.name] = f"{kind} parameter: no factored route"
     if N < 2:
         for b in blocks:
             routes[b.name], reasons[b.name] = "loop", "a single training example"
@@ -477,10 +483,14 @@ def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, lo
         try:
             got = _run_per_example(capture, plan, lambda x, y: capture.vmap_route(vmap_blocks, x, y), *big)
             ref = capture.loop_route(vmap_blocks, *big)
+            slow = _slow_under_vmap(model, plan)
             for b in vmap_blocks:
                 if not _close(got[b.name].full(), ref[b.name].full(), dtype):
                     routes[b.name] = "loop"
                     reasons[b.name] = "torch.func per-sample gradients disagree with the per-example loop"
+                elif slow:
+                    routes[b.name] = "loop"
+                    reasons[b.name] = (reasons.get(b.name) + "; " if reasons.get(b.name) else "") + slow
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - torch.func cannot batch this model's forward
@@ -492,6 +502,19 @@ def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, lo
     if loop_blocks:
         GradientCapture(model, plan, forward, loss, dtype)._loop_or_refuse(loop_blocks, *big)
     return plan
+
+
+def _slow_under_vmap(model: nn.Module, plan: CapturePlan) -> str | None:
+    """Why the per-example loop beats torch.func on this model, or None. A fixed rule, so that plans do not
+    depend on the machine's load: examples run one at a time anyway (nothing for vmap to batch), and
+    recurrent layers, which torch.func runs step by step (measured 25.8x a plain forward+backward for an
+    LSTM, against 4.9x for the loop: docs/benchmarks.md)."""
+    if plan.per_example:
+        return "examples run one at a time (the model mixes a batch): the per-example loop is the faster exact route"
+    rnn = next((n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)), None)
+    if rnn is not None:
+        return f"recurrent module {rnn!r}: the per-example loop is faster than torch.func through it"
+    return None
 
 
 def _run_per_example(capture: GradientCapture, plan: CapturePlan, fn, inputs, labels):

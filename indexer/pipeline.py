@@ -23,7 +23,7 @@ import torch
 
 from indexer.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint, load_state_into, recorded_lr
 from indexer.config import ConfigError, IndexConfig
-from indexer.capture import SUM_CHECK_EVERY
+from indexer.capture import PROBE_ROWS, SUM_CHECK_EVERY
 from indexer.embedding import Checkpoint, CheckpointEmbedder, ProjectionPlan, plan_embedding, resolve_checkpoints
 from indexer.manifest import ManifestError, write_manifest
 from indexer.resume import (
@@ -106,7 +106,7 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
     states = [load_checkpoint(c.path, s.prefix)[0] for c, s in ((checkpoints[0], config.checkpoints[0]),
                                                                   (checkpoints[-1], config.checkpoints[-1]))]
     plan = plan_embedding(task, checkpoints, config.layers, config.projection.kind, config.projection.dim,
-                          config.projection.seed, examples.batch(0, min(len(examples), 3)),
+                          config.projection.seed, examples.batch(0, min(len(examples), PROBE_ROWS)),
                           config.index.compute_dtype, config.index.device, state=states[0])
     if plan.total_dim > FAISS_MAX_DIM:
         raise ConfigError(f"projection: {config.projection.kind} mode gives {plan.total_dim:,} numbers per example "
