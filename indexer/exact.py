@@ -79,16 +79,20 @@ class ExactScorer:
         return ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint)
 
 
-def training_set_digest(examples: ExampleSet, max_bytes: int = 1 << 30, sample: int = 4096) -> dict:
+def training_set_digest(examples: ExampleSet, max_bytes: int = 1 << 30, sample: int = 4096,
+                        rows_hashed: str | int | None = None) -> dict:
     """What the index records about its training set, so the service can check that the task still reads
     the same examples in the same order before it re-ranks with them: the row count, sha256 of the labels
-    and sha256 of the inputs (all rows up to `max_bytes` of inputs, else `sample` evenly spaced rows)."""
+    and sha256 of the inputs (all rows up to `max_bytes` of inputs, else `sample` evenly spaced rows;
+    `rows_hashed` = "all" or a count repeats a recorded choice)."""
     n = len(examples)
     labels = examples.labels.detach().cpu().contiguous()
     digest = {"count": n, "labels_sha256": hashlib.sha256(_bytes(labels)).hexdigest()}
     tensors = input_tensors(examples.inputs)
     size = sum(t.numel() * t.element_size() for t in tensors)
-    if size <= max_bytes:
+    if rows_hashed is not None:
+        sample = n if rows_hashed == "all" else int(rows_hashed)
+    if (rows_hashed is None and size <= max_bytes) or rows_hashed == "all":
         rows = None
     else:
         rows = torch.as_tensor(np.unique(np.linspace(0, n - 1, num=min(sample, n)).round().astype(np.int64)))

@@ -24,6 +24,7 @@ import torch
 from indexer.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint, load_state_into, recorded_lr
 from indexer.config import ConfigError, IndexConfig
 from indexer.capture import PROBE_ROWS, SUM_CHECK_EVERY
+from indexer.exact import training_set_digest
 from indexer.embedding import Checkpoint, CheckpointEmbedder, ProjectionPlan, plan_embedding, resolve_checkpoints
 from indexer.manifest import ManifestError, write_manifest
 from indexer.resume import (
@@ -528,6 +529,7 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
                            "fingerprint": plan.fingerprint()},
             "embedding_dim": plan.total_dim,
             "count": job.count,
+            "training_set": training_set_digest(job.examples),
             "faiss": faiss_info,
             "files": file_hashes(staging.path, names),
             "versions": library_versions(),

@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from fastapi.middleware import Middleware
 
 from service.dashboard import mount_dashboard
-from service.engine import Engine, ServiceStartupError, configure_threads, load_engine, open_task
+from service.engine import Engine
+from service.loading import ServiceStartupError, configure_threads, load_engine, open_task
 from service.errors import BearerAuth, BodySizeLimit, JsonCORSMiddleware, install_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import build_router
@@ -48,8 +49,8 @@ def _openapi_examples(engine: Engine | None, settings: Settings) -> dict[str, An
         first = engine.examples[0]["id"]
         out["training example"] = {"summary": f"explain training example {first}",
                                    "value": {"train_id": first, "k": settings.default_k}}
-        if engine.labels is not None:
-            label = int(engine.labels[0])
+        if engine.labels.ids is not None:
+            label = int(engine.labels.ids[0])
             out["label filter"] = {"summary": f"only proponents/opponents with training label {label}",
                                    "value": {"train_id": first, "k": settings.default_k, "filter_label": label}}
     return out or None
@@ -73,7 +74,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     task = engine.task if engine is not None else open_task(settings)
     metrics = Metrics()
-    request_model = make_influence_request(task.example_schema, settings.max_k, settings.default_k)
+    request_model = make_influence_request(task.example_schema, settings.max_k, settings.default_k,
+                                           settings.max_rerank, settings.rerank)
     examples = _openapi_examples(engine, settings) if engine is not None else _manifest_examples(settings)
 
     @asynccontextmanager

@@ -1,93 +1,25 @@
 """The loaded index and the query logic, without HTTP: what the routes call (in a worker thread).
 
-`load_engine(settings)` opens and verifies the index directory once (manifest, checkpoints kept in
-memory, projection, FAISS index, self-influence order, examples table) and refuses with a
-`ServiceStartupError` naming the problem. `Engine.influence` embeds a query with the indexer's own
-embedding function (`indexer.embedding.Embedder`) and searches the FAISS index with
-`indexer.search.top_k`; no gradient or projection math lives here.
+`Engine.influence` answers POST /influence in two stages: the query is embedded with the indexer's own
+embedding function (`indexer.embedding.Embedder`), the FAISS index proposes candidates
+(`service.first_stage`), and, unless re-ranking is off, their exact TracIn scores are recomputed from
+the training examples (`indexer.exact.ExactScorer`) and decide the answer. No gradient or projection
+math lives here. Loading and verification are in `service.loading`, labels in `service.labels`.
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from service.errors import ApiError
+from service.errors import ApiError, ServiceStartupError
+from service.first_stage import FirstStage, _ends
+from service.labels import Labels
 from service.settings import Settings
-
-log = logging.getLogger("service")
-
-PARALLEL_SCAN_FLOATS = 1 << 22  # Flat indexes above 16 MB are scanned in parallel row blocks
-
-
-class ServiceStartupError(RuntimeError):
-    """The index directory cannot be served; the message says why."""
-
-
-def configure_threads(settings: Settings) -> None:
-    """torch intra-op threads for the machine (one request's backward is small: more threads than CPUs
-    only add contention); FAISS OpenMP threads when configured."""
-    import torch
-
-    torch.set_num_threads(settings.effective_torch_threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work already ran in this process
-        pass
-    if settings.faiss_threads:
-        import faiss
-
-        faiss.omp_set_num_threads(settings.faiss_threads)
-
-
-TASK_FIELD = "manifest task.ref"
-
-
-def open_task(settings: Settings):
-    """Rebuild only the Task from the manifest (light: for the request schema at app creation).
-
-    The manifest is checked against manifest.sha256 and validated (`indexer.manifest`) before its task
-    reference is used; the reference must resolve to a Task subclass (type-checked before the one call
-    that constructs it) from a module outside the index directory."""
-    from indexer.config import ConfigError, TaskRef
-    from indexer.manifest import ManifestError, read_manifest
-
-    path = _index_path(settings)
-    try:
-        manifest, _ = read_manifest(path)
-    except (ManifestError, OSError) as exc:
-        raise ServiceStartupError(str(exc)) from None
-    try:
-        task = TaskRef(manifest.task.ref, dict(manifest.task.args)).build(TASK_FIELD, forbidden_dir=path)
-    except ConfigError as exc:
-        raise ServiceStartupError(f"{path}: cannot rebuild the task: {exc}") from None
-    _check_schema(task, path)
-    return task
-
-
-def _index_path(settings: Settings) -> Path:
-    if settings.index_dir is None:
-        raise ServiceStartupError("no index directory: set TRACIN_INDEX_DIR or run `tracin serve DIR`")
-    path = Path(settings.index_dir).expanduser()
-    if not path.is_dir():
-        raise ServiceStartupError(f"{path}: no such index directory")
-    return path
-
-
-def _check_schema(task, path: Path) -> None:
-    from pydantic import BaseModel
-
-    schema = getattr(task, "example_schema", None)
-    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
-        raise ServiceStartupError(f"{path}: task {type(task).__name__} has no example_schema (a pydantic model of "
-                                  "one JSON example); the service cannot accept queries for it")
 
 
 @dataclass
@@ -96,24 +28,16 @@ class Engine:
     index_dir: Any  # indexer.store.IndexDirectory
     task: Any  # indexer.task.Task
     embedder: Any  # indexer.embedding.Embedder
-    search_params: dict[str, Any]
-    labels: np.ndarray | None  # int64 [N] class ids (class tasks); None for regression / multi-label
+    labels: Labels
+    first_stage: FirstStage
+    scorer: Any  # indexer.exact.ExactScorer, or None when exact re-ranking is unavailable
+    rerank_error: str | None  # why re-ranking is unavailable
     id_to_row: dict[str, int]
     si_order: np.ndarray  # rows by descending self-influence
     si_rank: np.ndarray  # 1-based rank of each row
-    rows_by_label: dict[int, np.ndarray]
-    si_order_by_label: dict[int, np.ndarray]
-    num_classes: int | None
-    reconstruct_error: str | None
     load_seconds: float = 0.0
     metrics: Any = None
-    class_names: list[str] | None = field(default=None)
-    flat_vectors: np.ndarray | None = None  # exact Flat index: a view of the stored vectors (one-pass search)
-    search_pool: Any = None  # threads for block-parallel Flat scans and for searching q and -q at once
     _display_flags: dict[str, np.ndarray] | None = None
-    gpu_index: Any = None  # a faiss-gpu copy for unfiltered searches (label filters stay on the CPU index)
-    label_kind: str = "class"  # "class" | "multilabel" | "regression" (manifest task.label_kind)
-    label_width: int = 0  # numbers per label row (0: one number)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -125,6 +49,11 @@ class Engine:
         return self.index_dir.approximate
 
     @property
+    def exact_index(self) -> bool:
+        """Scores straight from the index are exact TracIn (up to float32) only for an exact-mode Flat index."""
+        return self.index_dir.manifest["projection"]["kind"] == "exact" and not self.approximate
+
+    @property
     def examples(self) -> list[dict[str, Any]]:
         return self.index_dir.examples
 
@@ -132,8 +61,12 @@ class Engine:
     def queries(self) -> list[dict[str, Any]]:
         return self.index_dir.queries
 
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.labels.class_names
+
     def label_name(self, label: Any) -> str:
-        return self.task.label_name(label)
+        return self.labels.name(label)
 
     @contextmanager
     def stage(self, name: str):
@@ -144,64 +77,28 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.stage.labels(name).observe(time.perf_counter() - t0)
 
-    # -- input checks --------------------------------------------------------------------------
-    def parse_label(self, value: Any, field_name: str, loc: list | None = None) -> Any:
-        """A query label in the JSON form the task's loss takes (class id, target value(s), label vector)."""
-        if self.label_kind != "class":
-            try:
-                return self.task.parse_label(value, self.label_width)
-            except ValueError as exc:  # the task's message may quote the value: it is quoted once, cut, by ApiError
-                message = str(exc).replace(f" {value!r}", "").replace(repr(value), "this label")[:300]
-                raise ApiError(422, "invalid_label", field_name, message, loc, echo=value) from None
-        return self.class_id(value, field_name, loc)
-
-    def class_id(self, value: Any, field_name: str, loc: list | None = None) -> int:
-        """An integer class id or a class name -> the class id (class and multi-label tasks)."""
-        names = list(self.class_names) if self.class_names is not None else None
-        if isinstance(value, str) and names is not None and value in names:
-            label = names.index(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            label = value
-        elif isinstance(value, str) and value.lstrip("-").isdigit():
-            label = int(value)
-        else:
-            raise ApiError(422, "unknown_label", field_name,
-                           "unknown label: give a class id" + (f" or one of {names[:20]}" if names else ""), loc,
-                           echo=value)
-        if self.num_classes is not None and not 0 <= label < self.num_classes:
-            raise ApiError(422, "unknown_label", field_name, f"label is out of range 0..{self.num_classes - 1}", loc,
-                           echo=value)
-        return label
-
-    def label_rows(self, value: int | str, field_name: str, loc: list | None = None) -> tuple[int, np.ndarray]:
-        """(class id, training rows with that label) for a label filter; 422 where filters do not apply."""
-        if self.label_kind == "regression":
-            raise ApiError(422, "unsupported", field_name, "this task's labels are regression targets: label "
-                                                           "filters apply to class and multi-label tasks only", loc)
-        label = self.class_id(value, field_name, loc)
-        rows = self.rows_by_label.get(label)
-        if rows is None or rows.size == 0:
-            raise ApiError(422, "no_examples", field_name,
-                           f"no training example has label {self.label_name(self._class_label(label))!r}", loc)
-        return label, rows
-
-    def _class_label(self, class_id: int) -> Any:
-        """The JSON label meaning "class c" (a one-hot vector for multi-label tasks), for display."""
-        if self.label_kind == "multilabel" and self.label_width:
-            return [1 if i == class_id else 0 for i in range(self.label_width)]
-        return class_id
-
     def row_of(self, example_id: str, field_name: str, status: int = 422, loc: list | None = None) -> int:
         row = self.id_to_row.get(example_id)
         if row is None:
             raise ApiError(status, "unknown_id", field_name, "no training example has this id", loc, echo=example_id)
         return row
 
+    def rerank_depth(self, req: Any) -> int:
+        """K' for this request: its `rerank` field, else the server default; 0 = scores from the index."""
+        asked = getattr(req, "rerank", None)
+        if asked is None:
+            return self.settings.rerank if self.scorer is not None else 0
+        if asked > 0 and self.scorer is None:
+            raise ApiError(422, "unsupported", "rerank", f"exact re-ranking is unavailable: {self.rerank_error}")
+        return int(asked)
+
     # -- queries -------------------------------------------------------------------------------
-    def embed_examples(self, examples: list[Any], labels: list[Any] | None = None) -> dict[str, Any]:
+    def embed_examples(self, examples: list[Any], labels: list[Any] | None = None,
+                       keep_grads: bool = False) -> dict[str, Any]:
         """Encode validated examples, predict, embed with `labels` (JSON form; default: the predictions).
 
-        The vectors come from the indexer's `Embedder.embed`, the function that built the index."""
+        The vectors come from the indexer's `Embedder.embed`, the function that built the index; with
+        `keep_grads` the per-checkpoint block gradients come back too (for exact re-ranking)."""
         import torch
 
         try:
@@ -223,20 +120,17 @@ class Engine:
         else:
             used = labels
             classes = int(probabilities.shape[-1]) if probabilities is not None and probabilities.dim() > 1 else None
-            if self.label_kind == "class" and classes is not None:
-                for label in used:
-                    if not 0 <= label < classes:
-                        raise ApiError(422, "unknown_label", "label",
-                                       f"label {label} is out of range 0..{classes - 1} for this model")
+            self.labels.check_for_model(used, classes)
         with self.stage("embed"):
-            embedding = self.embedder.embed(inputs, self.task.labels_tensor(used))
+            embedding = self.embedder.embed(inputs, self.task.labels_tensor(used), keep_grads=keep_grads)
         vectors = embedding.vectors.detach().to("cpu")
         self_influence = embedding.self_influence.detach().to("cpu", torch.float64)
         if not (bool(torch.isfinite(vectors).all()) and bool(torch.isfinite(self_influence).all())):
             raise ApiError(422, "non_finite_gradient", "example",
                            "the loss gradient of this example is not finite (inputs too large for the model?)")
+        grads = [p.grads for p in embedding.per_checkpoint] if keep_grads else None
         return {"vectors": vectors, "self_influence": self_influence, "predicted": predictions,
-                "probabilities": probabilities, "labels": used}
+                "probabilities": probabilities, "labels": used, "grads": grads}
 
     def influence(self, req: Any, started: float | None = None) -> dict[str, Any]:
         """POST /influence for a validated request model (see service.schemas.make_influence_request)."""
@@ -247,25 +141,34 @@ class Engine:
             raise ApiError(422, "invalid", "example", "give exactly one of `example` or `train_id`")
         rows = None
         if req.filter_label is not None:
-            _, rows = self.label_rows(req.filter_label, "filter_label")
+            _, rows = self.labels.rows(req.filter_label, "filter_label")
+        depth = self.rerank_depth(req)
         query: dict[str, Any] = {"train_id": None, "self_influence": None, "embedding": None}
-        self_row = None
+        self_row, grads = None, None
         if req.train_id is not None:
             if req.label is not None:
                 raise ApiError(422, "invalid", "label", "cannot be combined with train_id: the stored vector was "
                                                         "computed with the training label")
             self_row = self.row_of(req.train_id, "train_id")
-            if self.reconstruct_error is not None:
-                raise ApiError(422, "unsupported", "train_id", self.reconstruct_error)
-            with self.stage("lookup"):
-                vector = np.asarray(self.index_dir.index.reconstruct(int(self_row)), dtype=np.float32)
             label_used = self.examples[self_row]["label"]
             prediction = None
             query.update(train_id=req.train_id, self_influence=float(self.index_dir.self_influence[self_row]))
+            if depth > 0:  # its gradients, recomputed from the training example (also its first-stage vector)
+                inputs, labels = self.scorer.rows_of(np.asarray([self_row]))
+                with self.stage("embed"):
+                    embedding = self.embedder.embed(inputs, labels, keep_grads=True)
+                vector = embedding.vectors[0].detach().to("cpu", torch.float32).numpy()
+                grads = [p.grads for p in embedding.per_checkpoint]
+            else:
+                if self.first_stage.reconstruct_error is not None:
+                    raise ApiError(422, "unsupported", "train_id", self.first_stage.reconstruct_error)
+                with self.stage("lookup"):
+                    vector = self.first_stage.reconstruct(self_row)
         else:
-            label = self.parse_label(req.label, "label") if req.label is not None else None
-            out = self.embed_examples([req.example], None if label is None else [label])
+            label = self.labels.parse(req.label, "label") if req.label is not None else None
+            out = self.embed_examples([req.example], None if label is None else [label], keep_grads=depth > 0)
             vector = out["vectors"][0].to(torch.float32).numpy()  # as the indexer stores it (any model dtype)
+            grads = out["grads"]
             label_used = out["labels"][0]
             predicted = out["predicted"][0]
             probabilities = out["probabilities"]
@@ -276,12 +179,29 @@ class Engine:
             query["embedding"] = vector.astype(np.float64).tolist()
 
         k = int(req.k)
-        skip_self = bool(req.exclude_self) and self_row is not None
+        skip = self_row if (bool(req.exclude_self) and self_row is not None) else None
+        extra = 1 if skip is not None else 0
+        width = max(k, depth) + extra
         with self.stage("search"):
-            (pro_rows, pro_scores), (opp_rows, opp_scores) = self.search(vector, k + (1 if skip_self else 0), k,
-                                                                         rows)
-        proponents = self._hits(pro_rows, pro_scores, k, self_row if skip_self else None)
-        opponents = self._hits(opp_rows, opp_scores, k, None)
+            (pro_rows, pro_scores), (opp_rows, opp_scores) = self.first_stage.search(vector, width,
+                                                                                     max(k, depth), rows)
+        contributions = None
+        if depth > 0:
+            candidates = np.unique(np.concatenate([pro_rows[:depth + extra], opp_rows[:depth]]))
+            if skip is not None:
+                candidates = candidates[candidates != skip]
+            with self.stage("rerank"):
+                exact = self.scorer.scores(grads, candidates)
+            (pro_at, pro_scores), (opp_at, opp_scores) = _ends(exact.total, k, 1), _ends(exact.total, k, -1)
+            pro_rows, opp_rows = candidates[pro_at], candidates[opp_at]
+            contributions = {int(r): exact.per_checkpoint[:, i] for i, r in enumerate(candidates.tolist())}
+            pro_scores = exact.total[pro_at]
+            opp_scores = exact.total[opp_at]
+            brief = {"depth": depth, "candidates": int(candidates.size)}
+        else:
+            brief = None
+        proponents = self._hits(pro_rows, pro_scores, k, skip, contributions)
+        opponents = self._hits(opp_rows, opp_scores, k, None, contributions)
         return {
             "prediction": prediction,
             "label_used": label_used,
@@ -289,59 +209,15 @@ class Engine:
             "query": query,
             "proponents": proponents,
             "opponents": opponents,
+            "exact": depth > 0 or self.exact_index,
+            "rerank": brief,
             "index": {"approximate": self.approximate, "count": self.count,
                       "candidates": int(rows.size) if rows is not None else self.count},
             "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
         }
 
-    def search(self, vector: np.ndarray, k_pro: int, k_opp: int, rows: np.ndarray | None = None):
-        """((rows, scores) of the proponents, (rows, scores) of the opponents) for a float32 query.
-
-        A label subset (`rows`) is searched inside FAISS with an ID selector (`indexer.search.top_k`), as
-        is every approximate index. An exact inner-product `Flat` index without a subset takes one pass
-        over the stored vectors for both ends instead of two FAISS scans (same exact top-k)."""
-        from indexer.search import top_k
-
-        if self.gpu_index is not None and rows is None:
-            pro = top_k(self.gpu_index, vector, k_pro, 1)
-            opp = top_k(self.gpu_index, vector, k_opp, -1)
-            return (pro.rows, pro.scores), (opp.rows, opp.scores)
-        if self.flat_vectors is not None and rows is None:
-            return _both_ends(self.flat_scores(vector), k_pro, k_opp)
-        index = self.index_dir.index
-        if self.search_pool is not None:  # q and -q at once (FAISS releases the GIL; nq=1 is one thread)
-            pending = self.search_pool.submit(top_k, index, vector, k_pro, 1, rows, self.search_params)
-            opp = top_k(index, vector, k_opp, -1, rows, self.search_params)
-            pro = pending.result()
-        else:
-            pro = top_k(index, vector, k_pro, 1, rows, self.search_params)
-            opp = top_k(index, vector, k_opp, -1, rows, self.search_params)
-        return (pro.rows, pro.scores), (opp.rows, opp.scores)
-
-    def flat_scores(self, vector: np.ndarray) -> np.ndarray:
-        """e . q for every stored vector with FAISS's SIMD kernel (no BLAS thread pool spinning against
-        torch's), in row blocks on `search_threads` threads for large indexes (FAISS releases the GIL)."""
-        import faiss
-
-        view = self.flat_vectors
-        count, dim = view.shape
-        query = np.ascontiguousarray(vector, dtype=np.float32)
-        out = np.empty(count, dtype=np.float32)
-
-        def block(bounds: tuple[int, int]) -> None:
-            start, stop = bounds
-            faiss.fvec_inner_products_ny(faiss.swig_ptr(out[start:stop]), faiss.swig_ptr(query),
-                                         faiss.swig_ptr(view[start:stop]), dim, stop - start)
-
-        parts = self.settings.effective_search_threads if count * dim >= PARALLEL_SCAN_FLOATS else 1
-        if parts <= 1 or self.search_pool is None:
-            block((0, count))
-        else:
-            edges = [count * i // parts for i in range(parts + 1)]
-            list(self.search_pool.map(block, zip(edges[:-1], edges[1:])))
-        return out
-
-    def _hits(self, rows: np.ndarray, scores: np.ndarray, k: int, skip: int | None) -> list[dict[str, Any]]:
+    def _hits(self, rows: np.ndarray, scores: np.ndarray, k: int, skip: int | None,
+              contributions: dict[int, np.ndarray] | None = None) -> list[dict[str, Any]]:
         out = []
         for row, score in zip(rows.tolist(), scores.tolist()):
             if skip is not None and row == skip:
@@ -349,8 +225,11 @@ class Engine:
             if not math.isfinite(score):
                 continue
             ex = self.examples[row]
-            out.append({"id": ex["id"], "score": score, "label": ex["label"], "label_name": self.label_name(ex["label"]),
-                        "display": ex.get("display") or {}})
+            hit = {"id": ex["id"], "score": score, "label": ex["label"], "label_name": self.label_name(ex["label"]),
+                   "display": ex.get("display") or {}}
+            if contributions is not None:
+                hit["checkpoints"] = [float(x) for x in contributions[row]]
+            out.append(hit)
             if len(out) == k:
                 break
         return out
@@ -359,8 +238,8 @@ class Engine:
         if label is None:
             order, label_value = self.si_order, None
         else:
-            label_value, _ = self.label_rows(label, "label", ["query", "label"])
-            order = self.si_order_by_label[label_value]
+            label_value, _ = self.labels.rows(label, "label", ["query", "label"])
+            order = self.labels.si_order_by_class[label_value]
         rows = order[offset:offset + k].tolist()
         si = self.index_dir.self_influence
         items = [{"id": self.examples[r]["id"], "score": float(si[r]), "label": self.examples[r]["label"],
@@ -375,8 +254,8 @@ class Engine:
         if label is None:
             rows, label_value = self.si_order, None
         else:
-            label_value, _ = self.label_rows(label, "label", ["query", "label"])
-            rows = self.si_order_by_label[label_value]
+            label_value, _ = self.labels.rows(label, "label", ["query", "label"])
+            rows = self.labels.si_order_by_class[label_value]
         scores = np.asarray(self.index_dir.self_influence, dtype=np.float64)[rows]
         lo, hi = float(scores.min()), float(scores.max())
         positive = scores[scores > 0]
@@ -423,11 +302,12 @@ class Engine:
     def index_info(self) -> dict[str, Any]:
         m = self.index_dir.manifest
         faiss_info = dict(m.get("faiss", {}))
-        faiss_info["search_params_in_use"] = self.search_params
+        faiss_info["search_params_in_use"] = self.first_stage.params
         return {
             "path": self.index_dir.path.resolve().name,  # the name only: the server's file layout is not shown
             "task": {"ref": m["task"]["ref"], "args": m["task"].get("args") or {}},
-            "class_names": self.class_names,
+            "class_names": self.labels.class_names,
+            "label_kind": self.labels.kind,
             "count": self.count,
             "embedding_dim": int(m["embedding_dim"]),
             "approximate": self.approximate,
@@ -440,6 +320,8 @@ class Engine:
             "versions": {str(k): str(v) for k, v in (m.get("versions") or {}).items()},
             "mmap": self.settings.mmap,
             "max_k": self.settings.max_k,
+            "rerank": {"available": self.scorer is not None, "default": self.settings.rerank if self.scorer else 0,
+                       "max": self.settings.max_rerank if self.scorer else 0, "reason": self.rerank_error},
             "example_schema": self.task.example_schema.model_json_schema(),
         }
 
@@ -456,10 +338,10 @@ class Engine:
                                           f"{self.queries[0].get('id')!r} does not fit the task's example_schema: "
                                           f"{exc}") from None
             req = SimpleNamespace(example=validated, train_id=None, label=None, filter_label=None, k=10,
-                                  exclude_self=False, include_embedding=False)
-        elif self.reconstruct_error is None:
+                                  exclude_self=False, include_embedding=False, rerank=None)
+        elif self.first_stage.reconstruct_error is None or self.scorer is not None:
             req = SimpleNamespace(example=None, train_id=self.examples[0]["id"], label=None, filter_label=None,
-                                  k=10, exclude_self=False, include_embedding=False)
+                                  k=10, exclude_self=False, include_embedding=False, rerank=None)
         else:
             return
         try:
@@ -469,186 +351,3 @@ class Engine:
                 from None
 
 
-def _ends(scores: np.ndarray, k: int, sign: int) -> tuple[np.ndarray, np.ndarray]:
-    signed = sign * scores
-    k = min(k, signed.size)
-    if k <= 0:
-        return np.empty(0, np.int64), np.empty(0, np.float32)
-    part = np.argpartition(-signed, k - 1)[:k] if k < signed.size else np.arange(signed.size)
-    part = part[signed[part] > 0]
-    part = part[np.lexsort((part, -signed[part]))]  # by score, ties by row
-    return part.astype(np.int64), scores[part].astype(np.float32)
-
-
-def _both_ends(scores: np.ndarray, k_pro: int, k_opp: int):
-    return _ends(scores, k_pro, 1), _ends(scores, k_opp, -1)
-
-
-def _flat_vectors(index) -> np.ndarray | None:
-    """A read-only [N, D] float32 view of an exact inner-product Flat index's stored vectors."""
-    import faiss
-
-    base = faiss.downcast_index(index)
-    if not isinstance(base, faiss.IndexFlat) or base.metric_type != faiss.METRIC_INNER_PRODUCT or not base.ntotal:
-        return None
-    view = faiss.rev_swig_ptr(base.get_xb(), base.ntotal * base.d).reshape(base.ntotal, base.d)
-    view.flags.writeable = False
-    return view
-
-
-def load_engine(settings: Settings) -> Engine:
-    """Open, verify and load the index directory; refuse with ServiceStartupError on any problem."""
-    import faiss
-
-    from indexer.checkpoints import CheckpointError
-    from indexer.config import ConfigError, TaskRef
-    from indexer.embedding import load_embedder
-    from indexer.store import IndexDirectory, IndexDirectoryError
-
-    t0 = time.perf_counter()
-    path = _index_path(settings)
-    _check_device(settings.device)
-    try:
-        index_dir = IndexDirectory.open(path, mmap=settings.mmap, verify=settings.verify_checksums)
-    except IndexDirectoryError as exc:
-        raise ServiceStartupError(str(exc)) from None
-    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
-        raise ServiceStartupError(f"{path}: cannot read the index directory: {type(exc).__name__}: {exc}") from None
-
-    try:  # resolved and type-checked (nothing called) before load_embedder constructs it
-        TaskRef(index_dir.model.task.ref, dict(index_dir.model.task.args)).check(TASK_FIELD, forbidden_dir=path)
-    except ConfigError as exc:
-        raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {exc}") from None
-    try:
-        task, embedder = load_embedder(index_dir, device=settings.device)
-    except IndexDirectoryError as exc:
-        raise ServiceStartupError(str(exc)) from None
-    except (ConfigError, CheckpointError) as exc:
-        raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - user task code; the message must reach the operator
-        raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {type(exc).__name__}: {exc}") from None
-    _check_schema(task, path)
-
-    manifest = index_dir.manifest
-    class_names = list(task.class_names) if task.class_names is not None else None
-    indexed_names = manifest["task"].get("class_names")
-    if indexed_names is not None and class_names is not None and list(indexed_names) != class_names:
-        raise ServiceStartupError(f"{path}: the task's class names {class_names[:10]} differ from those recorded at "
-                                  f"indexing {list(indexed_names)[:10]}")
-
-    params = dict(manifest.get("faiss", {}).get("search_params") or {})
-    params.update(settings.faiss_params)
-    if params:
-        base = faiss.downcast_index(index_dir.index)
-        kind = ("IVF" if isinstance(base, faiss.IndexIVF) else "HNSW" if isinstance(base, faiss.IndexHNSW) else "")
-        probe_type = {"IVF": faiss.SearchParametersIVF, "HNSW": faiss.SearchParametersHNSW}.get(kind,
-                                                                                                faiss.SearchParameters)
-        unknown = sorted(name for name in params if name == "sel" or not hasattr(probe_type, name))
-        if unknown:
-            raise ServiceStartupError(f"{path}: FAISS search parameters {unknown} do not apply to this "
-                                      f"{type(base).__name__} index (TRACIN_FAISS_PARAMS / index.search_params)")
-
-    label_kind = manifest["task"].get("label_kind") or task.kind
-    label_width = int(manifest["task"].get("label_width") or 0)
-    labels, rows_by_label = _label_rows(index_dir.examples, label_kind, path)
-    id_to_row: dict[str, int] = {}
-    for row, ex in enumerate(index_dir.examples):
-        id_to_row.setdefault(str(ex["id"]), row)
-    if len(id_to_row) != len(index_dir.examples):
-        log.warning("%s: %d duplicate example ids; GET /examples and train_id use the first row of each",
-                    path, len(index_dir.examples) - len(id_to_row))
-    si = np.asarray(index_dir.self_influence, dtype=np.float64)
-    si_order = np.argsort(-si, kind="stable")
-    si_rank = np.empty_like(si_order)
-    si_rank[si_order] = np.arange(1, si.size + 1)
-    rank_of = np.empty(si.size, dtype=np.int64)
-    rank_of[si_order] = np.arange(si.size)
-    si_order_by_label = {lab: rows[np.argsort(rank_of[rows], kind="stable")] for lab, rows in rows_by_label.items()}
-
-    reconstruct_error = _enable_reconstruct(index_dir.index)
-    flat = _flat_vectors(index_dir.index) if settings.search == "auto" else None
-    engine = Engine(
-        settings=settings, index_dir=index_dir, task=task, embedder=embedder, search_params=params,
-        labels=labels, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank, rows_by_label=rows_by_label,
-        si_order_by_label=si_order_by_label,
-        num_classes=len(class_names) if class_names is not None else (label_width if label_kind == "multilabel" else None),
-        reconstruct_error=reconstruct_error, class_names=class_names, flat_vectors=flat,
-        label_kind=label_kind, label_width=label_width,
-        search_pool=(ThreadPoolExecutor(settings.effective_search_threads, thread_name_prefix="tracin-search")
-                     if settings.effective_search_threads > 1 else None),
-    )
-    engine.gpu_index = _gpu_copy(index_dir.index, settings)
-    if engine.gpu_index is not None:
-        engine.flat_vectors = None
-    if settings.warmup:
-        engine.warm_up()
-    engine.load_seconds = time.perf_counter() - t0
-    return engine
-
-
-def _label_rows(examples: list[dict[str, Any]], kind: str, path) -> tuple[np.ndarray | None, dict[int, np.ndarray]]:
-    """(class ids [N] or None, class id -> training rows with that label) for label filters."""
-    try:
-        if kind == "class":
-            labels = np.asarray([int(e["label"]) for e in examples], dtype=np.int64)
-            return labels, {int(lab): np.flatnonzero(labels == lab).astype(np.int64) for lab in np.unique(labels)}
-        if kind == "multilabel":
-            matrix = np.asarray([e["label"] for e in examples], dtype=np.float64)
-            return None, {c: np.flatnonzero(matrix[:, c] > 0.5).astype(np.int64) for c in range(matrix.shape[1])}
-    except (TypeError, ValueError, KeyError, IndexError) as exc:
-        raise ServiceStartupError(f"{path}: the examples table's labels do not fit the task's label kind "
-                                  f"{kind!r}: {exc}") from None
-    return None, {}
-
-
-def _gpu_copy(index, settings: Settings):
-    """A faiss-gpu copy of the index on TRACIN_DEVICE's GPU, or None (CPU search)."""
-    import faiss
-    import torch
-
-    has_gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    wanted = settings.faiss_gpu == "true" or (settings.faiss_gpu == "auto" and settings.device.startswith("cuda"))
-    if not wanted:
-        return None
-    if not has_gpu_faiss:
-        if settings.faiss_gpu == "true":
-            raise ServiceStartupError("TRACIN_FAISS_GPU=true but this FAISS build has no GPU support "
-                                      "(install faiss-gpu-cu12 instead of faiss-cpu, see docs/gpu.md)")
-        log.info("FAISS has no GPU support here: searching on the CPU")
-        return None
-    device = torch.device(settings.device)
-    gpu = device.index if device.type == "cuda" and device.index is not None else 0
-    resources = faiss.StandardGpuResources()
-    copy = faiss.index_cpu_to_gpu(resources, gpu, index)
-    copy.referenced_resources = resources  # keep the resources alive with the index
-    return copy
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ServiceStartupError(f"TRACIN_DEVICE: {device!r} is not a torch device: {exc}") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ServiceStartupError(f"TRACIN_DEVICE: {device!r} requested but CUDA is not available on this machine")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise ServiceStartupError(f"TRACIN_DEVICE: {device!r} but only {torch.cuda.device_count()} CUDA devices")
-
-
-def _enable_reconstruct(index) -> str | None:
-    """None when stored vectors can be read back (train_id queries); else why not."""
-    import faiss
-
-    base = faiss.downcast_index(index)
-    try:
-        if isinstance(base, faiss.IndexIVF):
-            base.make_direct_map()
-        if index.ntotal:
-            index.reconstruct(0)
-        return None
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        log.warning("train_id queries are disabled: FAISS cannot reconstruct stored vectors (%s)", reason)
-        return f"this index cannot return stored vectors ({type(base).__name__}: {reason}); post the example instead"

@@ -35,6 +35,10 @@ def short(value: Any, limit: int = ECHO_CHARS) -> str:
     return f"{text[:limit]}... ({len(text)} characters)"
 
 
+class ServiceStartupError(RuntimeError):
+    """The index directory cannot be served; the message says why (one line, for the operator)."""
+
+
 class ApiError(Exception):
     """An error for the client: status code, machine-readable code, the field at fault, a message, and
     optionally the offending value (`echo`), quoted once and cut to ECHO_CHARS characters."""

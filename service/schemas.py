@@ -28,6 +28,9 @@ class Hit(BaseModel):
     label: LabelValue = Field(description="training label: class id, regression target(s) or label vector")
     label_name: Optional[str] = Field(None, description="the label as a person reads it (class names, values)")
     display: dict[str, Any] = Field(default_factory=dict, description="task display fields (image, text, flags)")
+    checkpoints: Optional[list[float]] = Field(
+        None, description="exact per-checkpoint terms lr_i g_i(train) . g_i(query), in checkpoint order; they sum to "
+                          "the score (present when the answer was re-ranked)")
 
 
 class Prediction(BaseModel):
@@ -50,6 +53,11 @@ class IndexBrief(BaseModel):
     candidates: int = Field(description="training examples searched (the label subset when filter_label is set)")
 
 
+class RerankInfo(BaseModel):
+    depth: int = Field(description="K': candidates per end taken from the index and re-scored")
+    candidates: int = Field(description="distinct training examples re-scored by exact TracIn")
+
+
 class InfluenceResponse(BaseModel):
     prediction: Optional[Prediction] = Field(None, description="null for train_id queries (no gradient work)")
     label_used: LabelValue = Field(description="label of the query loss: `label` if given, else the prediction "
@@ -58,6 +66,10 @@ class InfluenceResponse(BaseModel):
     query: QueryInfo
     proponents: list[Hit] = Field(description="largest positive scores first")
     opponents: list[Hit] = Field(description="most negative scores first")
+    exact: bool = Field(description="true when every score is exact TracIn: re-ranked from the training examples' "
+                                    "gradients, or read from an exact-mode Flat index (float32); false when the "
+                                    "scores are the compact index's estimates (re-ranking off)")
+    rerank: Optional[RerankInfo] = Field(None, description="the second stage, when it ran")
     index: IndexBrief
     took_ms: float = Field(description="server-side time of this request in milliseconds")
 
@@ -136,6 +148,9 @@ class IndexInfo(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     mmap: bool
     max_k: int
+    label_kind: str = Field("class", description="class, regression or multilabel")
+    rerank: dict[str, Any] = Field(default_factory=dict, description="exact re-ranking: available, default K', "
+                                                                     "max K', why unavailable")
     example_schema: dict[str, Any] = Field(description="JSON schema of one example of this task")
 
 
@@ -168,8 +183,9 @@ class _InfluenceRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def make_influence_request(example_schema: type[BaseModel], max_k: int, default_k: int) -> type[BaseModel]:
-    """The POST /influence body for one task: give `example` (gradient work) or `train_id` (stored vector)."""
+def make_influence_request(example_schema: type[BaseModel], max_k: int, default_k: int, max_rerank: int = 1000,
+                           default_rerank: int = 0) -> type[BaseModel]:
+    """The POST /influence body for one task: give `example` (gradient work) or `train_id` (a training example)."""
     return create_model(
         "InfluenceRequest",
         __base__=_InfluenceRequestBase,
@@ -186,4 +202,8 @@ def make_influence_request(example_schema: type[BaseModel], max_k: int, default_
         exclude_self=(StrictBool, Field(False, description="train_id queries: leave the example itself out of the "
                                                      "proponents")),
         include_embedding=(StrictBool, Field(False, description="return the query embedding (debugging)")),
+        rerank=(Optional[StrictInt], Field(None, ge=0, le=max_rerank, description=(
+            f"K': take the K' best candidates of each end from the compact index and return the top k by exact "
+            f"TracIn, recomputed from the training examples (0 = off: the index's estimates; at most {max_rerank}; "
+            f"default: the server's, {default_rerank})"))),
     )

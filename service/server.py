@@ -18,7 +18,8 @@ from typing import Any
 
 import uvicorn
 
-from service.engine import Engine, ServiceStartupError, configure_threads, load_engine
+from service.engine import Engine
+from service.loading import ServiceStartupError, configure_threads, load_engine
 from service.settings import Settings
 
 

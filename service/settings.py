@@ -25,6 +25,11 @@
     TRACIN_DEVICE              torch device for query gradients (default cpu)
     TRACIN_FAISS_GPU           search a GPU copy of the FAISS index (needs faiss-gpu): auto (default: when
                                TRACIN_DEVICE is cuda and FAISS has GPU support), true, false
+    TRACIN_RERANK              candidates per end that POST /influence re-scores by exact TracIn (K'; a
+                               request's `rerank` field overrides it; 0 = off: scores from the index)
+    TRACIN_MAX_RERANK          largest `rerank` a request may ask for (default 1000; 0 = re-ranking off:
+                               the training set is then not loaded)
+    TRACIN_RERANK_THREADS      checkpoints re-scored at once by one request (default: min(CPUs, 4))
     TRACIN_WARMUP              run one query at start so the first request is not slow (default true)
     TRACIN_LOG_LEVEL / TRACIN_ACCESS_LOG   uvicorn logging (default info / true)
 """
@@ -37,6 +42,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+#: default K': candidates per end re-scored by exact TracIn (docs/benchmarks.md: recall@10 vs dim and K')
+DEFAULT_RERANK = 100
 
 
 def available_cpus() -> int:
@@ -69,6 +78,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
     device: str = "cpu"
     faiss_gpu: Literal["auto", "true", "false"] = "auto"
+    max_rerank: int = Field(1000, ge=0, le=100_000)
+    rerank: int = Field(DEFAULT_RERANK, ge=0)
+    rerank_threads: int | None = Field(None, ge=1)
     warmup: bool = True
     log_level: str = "info"
     access_log: bool = True
@@ -93,6 +105,16 @@ class Settings(BaseSettings):
     def _default_k_fits(cls, value: int, info) -> int:
         max_k = info.data.get("max_k")
         return min(value, max_k) if max_k else value
+
+    @field_validator("rerank")
+    @classmethod
+    def _rerank_fits(cls, value: int, info) -> int:
+        limit = info.data.get("max_rerank")
+        return min(value, limit) if limit is not None else value
+
+    @property
+    def effective_rerank_threads(self) -> int:
+        return self.rerank_threads or min(available_cpus(), 4)
 
     @property
     def effective_torch_threads(self) -> int:

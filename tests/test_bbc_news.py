@@ -173,7 +173,9 @@ def test_all_encoder_layers_traced_exactly(tmp_path):
     """The MiniLM classifier with all six encoder blocks fine-tuned and traced (Linear layers by hooks,
     LayerNorms by torch.func, attention inside). Exact mode would need 21 M numbers per example (more than
     FAISS holds: refused in one line); the exact embeddings equal a float64 torch.autograd.grad loop, and
-    the default index's self-influence is exact."""
+    the default index's self-influence and a served, re-ranked query are exact."""
+    import httpx
+
     from indexer.cli import main as tracin
     from indexer.config import load_config
     from indexer.demo.bbc_news import train_bbc_news
@@ -181,6 +183,7 @@ def test_all_encoder_layers_traced_exactly(tmp_path):
     from indexer.pipeline import build_index
     from indexer.store import IndexDirectory
     from tests.oracle import tracin_matrix
+    from tests.service_support import start_server
 
     config_path = train_bbc_news(tmp_path, epochs=2, checkpoints=2, log=lambda *_: None, blocks=6, max_train=4,
                                  max_held_out=1, max_length=16)
@@ -204,6 +207,24 @@ def test_all_encoder_layers_traced_exactly(tmp_path):
     build_index(config, tmp_path / "index")
     index = IndexDirectory.open(tmp_path / "index")
     assert np.abs(index.self_influence - np.diag(oracle)).max() <= 1e-6 * scale
+
+    held = task.held_out_set()
+    qx, qy = held.batch(0, 1)
+    q_oracle = tracin_matrix(task, ckpts, qx, qy, x, y)[0].numpy()
+    server = start_server(tmp_path / "index")
+    try:  # the default compact index + exact re-ranking of every candidate: exact scores over HTTP
+        res = httpx.post(server.base_url + "/influence", timeout=120,
+                         json={"example": held.example_of(0), "label": int(qy[0]), "k": 4})
+        assert res.status_code == 200, res.text
+        body = res.json()
+    finally:
+        server.stop()
+    assert body["exact"] is True and body["rerank"]["candidates"] == len(ts)
+    ids = [ts.id_of(i) for i in range(len(ts))]
+    for hit in body["proponents"] + body["opponents"]:
+        assert abs(hit["score"] - q_oracle[ids.index(hit["id"])]) <= 1e-6 * np.abs(q_oracle).max()
+    assert len(body["proponents"]) == int((q_oracle > 0).sum()) and len(body["opponents"]) == int((q_oracle < 0).sum())
+    assert abs(body["query"]["self_influence"] - tracin_matrix(task, ckpts, qx, qy, qx, qy)[0, 0].item()) <= 1e-6 * scale
 
     exact_config = tmp_path / "exact.toml"
     exact_config.write_text(config_path.read_text().replace('kind = "sketch"', 'kind = "exact"'))

@@ -19,7 +19,7 @@ from indexer.config import ConfigError, parse_config
 from indexer.pipeline import build_index
 from indexer.store import IndexDirectory
 from indexer.task import ExampleSet, Task
-from service.engine import load_engine
+from service.loading import load_engine
 from service.settings import Settings
 from tests.service_support import REPO
 from tests.tasks import MLPTask

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from indexer.checkpoints import sha256_file
 from service.app import create_app
 from service.client import InfluenceAPIError, InfluenceClient
-from service.engine import ServiceStartupError, load_engine
+from service.loading import ServiceStartupError, load_engine
 from service.server import serve
 from service.settings import Settings
 from tests.service_support import REPO, build_mlp_index, copy_index, mlp_index, resign_manifest
@@ -261,7 +261,7 @@ def test_mmap_serves_the_same_answers():
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_one_pass_flat_search_equals_two_faiss_searches(monkeypatch, blocks):
     if blocks > 1:  # scan even this tiny index in 3 parallel row blocks; FAISS: q and -q at once
-        monkeypatch.setattr("service.engine.PARALLEL_SCAN_FLOATS", 1)
+        monkeypatch.setattr("service.first_stage.PARALLEL_SCAN_FLOATS", 1)
     one_pass = _answers(_settings(mlp_index(), search_threads=blocks), k=40)  # every training example
     faiss_only = _answers(_settings(mlp_index(), search="faiss", search_threads=blocks), k=40)
     assert len(one_pass) == 6

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from indexer.checkpoints import sha256_file
 from indexer.store import IndexDirectory, IndexDirectoryError
 from service.app import create_app
-from service.engine import ServiceStartupError, load_engine
+from service.loading import ServiceStartupError, load_engine
 from service.settings import Settings
 from tests.service_support import REPO, copy_index, mlp_index, resign_manifest, start_server
 

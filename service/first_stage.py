@@ -1,0 +1,171 @@
+"""The first stage of retrieval: candidate proponents and opponents from the FAISS index.
+
+Proponents are the largest e(train) . q, opponents the most negative (FAISS searches -q and the scores
+are negated back). A label subset is searched inside FAISS with an ID selector (`indexer.search.top_k`),
+as is every approximate index. An exact inner-product `Flat` index without a subset takes one pass over
+the stored vectors for both ends (same exact top-k as two FAISS scans), in parallel row blocks when it
+is large. Exact re-ranking (`indexer.exact`) then decides the answer from these candidates.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import ServiceStartupError
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+PARALLEL_SCAN_FLOATS = 1 << 22  # Flat indexes above 16 MB are scanned in parallel row blocks
+
+
+@dataclass
+class FirstStage:
+    index: Any  # faiss.Index
+    params: dict[str, Any]  # FAISS search parameters in use
+    threads: int
+    flat_vectors: np.ndarray | None = None  # exact Flat index: a read-only view of the stored vectors
+    gpu_index: Any = None  # a faiss-gpu copy for unfiltered searches (label filters stay on the CPU index)
+    pool: ThreadPoolExecutor | None = None  # block-parallel Flat scans, q and -q at once
+    reconstruct_error: str | None = None  # why stored vectors cannot be read back (None: they can)
+
+    @classmethod
+    def open(cls, index, manifest: dict, settings: Settings, path) -> "FirstStage":
+        """Search parameters (manifest, then TRACIN_FAISS_PARAMS) checked against the index type, the
+        one-pass view of a Flat index, a GPU copy when asked for. ServiceStartupError names a problem."""
+        import faiss
+
+        params = dict(manifest.get("faiss", {}).get("search_params") or {})
+        params.update(settings.faiss_params)
+        if params:
+            base = faiss.downcast_index(index)
+            kind = ("IVF" if isinstance(base, faiss.IndexIVF) else "HNSW" if isinstance(base, faiss.IndexHNSW) else "")
+            probe_type = {"IVF": faiss.SearchParametersIVF, "HNSW": faiss.SearchParametersHNSW}.get(
+                kind, faiss.SearchParameters)
+            unknown = sorted(name for name in params if name == "sel" or not hasattr(probe_type, name))
+            if unknown:
+                raise ServiceStartupError(f"{path}: FAISS search parameters {unknown} do not apply to this "
+                                          f"{type(base).__name__} index (TRACIN_FAISS_PARAMS / index.search_params)")
+        threads = settings.effective_search_threads
+        stage = cls(index, params, threads,
+                    flat_vectors=_flat_vectors(index) if settings.search == "auto" else None,
+                    pool=ThreadPoolExecutor(threads, thread_name_prefix="tracin-search") if threads > 1 else None,
+                    reconstruct_error=_enable_reconstruct(index))
+        stage.gpu_index = _gpu_copy(index, settings)
+        if stage.gpu_index is not None:
+            stage.flat_vectors = None
+        return stage
+
+    def reconstruct(self, row: int) -> np.ndarray:
+        return np.asarray(self.index.reconstruct(int(row)), dtype=np.float32)
+
+    def search(self, vector: np.ndarray, k_pro: int, k_opp: int, rows: np.ndarray | None = None):
+        """((rows, scores) of the proponents, (rows, scores) of the opponents) for a float32 query."""
+        from indexer.search import top_k
+
+        if self.gpu_index is not None and rows is None:
+            pro = top_k(self.gpu_index, vector, k_pro, 1)
+            opp = top_k(self.gpu_index, vector, k_opp, -1)
+            return (pro.rows, pro.scores), (opp.rows, opp.scores)
+        if self.flat_vectors is not None and rows is None:
+            scores = self.flat_scores(vector)
+            return _ends(scores, k_pro, 1), _ends(scores, k_opp, -1)
+        if self.pool is not None:  # q and -q at once (FAISS releases the GIL; nq=1 is one thread)
+            pending = self.pool.submit(top_k, self.index, vector, k_pro, 1, rows, self.params)
+            opp = top_k(self.index, vector, k_opp, -1, rows, self.params)
+            pro = pending.result()
+        else:
+            pro = top_k(self.index, vector, k_pro, 1, rows, self.params)
+            opp = top_k(self.index, vector, k_opp, -1, rows, self.params)
+        return (pro.rows, pro.scores), (opp.rows, opp.scores)
+
+    def flat_scores(self, vector: np.ndarray) -> np.ndarray:
+        """e . q for every stored vector with FAISS's SIMD kernel (no BLAS thread pool spinning against
+        torch's), in row blocks on `threads` threads for large indexes (FAISS releases the GIL)."""
+        import faiss
+
+        view = self.flat_vectors
+        count, dim = view.shape
+        query = np.ascontiguousarray(vector, dtype=np.float32)
+        out = np.empty(count, dtype=np.float32)
+
+        def block(bounds: tuple[int, int]) -> None:
+            start, stop = bounds
+            faiss.fvec_inner_products_ny(faiss.swig_ptr(out[start:stop]), faiss.swig_ptr(query),
+                                         faiss.swig_ptr(view[start:stop]), dim, stop - start)
+
+        parts = self.threads if count * dim >= PARALLEL_SCAN_FLOATS else 1
+        if parts <= 1 or self.pool is None:
+            block((0, count))
+        else:
+            edges = [count * i // parts for i in range(parts + 1)]
+            list(self.pool.map(block, zip(edges[:-1], edges[1:])))
+        return out
+
+
+def _ends(scores: np.ndarray, k: int, sign: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k rows with the largest sign * score > 0, by score (ties by row)."""
+    signed = sign * scores
+    k = min(k, signed.size)
+    if k <= 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    part = np.argpartition(-signed, k - 1)[:k] if k < signed.size else np.arange(signed.size)
+    part = part[signed[part] > 0]
+    part = part[np.lexsort((part, -signed[part]))]
+    return part.astype(np.int64), scores[part].astype(np.float32)
+
+
+def _flat_vectors(index) -> np.ndarray | None:
+    """A read-only [N, D] float32 view of an exact inner-product Flat index's stored vectors."""
+    import faiss
+
+    base = faiss.downcast_index(index)
+    if not isinstance(base, faiss.IndexFlat) or base.metric_type != faiss.METRIC_INNER_PRODUCT or not base.ntotal:
+        return None
+    view = faiss.rev_swig_ptr(base.get_xb(), base.ntotal * base.d).reshape(base.ntotal, base.d)
+    view.flags.writeable = False
+    return view
+
+
+def _gpu_copy(index, settings: Settings):
+    """A faiss-gpu copy of the index on TRACIN_DEVICE's GPU, or None (CPU search)."""
+    import faiss
+    import torch
+
+    has_gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    wanted = settings.faiss_gpu == "true" or (settings.faiss_gpu == "auto" and settings.device.startswith("cuda"))
+    if not wanted:
+        return None
+    if not has_gpu_faiss:
+        if settings.faiss_gpu == "true":
+            raise ServiceStartupError("TRACIN_FAISS_GPU=true but this FAISS build has no GPU support "
+                                      "(install faiss-gpu-cu12 instead of faiss-cpu, see docs/gpu.md)")
+        log.info("FAISS has no GPU support here: searching on the CPU")
+        return None
+    device = torch.device(settings.device)
+    gpu = device.index if device.type == "cuda" and device.index is not None else 0
+    resources = faiss.StandardGpuResources()
+    copy = faiss.index_cpu_to_gpu(resources, gpu, index)
+    copy.referenced_resources = resources  # keep the resources alive with the index
+    return copy
+
+
+def _enable_reconstruct(index) -> str | None:
+    """None when stored vectors can be read back (train_id queries); else why not."""
+    import faiss
+
+    base = faiss.downcast_index(index)
+    try:
+        if isinstance(base, faiss.IndexIVF):
+            base.make_direct_map()
+        if index.ntotal:
+            index.reconstruct(0)
+        return None
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        log.warning("train_id queries are disabled: FAISS cannot reconstruct stored vectors (%s)", reason)
+        return f"this index cannot return stored vectors ({type(base).__name__}: {reason}); post the example instead"

@@ -1,0 +1,185 @@
+"""Loading an index directory for serving: everything checked once, before the first request.
+
+`load_engine(settings)` opens and verifies the index directory (manifest digest and figures, files'
+sha256, checkpoints, projection fingerprint, capture plan), rebuilds the task (a Task subclass, type-checked
+before it is called) and every checkpoint's model, prepares the first-stage search, and, when exact
+re-ranking is on, reads the training set through the task and checks it against the digest the index
+recorded (a different training set would re-score other examples: refused). Any problem is a
+`ServiceStartupError` naming it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.engine import Engine
+from service.errors import ServiceStartupError
+from service.first_stage import FirstStage
+from service.labels import Labels
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+TASK_FIELD = "manifest task.ref"
+
+__all__ = ["ServiceStartupError", "configure_threads", "load_engine", "open_task"]
+
+
+def configure_threads(settings: Settings) -> None:
+    """torch intra-op threads for the machine (one request's backward is small: more threads than CPUs
+    only add contention); FAISS OpenMP threads when configured."""
+    import torch
+
+    torch.set_num_threads(settings.effective_torch_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran in this process
+        pass
+    if settings.faiss_threads:
+        import faiss
+
+        faiss.omp_set_num_threads(settings.faiss_threads)
+
+
+def open_task(settings: Settings):
+    """Rebuild only the Task from the manifest (light: for the request schema at app creation).
+
+    The manifest is checked against manifest.sha256 and validated (`indexer.manifest`) before its task
+    reference is used; the reference must resolve to a Task subclass (type-checked before the one call
+    that constructs it) from a module outside the index directory."""
+    from indexer.config import ConfigError, TaskRef
+    from indexer.manifest import ManifestError, read_manifest
+
+    path = _index_path(settings)
+    try:
+        manifest, _ = read_manifest(path)
+    except (ManifestError, OSError) as exc:
+        raise ServiceStartupError(str(exc)) from None
+    try:
+        task = TaskRef(manifest.task.ref, dict(manifest.task.args)).build(TASK_FIELD, forbidden_dir=path)
+    except ConfigError as exc:
+        raise ServiceStartupError(f"{path}: cannot rebuild the task: {exc}") from None
+    _check_schema(task, path)
+    return task
+
+
+def _index_path(settings: Settings) -> Path:
+    if settings.index_dir is None:
+        raise ServiceStartupError("no index directory: set TRACIN_INDEX_DIR or run `tracin serve DIR`")
+    path = Path(settings.index_dir).expanduser()
+    if not path.is_dir():
+        raise ServiceStartupError(f"{path}: no such index directory")
+    return path
+
+
+def _check_schema(task, path: Path) -> None:
+    from pydantic import BaseModel
+
+    schema = getattr(task, "example_schema", None)
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise ServiceStartupError(f"{path}: task {type(task).__name__} has no example_schema (a pydantic model of "
+                                  "one JSON example); the service cannot accept queries for it")
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Open, verify and load the index directory; refuse with ServiceStartupError on any problem."""
+    from indexer.checkpoints import CheckpointError
+    from indexer.config import ConfigError, TaskRef
+    from indexer.embedding import load_embedder
+    from indexer.store import IndexDirectory, IndexDirectoryError
+
+    t0 = time.perf_counter()
+    path = _index_path(settings)
+    _check_device(settings.device)
+    try:
+        index_dir = IndexDirectory.open(path, mmap=settings.mmap, verify=settings.verify_checksums)
+    except IndexDirectoryError as exc:
+        raise ServiceStartupError(str(exc)) from None
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
+        raise ServiceStartupError(f"{path}: cannot read the index directory: {type(exc).__name__}: {exc}") from None
+
+    try:  # resolved and type-checked (nothing called) before load_embedder constructs it
+        TaskRef(index_dir.model.task.ref, dict(index_dir.model.task.args)).check(TASK_FIELD, forbidden_dir=path)
+    except ConfigError as exc:
+        raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {exc}") from None
+    try:
+        task, embedder = load_embedder(index_dir, device=settings.device)
+    except IndexDirectoryError as exc:
+        raise ServiceStartupError(str(exc)) from None
+    except (ConfigError, CheckpointError) as exc:
+        raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - user task code; the message must reach the operator
+        raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {type(exc).__name__}: {exc}") from None
+    _check_schema(task, path)
+
+    manifest = index_dir.manifest
+    class_names = list(task.class_names) if task.class_names is not None else None
+    indexed_names = manifest["task"].get("class_names")
+    if indexed_names is not None and class_names is not None and list(indexed_names) != class_names:
+        raise ServiceStartupError(f"{path}: the task's class names {class_names[:10]} differ from those recorded at "
+                                  f"indexing {list(indexed_names)[:10]}")
+
+    id_to_row: dict[str, int] = {}
+    for row, ex in enumerate(index_dir.examples):
+        id_to_row.setdefault(str(ex["id"]), row)
+    if len(id_to_row) != len(index_dir.examples):
+        log.warning("%s: %d duplicate example ids; GET /examples and train_id use the first row of each",
+                    path, len(index_dir.examples) - len(id_to_row))
+    si = np.asarray(index_dir.self_influence, dtype=np.float64)
+    si_order = np.argsort(-si, kind="stable")
+    si_rank = np.empty_like(si_order)
+    si_rank[si_order] = np.arange(1, si.size + 1)
+    labels = Labels.build(task, manifest["task"].get("label_kind") or task.kind,
+                          int(manifest["task"].get("label_width") or 0), index_dir.examples, si_order, path)
+    scorer, rerank_error = _exact_scorer(task, embedder, manifest, settings, path)
+    engine = Engine(settings=settings, index_dir=index_dir, task=task, embedder=embedder, labels=labels,
+                    first_stage=FirstStage.open(index_dir.index, manifest, settings, path), scorer=scorer,
+                    rerank_error=rerank_error, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank)
+    if settings.warmup:
+        engine.warm_up()
+    engine.load_seconds = time.perf_counter() - t0
+    return engine
+
+
+def _exact_scorer(task, embedder, manifest: dict, settings: Settings, path):
+    """(ExactScorer, None) when re-ranking is on and the task reads the indexed training set, else
+    (None, why not). A training set that differs from the recorded digest is refused."""
+    from indexer.exact import ExactScorer, training_set_digest
+
+    if settings.max_rerank == 0:
+        return None, "exact re-ranking is off on this server (TRACIN_MAX_RERANK=0)"
+    recorded = manifest.get("training_set")
+    if not recorded:
+        return None, "the index records no training-set digest (built by an older version): rebuild it to re-rank"
+    try:
+        examples = task.training_set()
+    except NotImplementedError:
+        return None, "the task provides no training_set() on this server, so candidates cannot be re-scored"
+    except Exception as exc:  # noqa: BLE001 - user task code
+        raise ServiceStartupError(f"{path}: the task's training_set() fails ({type(exc).__name__}: {exc}); exact "
+                                  "re-ranking needs it (or serve with TRACIN_MAX_RERANK=0)") from None
+    digest = training_set_digest(examples, rows_hashed=recorded.get("inputs_rows"))
+    for key in ("count", "labels_sha256", "inputs_sha256"):
+        if digest.get(key) != recorded.get(key):
+            what = {"count": "row count", "labels_sha256": "labels", "inputs_sha256": "inputs"}[key]
+            raise ServiceStartupError(
+                f"{path}: the task's training set differs from the one indexed ({what}: "
+                f"{str(digest.get(key))[:16]} here, {str(recorded.get(key))[:16]} recorded); exact re-ranking would "
+                "score other examples. Rebuild the index, or serve with TRACIN_MAX_RERANK=0")
+    return ExactScorer.for_examples(embedder, examples, threads=settings.effective_rerank_threads), None
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ServiceStartupError(f"TRACIN_DEVICE: {device!r} is not a torch device: {exc}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ServiceStartupError(f"TRACIN_DEVICE: {device!r} requested but CUDA is not available on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ServiceStartupError(f"TRACIN_DEVICE: {device!r} but only {torch.cuda.device_count()} CUDA devices")
