@@ -41,6 +41,9 @@ from indexer.grads import BlockGrad, ConvCall, ConvOuter, Dense, Outer
 from indexer.task import Inputs, batch_size_of, take_rows, unsqueeze_inputs
 
 ROUTES = ("hook", "vmap", "loop")
+# torch.func warns when an op has no batching rule (it then loops inside): slower, still exact. Not a
+# message for our users (and a catch_warnings around each call would race between threads).
+warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
 PROBE_ROWS = 3  # training rows calibration probes
 SUM_CHECK_EVERY = 64  # besides the first batch of each checkpoint, every 64th batch is sum-checked
 
@@ -338,9 +341,7 @@ class GradientCapture:
             check_losses(losses, 1)
             return losses.sum()
 
-        with torch.enable_grad(), warnings.catch_warnings():
-            # torch.func warns when an op has no batching rule (it then loops inside): slower, still exact
-            warnings.filterwarnings("ignore", message="There is a performance drop")
+        with torch.enable_grad():
             per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))(traced, inputs, labels)
         return {b.name: BlockGrad(b, [Dense(b.assemble([per_example[p].detach().to(self.dtype) for p in b.params]))])
                 for b in blocks}

@@ -10,7 +10,7 @@
     prefix = "model."                             # optional, overrides checkpoint_prefix for this file
     [projection]
     kind = "sketch"                               # exact | sketch | kronecker | gaussian
-    dim = 1024                                    # numbers per example, whatever the layers and checkpoints
+    dim = 512                                     # numbers per example, whatever the layers and checkpoints
     seed = 0
     [index]
     factory = "Flat"                              # any FAISS factory string (inner product)
@@ -46,7 +46,7 @@ class CheckpointSpec:
 @dataclass(frozen=True)
 class ProjectionSpec:
     kind: str = "sketch"
-    dim: int = 1024
+    dim: int = 512
     seed: int = 0
 
 

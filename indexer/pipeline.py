@@ -25,7 +25,9 @@ from indexer.checkpoints import CheckpointError, checkpoint_digest, load_checkpo
 from indexer.config import ConfigError, IndexConfig
 from indexer.capture import PROBE_ROWS, SUM_CHECK_EVERY
 from indexer.exact import training_set_digest
-from indexer.embedding import Checkpoint, CheckpointEmbedder, ProjectionPlan, plan_embedding, resolve_checkpoints
+from indexer.embedding import (
+    Checkpoint, CheckpointEmbedder, ProjectionPlan, combine, plan_embedding, resolve_checkpoints,
+)
 from indexer.manifest import ManifestError, write_manifest
 from indexer.resume import (
     OutputLock, ResumeState, RowFile, disk_error, gb, kill_point, save_npy, say,
@@ -508,7 +510,7 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
     config, plan = job.config, job.plan
     staging = StagingDirectory(job.out, overwrite=job.overwrite, protected=_protected(config))
     try:
-        faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE)
+        faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE, queries=lambda: _held_out_queries(job))
         save_npy(staging.path / SELF_INFLUENCE_FILE, self_influence)
         _write_examples(job.task, job.examples, staging.path)
         ckpt_entries = _copy_checkpoints(job, staging.path)
@@ -559,7 +561,10 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="embedding", unit="batch", disable=not enabled, leave=False)
 
 
-def _write_faiss(config: IndexConfig, vectors: np.ndarray, path: Path, chunk: int = 16384) -> dict:
+def _write_faiss(config: IndexConfig, vectors: np.ndarray, path: Path, chunk: int = 16384,
+                 queries: Callable[[], tuple[np.ndarray, str]] | None = None) -> dict:
+    """Build and write the FAISS index of `vectors`; an approximate one records its recall@10 against
+    exact search, measured with `queries()` -> (query vectors [Q, D], what they are)."""
     count, dim = vectors.shape
     index = build_faiss_index(config.index.factory, dim)
     if not index.is_trained:
@@ -572,21 +577,23 @@ def _write_faiss(config: IndexConfig, vectors: np.ndarray, path: Path, chunk: in
     info = {"factory": config.index.factory, "metric": "inner_product", "file": INDEX_FILE,
             "approximate": approximate, "search_params": config.index.search_params}
     if approximate:
-        info["recall_at_10"] = measure_recall(index, vectors, config.index.search_params)
+        if queries is not None:
+            q, source = queries()
+        else:
+            rows = np.random.default_rng(1).choice(count, size=min(100, count), replace=False)
+            q, source = np.asarray(vectors[np.sort(rows)], dtype=np.float32), "training vectors"
+        info["recall_at_10"] = measure_recall(index, vectors, q, config.index.search_params) | {"queries_from": source}
     faiss.write_index(index, str(path))
     return info
 
 
-def measure_recall(index: faiss.Index, vectors: np.ndarray, params: dict, queries: int = 100, k: int = 10) -> dict:
-    """Recall@k of the approximate index against exact inner-product search, for proponents (q) and
-    opponents (-q), with training vectors as queries."""
+def measure_recall(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, params: dict, k: int = 10) -> dict:
+    """Recall@k of the approximate index against exact inner-product search over `vectors`, for proponents
+    (q) and opponents (-q), for each query vector [Q, D]."""
     from indexer.search import top_k
 
-    rng = np.random.default_rng(1)
-    rows = rng.choice(vectors.shape[0], size=min(queries, vectors.shape[0]), replace=False)
     recalls = {"proponents": [], "opponents": []}
-    for row in rows:
-        q = np.asarray(vectors[row], dtype=np.float32)
+    for q in np.asarray(queries, dtype=np.float32):
         scores = _blockwise_scores(vectors, q)
         for name, sign in (("proponents", 1), ("opponents", -1)):
             signed = sign * scores
@@ -596,7 +603,29 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, params: dict, querie
                 continue
             got = set(top_k(index, q, k, sign, params=params).rows.tolist())
             recalls[name].append(len(truth & got) / len(truth))
-    return {name: round(float(np.mean(v)), 4) if v else None for name, v in recalls.items()} | {"k": k, "queries": len(rows)}
+    return {name: round(float(np.mean(v)), 4) if v else None for name, v in recalls.items()} | {
+        "k": k, "queries": int(len(queries))}
+
+
+def _held_out_queries(job: "_Job", count: int = 100) -> tuple[np.ndarray, str]:
+    """Embeddings of up to `count` held-out examples as the service embeds a query by default (the
+    prediction at the last checkpoint as the label), or of training rows when the task has none."""
+    held = job.task.held_out_set()
+    source = "held-out examples"
+    if held is None or len(held) == 0:
+        held, source = job.examples, "training examples (the task has no held-out set)"
+    n = min(count, len(held))
+    inputs, _ = held.batch(0, n)
+    device = job.config.index.device
+    parts = []
+    for c in reversed(range(len(job.checkpoints))):  # the last first: its predictions are the labels
+        embedder = CheckpointEmbedder(job.task, job.checkpoints[c], c, job.plan, device,
+                                      state=load_checkpoint(job.checkpoints[c].path, job.config.checkpoints[c].prefix)[0])
+        if c == len(job.checkpoints) - 1:
+            labels, _ = job.task.predict(embedder.outputs(inputs))
+        parts.append(embedder.embed(inputs, labels).vectors)
+    vectors = combine(job.plan, parts[::-1]).numpy()
+    return vectors, f"{n} {source}"
 
 
 def _blockwise_scores(vectors: np.ndarray, q: np.ndarray, chunk: int = 65536) -> np.ndarray:

@@ -75,24 +75,28 @@ class BlockProjector:
                  for k, v in self.arrays.items()}
         return BlockProjector(self.block, self.kind, self.dim, moved)
 
-    def project(self, grad: BlockGrad) -> torch.Tensor:
-        """[B, dim] for one block's batch of gradients (linear in G: a sum over its terms)."""
-        return getattr(self, f"_{self.kind}")(grad)
+    def project(self, grad: BlockGrad, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, dim] for one block's batch of gradients (linear in G: a sum over its terms). With `out`
+        ([B, dim], projected kinds), the projection is added into it (one buffer for all blocks)."""
+        if out is None:
+            if self.kind == "exact":
+                return self._exact(grad)
+            out = torch.zeros(grad.batch, self.dim, dtype=grad.dtype, device=_device(grad))
+        getattr(self, f"_{self.kind}")(grad, out)
+        return out
 
     # -- kinds ---------------------------------------------------------------------------------
     def _exact(self, grad: BlockGrad) -> torch.Tensor:
         return grad.full().reshape(grad.batch, -1)
 
-    def _place(self, grad: BlockGrad) -> torch.Tensor:
+    def _place(self, grad: BlockGrad, out: torch.Tensor) -> None:
         flat = grad.full().reshape(grad.batch, -1)
-        out = flat.new_zeros(grad.batch, self.dim)
-        out[:, self.arrays["position"]] = flat * self.arrays["sign"]
-        return out
+        out.index_add_(1, self.arrays["position"], flat * self.arrays["sign"])
 
-    def _gaussian(self, grad: BlockGrad) -> torch.Tensor:
-        return grad.full().reshape(grad.batch, -1) @ self.arrays["P"].T
+    def _gaussian(self, grad: BlockGrad, out: torch.Tensor) -> None:
+        out.addmm_(grad.full().reshape(grad.batch, -1), self.arrays["P"].T)
 
-    def _kronecker(self, grad: BlockGrad) -> torch.Tensor:
+    def _kronecker(self, grad: BlockGrad, out: torch.Tensor) -> None:
         m, n = self.block.m, self.block.n
         P_out, P_in = self.arrays.get("P_out"), self.arrays.get("P_in")
         total = None
@@ -121,16 +125,13 @@ class BlockProjector:
                     u_proj = u if P_out is None else u @ P_out.T
                 part = torch.einsum("bto,bti->boi", u_proj, v).reshape(v.shape[0], -1)
             total = part if total is None else total + part
-        out = total.new_zeros(total.shape[0], self.dim)
-        out[:, self.arrays["position"]] = total * self.arrays["sign"]
-        return out
+        out.index_add_(1, self.arrays["position"], total * self.arrays["sign"])
 
-    def _sketch(self, grad: BlockGrad) -> torch.Tensor:
+    def _sketch(self, grad: BlockGrad, out: torch.Tensor) -> None:
         k = self.dim
         h_o, s_o, h_i, s_i = (self.arrays[x] for x in ("h_out", "s_out", "h_in", "s_in"))
         m, n = self.block.m, self.block.n
         B = grad.batch
-        total = None
         for term in grad.terms:
             if isinstance(term, Outer) and term.indexed:  # one-hot rows: scatter T*n values into the buckets
                 ids, v = term.u, term.v
@@ -138,20 +139,31 @@ class BlockProjector:
                 valid = (ids >= 0).to(v.dtype).unsqueeze(-1)
                 buckets = (h_o[idx].unsqueeze(-1) + h_i.view(1, 1, n)) % k
                 values = v * s_i.view(1, 1, n) * (s_o[idx].unsqueeze(-1) * valid)
-                part = v.new_zeros(B, k).scatter_add_(1, buckets.reshape(B, -1), values.reshape(B, -1))
+                out.scatter_add_(1, buckets.reshape(B, -1), values.reshape(B, -1))
             elif isinstance(term, Dense) or not self._fft_cheaper(term):
-                full = term.full(m, n)
-                buckets = ((h_o.view(m, 1) + h_i.view(1, n)) % k).reshape(-1)
-                signs = (s_o.view(m, 1) * s_i.view(1, n)).reshape(1, -1)
-                part = full.new_zeros(B, k).index_add_(1, buckets, full.reshape(B, -1) * signs)
+                full = grad.full() if len(grad.terms) == 1 else term.full(m, n)  # the block's cached G when it is one
+                out.index_add_(1, self._buckets(), full.reshape(B, -1) * self._signs())
             else:
                 u, v = term.factors()
                 cs_u = _count_sketch(u, h_o, s_o, k)
                 cs_v = _count_sketch(v, h_i, s_i, k)
                 spectrum = (torch.fft.rfft(cs_u, n=k) * torch.fft.rfft(cs_v, n=k)).sum(dim=1)
-                part = torch.fft.irfft(spectrum, n=k)
-            total = part if total is None else total + part
-        return total
+                out += torch.fft.irfft(spectrum, n=k)
+
+    def _buckets(self) -> torch.Tensor:
+        """Bucket of every entry of vec(G) (the explicit route), computed once."""
+        if "cached_buckets" not in self.__dict__:
+            m, n = self.block.m, self.block.n
+            self.__dict__["cached_buckets"] = ((self.arrays["h_out"].view(m, 1) + self.arrays["h_in"].view(1, n))
+                                               % self.dim).reshape(-1)
+        return self.__dict__["cached_buckets"]
+
+    def _signs(self) -> torch.Tensor:
+        if "cached_signs" not in self.__dict__:
+            m, n = self.block.m, self.block.n
+            self.__dict__["cached_signs"] = (self.arrays["s_out"].view(m, 1)
+                                             * self.arrays["s_in"].view(1, n)).reshape(1, -1)
+        return self.__dict__["cached_signs"]
 
     def _fft_cheaper(self, term) -> bool:
         """Cost model of the two sketch routes, fitted to CPU timings (1 thread, k = 1024): the FFT route
@@ -168,6 +180,15 @@ class BlockProjector:
             # measured ~10-20x slower per element than the convolution. Choose FFT only where G is far larger.
             fft_cost *= FFT_CONV_PENALTY
         return fft_cost < explicit_cost
+
+
+def _device(grad: BlockGrad) -> torch.device:
+    term = grad.terms[0]
+    if isinstance(term, Dense):
+        return term.g.device
+    if isinstance(term, ConvOuter):
+        return term.calls[0].d.device
+    return term.v.device
 
 
 def _count_sketch(x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, k: int) -> torch.Tensor:

@@ -106,7 +106,7 @@ def load_engine(settings: Settings) -> Engine:
     except ConfigError as exc:
         raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {exc}") from None
     try:
-        task, embedder = load_embedder(index_dir, device=settings.device)
+        task, embedder = load_embedder(index_dir, device=settings.device, threads=settings.effective_rerank_threads)
     except IndexDirectoryError as exc:
         raise ServiceStartupError(str(exc)) from None
     except (ConfigError, CheckpointError) as exc:

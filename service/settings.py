@@ -29,7 +29,7 @@
                                request's `rerank` field overrides it; 0 = off: scores from the index)
     TRACIN_MAX_RERANK          largest `rerank` a request may ask for (default 1000; 0 = re-ranking off:
                                the training set is then not loaded)
-    TRACIN_RERANK_THREADS      checkpoints re-scored at once by one request (default: min(CPUs, 4))
+    TRACIN_RERANK_THREADS      checkpoints embedded / re-scored at once by one request (default: min(CPUs, 4))
     TRACIN_WARMUP              run one query at start so the first request is not slow (default true)
     TRACIN_LOG_LEVEL / TRACIN_ACCESS_LOG   uvicorn logging (default info / true)
 """
@@ -45,7 +45,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 #: default K': candidates per end re-scored by exact TracIn (docs/benchmarks.md: recall@10 vs dim and K')
-DEFAULT_RERANK = 100
+DEFAULT_RERANK = 50
 
 
 def available_cpus() -> int:

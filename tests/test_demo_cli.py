@@ -55,7 +55,7 @@ def test_self_influence_finds_the_flipped_labels(demo):
 
 def test_inspect_prints_summary_and_json(demo):
     text = tracin("inspect", str(demo[0] / "index"), "--top", "3").stdout
-    assert "sketch dim=256" in text and "fc1" in text and "top 3 self-influence" in text
+    assert "sketch dim=512" in text and "fc1" in text and "top 3 self-influence" in text
     data = json.loads(tracin("inspect", str(demo[0] / "index"), "--json").stdout)
     assert data["manifest"]["count"] == 1500 and data["sizes"]["index.faiss"] > 0
 

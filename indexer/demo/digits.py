@@ -142,7 +142,7 @@ def train_digits(out_dir: str | Path, epochs: int = 30, checkpoints: int = 5, se
     lines = ['task = "indexer.demo.digits:DigitsTask"', f"task_args = {{ seed = {seed} }}", ""]
     for path in saved:
         lines += ["[[checkpoints]]", f'path = "checkpoints/{path.name}"', ""]
-    lines += ["[projection]", 'kind = "sketch"', "dim = 256", "seed = 0", "",
+    lines += ["[projection]", 'kind = "sketch"', "seed = 0", "",  # dim: the library default
               "[index]", 'factory = "Flat"', "batch_size = 256", ""]
     config = out_dir / "digits.toml"
     config.write_text("\n".join(lines))

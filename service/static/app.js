@@ -29,6 +29,15 @@ const state = {
 
 function labelName(label) {
   const names = state.info?.class_names;
+  const kind = state.info?.label_kind || "class";
+  if (Array.isArray(label)) {  // a multi-label vector (0/1) or a multi-output regression target
+    if (kind === "multilabel") {
+      const on = label.map((v, i) => (Number(v) > 0.5 ? (names?.[i] ?? String(i)) : null)).filter((x) => x !== null);
+      return on.length ? on.join(", ") : "(none)";
+    }
+    return label.map((v) => Number(v).toPrecision(4)).join(", ");
+  }
+  if (kind === "regression") return Number(label).toPrecision(4);
   if (names && Number.isInteger(Number(label)) && names[Number(label)] !== undefined) return names[Number(label)];
   return String(label);
 }
@@ -450,6 +459,10 @@ function renderResults() {
   fact("searched", h("span", { text: `${fmtInt(idx.candidates ?? idx.count)} of ${fmtInt(idx.count)} ` }),
     h("span", { class: idx.approximate ? "approx" : "exact", text: idx.approximate ? "approximate" : "exact" }),
     body.filter_label !== undefined ? h("span", { class: "muted", text: ` (train label ${labelName(body.filter_label)})` }) : null);
+  const rr = res.rerank;
+  fact("scores", h("span", { class: res.exact ? "exact" : "approx", text: res.exact ? "exact TracIn" : "index estimates" }),
+    h("span", { class: "muted", text: rr ? ` (re-ranked: ${fmtInt(rr.candidates)} candidates, ${fmtInt(rr.depth)} per end, `
+      + "rescored from the training examples)" : res.exact ? " (exact-mode index)" : " (re-ranking off: approximate)" }));
   fact("took", h("span", { class: "mono", text: `${res.took_ms.toFixed(1)} ms` }),
     h("span", { class: "muted", text: ` server · ${cur.roundTrip.toFixed(0)} ms round trip` }));
 
@@ -683,7 +696,9 @@ function renderIndex() {
     tile("projection", `${p.kind ?? "?"}${p.dim ? ` ${p.dim}` : ""}`),
     tile("search", i.approximate ? "approximate" : "exact", i.approximate ? "tile-approx" : "tile-exact"),
     tile(i.approximate ? "measured recall (min)" : "recall (exact search)", recallTile, i.approximate ? "tile-approx" : ""),
-    tile("raw vectors (float32)", fmtBytes(rawBytes))));
+    tile("raw vectors (float32)", fmtBytes(rawBytes)),
+    tile("exact re-ranking", i.rerank?.available ? `K' = ${i.rerank.default}` : "off",
+      i.rerank?.available ? "tile-exact" : "tile-approx")));
 
   panel.append(
     card("Model",
