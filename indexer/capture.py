@@ -254,42 +254,46 @@ class GradientCapture:
         tune_allocator()
 
     # -- public -----------------------------------------------------------------------------------
-    def capture(self, inputs: Inputs, labels: torch.Tensor, check: bool = False) -> Captured:
+    def capture(self, inputs: Inputs, labels: torch.Tensor, check: bool = False,
+                loss: Callable | None = None) -> Captured:
         """Gradients, losses and outputs for a batch. With `check`, the hook route's per-example
-        gradients are also compared with the ordinary batch gradient (CaptureError on a mismatch)."""
+        gradients are also compared with the ordinary batch gradient (CaptureError on a mismatch).
+        `loss(outputs, labels) -> [B]` replaces the task's loss (a query metric: `indexer.metrics`)."""
         B = batch_size_of(inputs)
         if labels.shape[0] != B:
             raise CaptureError(f"{B} inputs but {labels.shape[0]} labels")
         if self.plan.per_example and B > 1:
-            return Captured.concat([self._capture(take_rows(inputs, slice(b, b + 1)), labels[b:b + 1], check)
+            return Captured.concat([self._capture(take_rows(inputs, slice(b, b + 1)), labels[b:b + 1], check, loss)
                                     for b in range(B)])
-        return self._capture(inputs, labels, check)
+        return self._capture(inputs, labels, check, loss)
 
-    def _capture(self, inputs, labels, check: bool) -> Captured:
+    def _capture(self, inputs, labels, check: bool, loss: Callable | None = None) -> Captured:
         grads: dict[str, BlockGrad] = {}
         outputs = losses = None
         if self.by_route["hook"]:
-            hooked, outputs, losses = self.hook_route(self.by_route["hook"], inputs, labels, check)
+            hooked, outputs, losses = self.hook_route(self.by_route["hook"], inputs, labels, check, loss)
             grads.update(hooked)
         if self.by_route["vmap"]:
             try:
-                grads.update(self.vmap_route(self.by_route["vmap"], inputs, labels))
+                grads.update(self.vmap_route(self.by_route["vmap"], inputs, labels, loss))
             except CaptureError:
                 raise
             except Exception:  # noqa: BLE001 - torch.func could not batch this batch: the loop is exact too
-                grads.update(self._loop_or_refuse(self.by_route["vmap"], inputs, labels))
+                grads.update(self._loop_or_refuse(self.by_route["vmap"], inputs, labels, loss))
         if self.by_route["loop"]:
-            grads.update(self._loop_or_refuse(self.by_route["loop"], inputs, labels))
+            grads.update(self._loop_or_refuse(self.by_route["loop"], inputs, labels, loss))
         if outputs is None:
             with torch.no_grad():
                 outputs = self.forward(self.model, inputs)
-                losses = self.loss(outputs, labels)
+                losses = (loss or self.loss)(outputs, labels)
             check_losses(losses, labels.shape[0])
         return Captured([grads[b.name] for b in self.plan.blocks], losses.detach(), _detach(outputs))
 
     # -- routes -----------------------------------------------------------------------------------
-    def hook_route(self, blocks: list[TracedBlock], inputs, labels, check: bool = False):
+    def hook_route(self, blocks: list[TracedBlock], inputs, labels, check: bool = False,
+                   loss: Callable | None = None):
         B = batch_size_of(inputs)
+        loss = loss or self.loss
         names = sorted({u.module for b in blocks for u in b.uses})
         recorders = {n: _Recorder(n, self.modules[n], self.plan.axes.get(n, 0), B, self.dtype) for n in names}
         handles = [self.modules[n].register_forward_hook(recorders[n].forward_hook) for n in names]
@@ -299,7 +303,7 @@ class GradientCapture:
         try:
             with torch.enable_grad():
                 outputs = self.forward(self.model, inputs)
-                losses = self.loss(outputs, labels)
+                losses = loss(outputs, labels)
                 check_losses(losses, B)
                 if check:
                     batch_grads = torch.autograd.grad(losses.sum(), params, allow_unused=True) \
@@ -326,11 +330,12 @@ class GradientCapture:
                 _compare_sum(block, out[block.name].batch_sum(), expected, self.dtype)
         return out, outputs, losses
 
-    def vmap_route(self, blocks: list[TracedBlock], inputs, labels) -> dict[str, BlockGrad]:
+    def vmap_route(self, blocks: list[TracedBlock], inputs, labels, loss: Callable | None = None
+                   ) -> dict[str, BlockGrad]:
         from torch.func import functional_call, grad, vmap
 
         names = [p for b in blocks for p in b.params]
-        wrapper = _LossModule(self.model, self.forward, self.loss)
+        wrapper = _LossModule(self.model, self.forward, loss or self.loss)
         state = {f"model.{k}": v.detach() for k, v in self.model.named_parameters()}
         state.update({f"model.{k}": v for k, v in self.model.named_buffers()})
         traced = {name: state.pop(f"model.{name}") for name in names}
@@ -346,18 +351,21 @@ class GradientCapture:
         return {b.name: BlockGrad(b, [Dense(b.assemble([per_example[p].detach().to(self.dtype) for p in b.params]))])
                 for b in blocks}
 
-    def _loop_or_refuse(self, blocks: list[TracedBlock], inputs, labels) -> dict[str, BlockGrad]:
+    def _loop_or_refuse(self, blocks: list[TracedBlock], inputs, labels, loss: Callable | None = None
+                        ) -> dict[str, BlockGrad]:
         try:
-            return self.loop_route(blocks, inputs, labels)
+            return self.loop_route(blocks, inputs, labels, loss)
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - the model cannot give this gradient at all
             raise CaptureError(f"block {blocks[0].name!r}: autograd cannot compute its gradient for one example "
                                f"({type(exc).__name__}: {_short(exc)})") from None
 
-    def loop_route(self, blocks: list[TracedBlock], inputs, labels) -> dict[str, BlockGrad]:
+    def loop_route(self, blocks: list[TracedBlock], inputs, labels, loss: Callable | None = None
+                   ) -> dict[str, BlockGrad]:
         names = [p for b in blocks for p in b.params]
-        grads = per_example_loop(self.model, self.forward, self.loss, [self.params[n] for n in names], inputs, labels)
+        grads = per_example_loop(self.model, self.forward, loss or self.loss, [self.params[n] for n in names],
+                                 inputs, labels)
         by_name = dict(zip(names, grads))
         return {b.name: BlockGrad(b, [Dense(b.assemble([by_name[p].to(self.dtype) for p in b.params]))])
                 for b in blocks}

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -190,16 +190,19 @@ class CheckpointEmbedder:
         with self._lock:
             return self.task.forward(self.model, self.prepare(inputs))
 
-    def grads(self, inputs: Inputs, labels: torch.Tensor, check: bool = False) -> Captured:
-        """Per-example block gradients (exact), losses and outputs of a batch at this checkpoint."""
+    def grads(self, inputs: Inputs, labels: torch.Tensor, check: bool = False,
+              objective: Callable | None = None) -> Captured:
+        """Per-example block gradients (exact), losses and outputs of a batch at this checkpoint.
+        `objective(outputs, labels) -> [B]` replaces the task's loss (query metrics, `indexer.metrics`)."""
         inputs, labels = self.prepare(inputs, labels)
         with self._lock:
-            return self.capture.capture(inputs, labels, check=check)
+            return self.capture.capture(inputs, labels, check=check, loss=objective)
 
     def embed(self, inputs: Inputs, labels: torch.Tensor, check: bool = False,
-              keep_grads: bool = False) -> CheckpointEmbedding:
-        """sqrt(lr) * projected gradients [B, width], lr * sum_l ||G_l||^2 [B], losses, outputs."""
-        captured = self.grads(inputs, labels, check)
+              keep_grads: bool = False, objective: Callable | None = None) -> CheckpointEmbedding:
+        """sqrt(lr) * projected gradients [B, width], lr * sum_l ||G_l||^2 [B], losses (the objective's
+        values), outputs."""
+        captured = self.grads(inputs, labels, check, objective)
         with torch.no_grad():
             sq = None
             parts = []
@@ -253,11 +256,17 @@ class Embedder:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="tracin-embed") \
             if threads > 1 and len(checkpoints) > 1 else None
 
-    def embed(self, inputs: Inputs, labels: torch.Tensor, keep_grads: bool = False) -> Embedding:
+    def embed(self, inputs: Inputs, labels: torch.Tensor, keep_grads: bool = False,
+              objective: Callable | None = None) -> Embedding:
+        """The stored form of the embedding of a batch at every checkpoint (and, with `keep_grads`, the
+        per-checkpoint gradients). `objective` replaces the task's loss (query metrics)."""
+        def one(e: CheckpointEmbedder) -> CheckpointEmbedding:
+            return e.embed(inputs, labels, keep_grads=keep_grads, objective=objective)
+
         if self.pool is not None and labels.shape[0] >= PARALLEL_MIN_BATCH:
-            parts = list(self.pool.map(lambda e: e.embed(inputs, labels, keep_grads=keep_grads), self.per_checkpoint))
+            parts = list(self.pool.map(one, self.per_checkpoint))
         else:
-            parts = [e.embed(inputs, labels, keep_grads=keep_grads) for e in self.per_checkpoint]
+            parts = [one(e) for e in self.per_checkpoint]
         total = None
         for part in parts:
             total = part.self_influence if total is None else total + part.self_influence

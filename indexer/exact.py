@@ -27,11 +27,13 @@ from indexer.task import ExampleSet, Inputs, input_tensors
 
 @dataclass
 class ExactScores:
-    """Exact scores of one query against `rows`: total [K] and per checkpoint [C, K] (float64, lr-weighted)."""
+    """Exact scores of one query against `rows`: total [K] and per checkpoint [C, K] (float64, lr-weighted),
+    and each row's training loss at each checkpoint [C, K]."""
 
     rows: np.ndarray
     total: np.ndarray
     per_checkpoint: np.ndarray
+    losses: np.ndarray
 
 
 class ExactScorer:
@@ -55,28 +57,44 @@ class ExactScorer:
         rows = np.asarray(rows, dtype=np.int64)
         C = len(self.embedder.per_checkpoint)
         if rows.size == 0:
-            return ExactScores(rows, np.zeros(0), np.zeros((C, 0)))
+            return ExactScores(rows, np.zeros(0), np.zeros((C, 0)), np.zeros((C, 0)))
         batches = [rows[s:s + self.batch_size] for s in range(0, rows.size, self.batch_size)]
         data = [self.rows_of(b) for b in batches]
 
-        def one_checkpoint(c: int) -> np.ndarray:
+        def one_checkpoint(c: int) -> tuple[np.ndarray, np.ndarray]:
             embedder = self.embedder.per_checkpoint[c]
-            parts = []
+            parts, losses = [], []
             for inputs, labels in data:
-                cand = embedder.grads(inputs, labels).grads
+                captured = embedder.grads(inputs, labels)
                 total = None
-                for q, g in zip(query[c], cand):
+                for q, g in zip(query[c], captured.grads):
                     term = q.inner(g)[0]
                     total = term if total is None else total + term
                 parts.append(total.to("cpu", torch.float64).numpy())
-            return embedder.checkpoint.lr * np.concatenate(parts)
+                losses.append(captured.losses.detach().to("cpu", torch.float64).numpy())
+            return embedder.checkpoint.lr * np.concatenate(parts), np.concatenate(losses)
 
         if self.pool is not None and C > 1:
             per = list(self.pool.map(one_checkpoint, range(C)))
         else:
             per = [one_checkpoint(c) for c in range(C)]
-        per_checkpoint = np.stack(per)
-        return ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint)
+        per_checkpoint = np.stack([p[0] for p in per])
+        return ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint, np.stack([p[1] for p in per]))
+
+    def losses(self, rows: np.ndarray) -> np.ndarray:
+        """The training loss of `rows` at every checkpoint [C, K] (a forward pass only)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = []
+        for embedder in self.embedder.per_checkpoint:
+            parts = []
+            for s in range(0, rows.size, self.batch_size):
+                inputs, labels = self.rows_of(rows[s:s + self.batch_size])
+                inputs, labels = embedder.prepare(inputs, labels)
+                with torch.no_grad(), embedder._lock:
+                    parts.append(self.embedder.task.loss(self.embedder.task.forward(embedder.model, inputs), labels)
+                                 .detach().to("cpu", torch.float64).numpy())
+            out.append(np.concatenate(parts) if parts else np.zeros(0))
+        return np.stack(out)
 
 
 def training_set_digest(examples: ExampleSet, max_bytes: int = 1 << 30, sample: int = 4096,

@@ -34,7 +34,7 @@ from indexer.resume import (
 )
 from indexer.search import FAISS_MAX_DIM, build_faiss_index, is_approximate
 from indexer.store import (
-    CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
+    CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, NORMALIZED_INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
     IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
 )
 from indexer.selfcheck import SelfCheckReport, check_query_path, self_check
@@ -511,10 +511,15 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
     staging = StagingDirectory(job.out, overwrite=job.overwrite, protected=_protected(config))
     try:
         faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE, queries=lambda: _held_out_queries(job))
+        if faiss_info["approximate"]:  # normalised queries need their own first stage (a Flat one divides on the fly)
+            _write_faiss(config, _normalized(vectors, self_influence), staging.path / NORMALIZED_INDEX_FILE,
+                         measure=False)
         save_npy(staging.path / SELF_INFLUENCE_FILE, self_influence)
         _write_examples(job.task, job.examples, staging.path)
         ckpt_entries = _copy_checkpoints(job, staging.path)
         names = [INDEX_FILE, SELF_INFLUENCE_FILE, EXAMPLES_FILE]
+        if (staging.path / NORMALIZED_INDEX_FILE).is_file():
+            names.append(NORMALIZED_INDEX_FILE)
         if (staging.path / QUERIES_FILE).is_file():
             names.append(QUERIES_FILE)
         kill_point("index-staged")
@@ -562,9 +567,9 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _write_faiss(config: IndexConfig, vectors: np.ndarray, path: Path, chunk: int = 16384,
-                 queries: Callable[[], tuple[np.ndarray, str]] | None = None) -> dict:
+                 queries: Callable[[], tuple[np.ndarray, str]] | None = None, measure: bool = True) -> dict:
     """Build and write the FAISS index of `vectors`; an approximate one records its recall@10 against
-    exact search, measured with `queries()` -> (query vectors [Q, D], what they are)."""
+    exact search (unless not `measure`), measured with `queries()` -> (query vectors [Q, D], what they are)."""
     count, dim = vectors.shape
     index = build_faiss_index(config.index.factory, dim)
     if not index.is_trained:
@@ -576,7 +581,7 @@ def _write_faiss(config: IndexConfig, vectors: np.ndarray, path: Path, chunk: in
     approximate = is_approximate(index)
     info = {"factory": config.index.factory, "metric": "inner_product", "file": INDEX_FILE,
             "approximate": approximate, "search_params": config.index.search_params}
-    if approximate:
+    if approximate and measure:
         if queries is not None:
             q, source = queries()
         else:
@@ -605,6 +610,20 @@ def measure_recall(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray,
             recalls[name].append(len(truth & got) / len(truth))
     return {name: round(float(np.mean(v)), 4) if v else None for name, v in recalls.items()} | {
         "k": k, "queries": int(len(queries))}
+
+
+class _normalized:
+    """Row-chunked view of vectors / sqrt(self-influence) (rows with zero self-influence stay zero), for
+    `_write_faiss`: shape and slicing like the vectors, without a second copy in memory."""
+
+    def __init__(self, vectors: np.ndarray, self_influence: np.ndarray):
+        self.vectors = vectors
+        norms = np.sqrt(np.asarray(self_influence, dtype=np.float64))
+        self.inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
+        self.shape = vectors.shape
+
+    def __getitem__(self, rows):
+        return np.asarray(self.vectors[rows], dtype=np.float32) * self.inverse[rows][:, None]
 
 
 def _held_out_queries(job: "_Job", count: int = 100) -> tuple[np.ndarray, str]:

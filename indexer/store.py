@@ -36,6 +36,9 @@ from indexer.manifest import (
 )
 
 INDEX_FILE = "index.faiss"
+#: approximate indexes only: the same vectors divided by the exact gradient norm sqrt(self-influence), so
+#: normalised queries (cosine, train) rank by the normalised score over the whole index
+NORMALIZED_INDEX_FILE = "index_normalized.faiss"
 SELF_INFLUENCE_FILE = "self_influence.npy"
 EXAMPLES_FILE = "examples.jsonl"
 QUERIES_FILE = "queries.jsonl"
@@ -219,6 +222,7 @@ class IndexDirectory:
     examples: list[dict[str, Any]]
     queries: list[dict[str, Any]]
     model: Manifest | None = None
+    normalized_index: faiss.Index | None = None
 
     @property
     def count(self) -> int:
@@ -280,7 +284,16 @@ class IndexDirectory:
             if not isinstance(ex, dict) or "id" not in ex or "label" not in ex:
                 raise IndexDirectoryError(f"{path}: {EXAMPLES_FILE} row {row} is not an object with an id and a label")
         _check_recorded_lrs(path, model)
-        return cls(path, manifest, index, self_influence, examples, queries, model)
+        normalized = None
+        if NORMALIZED_INDEX_FILE in model.files:
+            try:
+                normalized = _read_faiss(path / NORMALIZED_INDEX_FILE, mmap)
+            except RuntimeError as exc:
+                raise IndexDirectoryError(f"{path}: cannot read {NORMALIZED_INDEX_FILE}: {_last_line(exc)}") from None
+            if normalized.ntotal != count or normalized.d != dim:
+                raise IndexDirectoryError(f"{path}: {NORMALIZED_INDEX_FILE} has {normalized.ntotal} x {normalized.d} "
+                                          f"vectors, not {count} x {dim}")
+        return cls(path, manifest, index, self_influence, examples, queries, model, normalized)
 
 
 def _last_line(exc: BaseException) -> str:

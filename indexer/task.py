@@ -149,6 +149,11 @@ class Task:
         """Turn validated JSON examples into a batch of input tensors."""
         raise NotImplementedError
 
+    def metrics(self) -> list:
+        """Task-defined query metrics (`indexer.metrics.Metric`), besides the built-in loss / logit /
+        log_probability / margin: influence can be taken on any differentiable function of the output."""
+        return []
+
     def forward(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
         if isinstance(inputs, (tuple, list)):
             return model(*inputs)

@@ -74,8 +74,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     task = engine.task if engine is not None else open_task(settings)
     metrics = Metrics()
+    from indexer.metrics import task_metrics
+
     request_model = make_influence_request(task.example_schema, settings.max_k, settings.default_k,
-                                           settings.max_rerank, settings.rerank)
+                                           settings.max_rerank, settings.rerank, task_metrics(task))
     examples = _openapi_examples(engine, settings) if engine is not None else _manifest_examples(settings)
 
     @asynccontextmanager
@@ -88,7 +90,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             except ServiceStartupError as exc:
                 log.error("tracin-service cannot start: %s", exc)
                 raise
-        loaded.metrics = metrics
+        loaded.stats = metrics
         app.state.engine = loaded
         app.state.limiter = anyio.CapacityLimiter(settings.effective_compute_threads)
         metrics.index_examples.set(loaded.count)

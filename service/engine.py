@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,18 @@ from service.errors import ApiError, ServiceStartupError
 from service.first_stage import FirstStage, _ends
 from service.labels import Labels
 from service.settings import Settings
+
+
+def _inverse_norms(self_influence: np.ndarray) -> np.ndarray:
+    """1 / ||g(z)|| in the TracIn metric (float64; 0 where the gradient is 0)."""
+    norms = np.sqrt(np.asarray(self_influence, dtype=np.float64))
+    return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+
+
+def _float32():
+    import torch
+
+    return torch.float32
 
 
 @dataclass
@@ -36,7 +48,8 @@ class Engine:
     si_order: np.ndarray  # rows by descending self-influence
     si_rank: np.ndarray  # 1-based rank of each row
     load_seconds: float = 0.0
-    metrics: Any = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # query metrics by name (indexer.metrics.Metric)
+    stats: Any = None  # service.metrics.Metrics (Prometheus), set by the app
     _display_flags: dict[str, np.ndarray] | None = None
 
     # -- facts ---------------------------------------------------------------------------------
@@ -74,8 +87,8 @@ class Engine:
         try:
             yield
         finally:
-            if self.metrics is not None:
-                self.metrics.stage.labels(name).observe(time.perf_counter() - t0)
+            if self.stats is not None:
+                self.stats.stage.labels(name).observe(time.perf_counter() - t0)
 
     def row_of(self, example_id: str, field_name: str, status: int = 422, loc: list | None = None) -> int:
         row = self.id_to_row.get(example_id)
@@ -93,12 +106,32 @@ class Engine:
         return int(asked)
 
     # -- queries -------------------------------------------------------------------------------
-    def embed_examples(self, examples: list[Any], labels: list[Any] | None = None,
-                       keep_grads: bool = False) -> dict[str, Any]:
+    def resolve_metric(self, spec: Any) -> tuple[Any, Any]:
+        """(Metric, its validated params or None) for a request's `metric` (None, a name, or an object with
+        `name` and the metric's parameters; the request model already validated the object's fields)."""
+        if spec is None:
+            return self.metrics["loss"], None
+        name = spec if isinstance(spec, str) else spec.name
+        metric = self.metrics.get(name)
+        if metric is None:
+            raise ApiError(422, "unknown_metric", "metric", f"unknown metric; this task has {sorted(self.metrics)}",
+                           echo=name)
+        params = None
+        if metric.params is not None:
+            data = {} if isinstance(spec, str) else spec.model_dump(exclude={"name"})
+            try:
+                params = metric.params.model_validate(data)
+            except Exception as exc:  # noqa: BLE001 - pydantic ValidationError: name the field
+                raise ApiError(422, "invalid_metric", "metric", f"parameters of metric {name!r}: {exc}") from None
+        return metric, params
+
+    def embed_examples(self, examples: list[Any], labels: list[Any] | None = None, keep_grads: bool = False,
+                       objective=None) -> dict[str, Any]:
         """Encode validated examples, predict, embed with `labels` (JSON form; default: the predictions).
 
         The vectors come from the indexer's `Embedder.embed`, the function that built the index; with
-        `keep_grads` the per-checkpoint block gradients come back too (for exact re-ranking)."""
+        `keep_grads` the per-checkpoint block gradients come back too (for exact re-ranking); `objective`
+        replaces the task's loss on the query side (a metric, `indexer.metrics`)."""
         import torch
 
         try:
@@ -106,15 +139,7 @@ class Engine:
         except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:
             raise ApiError(422, "invalid_example", "example", f"the task cannot encode this example: {exc}") from None
         with self.stage("predict"):
-            predicted, probabilities = self.embedder.predict(inputs)
-        predicted = predicted.detach().to("cpu")
-        if probabilities is not None:
-            probabilities = probabilities.detach().to("cpu", torch.float64)
-        finite = bool(torch.isfinite(predicted.double()).all()) and (
-            probabilities is None or bool(torch.isfinite(probabilities).all()))
-        if not finite:
-            raise ApiError(422, "non_finite_output", "example", "the model's output is not finite for this example")
-        predictions = [self.task.label_to_json(predicted[i]) for i in range(predicted.shape[0])]
+            predictions, probabilities = self._predict(inputs)
         if labels is None:
             used = predictions
         else:
@@ -122,103 +147,183 @@ class Engine:
             classes = int(probabilities.shape[-1]) if probabilities is not None and probabilities.dim() > 1 else None
             self.labels.check_for_model(used, classes)
         with self.stage("embed"):
-            embedding = self.embedder.embed(inputs, self.task.labels_tensor(used), keep_grads=keep_grads)
+            embedding = self._embed(inputs, self.task.labels_tensor(used), keep_grads, objective)
+        return {**embedding, "predicted": predictions, "probabilities": probabilities, "labels": used,
+                "inputs": inputs}
+
+    def _predict(self, inputs) -> tuple[list[Any], Any]:
+        """(predictions as JSON labels, probabilities float64 or None) at the last checkpoint."""
+        import torch
+
+        predicted, probabilities = self.embedder.predict(inputs)
+        predicted = predicted.detach().to("cpu")
+        if probabilities is not None:
+            probabilities = probabilities.detach().to("cpu", torch.float64)
+        finite = bool(torch.isfinite(predicted.double()).all()) and (
+            probabilities is None or bool(torch.isfinite(probabilities).all()))
+        if not finite:
+            raise ApiError(422, "non_finite_output", "example", "the model's output is not finite for this example")
+        return [self.task.label_to_json(predicted[i]) for i in range(predicted.shape[0])], probabilities
+
+    def _embed(self, inputs, labels, keep_grads: bool, objective) -> dict[str, Any]:
+        import torch
+
+        embedding = self.embedder.embed(inputs, labels, keep_grads=keep_grads, objective=objective)
         vectors = embedding.vectors.detach().to("cpu")
         self_influence = embedding.self_influence.detach().to("cpu", torch.float64)
         if not (bool(torch.isfinite(vectors).all()) and bool(torch.isfinite(self_influence).all())):
             raise ApiError(422, "non_finite_gradient", "example",
-                           "the loss gradient of this example is not finite (inputs too large for the model?)")
-        grads = [p.grads for p in embedding.per_checkpoint] if keep_grads else None
-        return {"vectors": vectors, "self_influence": self_influence, "predicted": predictions,
-                "probabilities": probabilities, "labels": used, "grads": grads}
+                           "the gradient of this example is not finite (inputs too large for the model?)")
+        return {"vectors": vectors, "self_influence": self_influence, "per_checkpoint": embedding.per_checkpoint,
+                "grads": [p.grads for p in embedding.per_checkpoint] if keep_grads else None}
 
-    def influence(self, req: Any, started: float | None = None) -> dict[str, Any]:
-        """POST /influence for a validated request model (see service.schemas.make_influence_request)."""
+    def _query_checkpoints(self, per_checkpoint, labels, metric, params) -> list[dict[str, Any]]:
+        """The query's loss (label used) and metric value at each checkpoint, from the outputs the
+        embedding already computed."""
         import torch
 
+        out = []
+        with torch.no_grad():
+            for embedder, part in zip(self.embedder.per_checkpoint, per_checkpoint):
+                y = labels.to(part.outputs.device) if isinstance(part.outputs, torch.Tensor) else labels
+                if y.is_floating_point():
+                    y = y.to(embedder.dtype)
+                loss = float(self.task.loss(part.outputs, y)[0])
+                value = loss if metric.name == "loss" else float(metric.value(part.outputs, y, params)[0])
+                out.append({"lr": embedder.checkpoint.lr, "loss": loss, "metric": value})
+        return out
+
+    def influence(self, req: Any, started: float | None = None) -> dict[str, Any]:
+        """POST /influence for a validated request model (see service.schemas.make_influence_request).
+
+        score(z, q) = sum_i lr_i grad l(w_i, z) . grad o(w_i, q) with o the query's loss, or minus a
+        higher-is-better metric (so that proponents always moved the metric the right way), optionally
+        divided by ||g(z)|| (normalize = train) or ||g(z)|| ||g(q)|| (cosine), the exact norms in the
+        TracIn metric (sqrt of self-influence). The first stage ranks by the (normalised) estimate over
+        the whole index; the second re-scores K' candidates per end exactly."""
         started = time.perf_counter() if started is None else started
         if (req.example is None) == (req.train_id is None):
             raise ApiError(422, "invalid", "example", "give exactly one of `example` or `train_id`")
+        metric, params = self.resolve_metric(getattr(req, "metric", None))
+        objective = None if metric.name == "loss" else metric.objective(params)
+        normalize = getattr(req, "normalize", None) or "none"
+        if normalize != "none" and not self.first_stage.can_normalize:
+            raise ApiError(422, "unsupported", "normalize", "this index has no normalised first stage (an "
+                                                            "approximate index built by an older version): rebuild it")
         rows = None
         if req.filter_label is not None:
             _, rows = self.labels.rows(req.filter_label, "filter_label")
         depth = self.rerank_depth(req)
-        query: dict[str, Any] = {"train_id": None, "self_influence": None, "embedding": None}
-        self_row, grads = None, None
+        query: dict[str, Any] = {"train_id": None, "self_influence": None, "embedding": None, "checkpoints": None}
+        self_row, grads, prediction = None, None, None
         if req.train_id is not None:
             if req.label is not None:
-                raise ApiError(422, "invalid", "label", "cannot be combined with train_id: the stored vector was "
-                                                        "computed with the training label")
+                raise ApiError(422, "invalid", "label", "cannot be combined with train_id: a training example is "
+                                                        "explained with its training label")
             self_row = self.row_of(req.train_id, "train_id")
             label_used = self.examples[self_row]["label"]
-            prediction = None
-            query.update(train_id=req.train_id, self_influence=float(self.index_dir.self_influence[self_row]))
-            if depth > 0:  # its gradients, recomputed from the training example (also its first-stage vector)
+            query["train_id"] = req.train_id
+            if self.scorer is not None:
                 inputs, labels = self.scorer.rows_of(np.asarray([self_row]))
+                with self.stage("predict"):
+                    predictions, probabilities = self._predict(inputs)
+                prediction = self._prediction(predictions[0], probabilities)
+            if depth > 0 or objective is not None:  # its gradients, recomputed from the training example
+                if self.scorer is None:
+                    raise ApiError(422, "unsupported", "metric", f"a metric on a training example needs its "
+                                                                 f"gradient: {self.rerank_error}")
                 with self.stage("embed"):
-                    embedding = self.embedder.embed(inputs, labels, keep_grads=True)
-                vector = embedding.vectors[0].detach().to("cpu", torch.float32).numpy()
-                grads = [p.grads for p in embedding.per_checkpoint]
+                    emb = self._embed(inputs, labels, depth > 0, objective)
+                vector = emb["vectors"][0].to(dtype=_float32()).numpy()
+                grads = emb["grads"]
+                query["self_influence"] = float(emb["self_influence"][0])
+                query["checkpoints"] = self._query_checkpoints(emb["per_checkpoint"], labels, metric, params)
             else:
                 if self.first_stage.reconstruct_error is not None:
                     raise ApiError(422, "unsupported", "train_id", self.first_stage.reconstruct_error)
                 with self.stage("lookup"):
                     vector = self.first_stage.reconstruct(self_row)
+                query["self_influence"] = float(self.index_dir.self_influence[self_row])
         else:
             label = self.labels.parse(req.label, "label") if req.label is not None else None
-            out = self.embed_examples([req.example], None if label is None else [label], keep_grads=depth > 0)
-            vector = out["vectors"][0].to(torch.float32).numpy()  # as the indexer stores it (any model dtype)
+            out = self.embed_examples([req.example], None if label is None else [label], depth > 0, objective)
+            vector = out["vectors"][0].to(dtype=_float32()).numpy()  # as the indexer stores it (any model dtype)
             grads = out["grads"]
             label_used = out["labels"][0]
-            predicted = out["predicted"][0]
-            probabilities = out["probabilities"]
-            prediction = {"label": predicted, "label_name": self.label_name(predicted),
-                          "probabilities": probabilities[0].tolist() if probabilities is not None else None}
+            prediction = self._prediction(out["predicted"][0], out["probabilities"])
             query["self_influence"] = float(out["self_influence"][0])
+            query["checkpoints"] = self._query_checkpoints(out["per_checkpoint"], self.task.labels_tensor(out["labels"]),
+                                                           metric, params)
         if req.include_embedding:
             query["embedding"] = vector.astype(np.float64).tolist()
 
+        q_norm = float(np.sqrt(max(query["self_influence"] or 0.0, 0.0)))
+        q_scale = (1.0 / q_norm if q_norm > 0 else 0.0) if normalize == "cosine" else 1.0
         k = int(req.k)
         skip = self_row if (bool(req.exclude_self) and self_row is not None) else None
         extra = 1 if skip is not None else 0
-        width = max(k, depth) + extra
         with self.stage("search"):
-            (pro_rows, pro_scores), (opp_rows, opp_scores) = self.first_stage.search(vector, width,
-                                                                                     max(k, depth), rows)
-        contributions = None
+            (pro_rows, pro_scores), (opp_rows, opp_scores) = self.first_stage.search(
+                vector, max(k, depth) + extra, max(k, depth), rows, normalized=normalize != "none")
+        pro_scores, opp_scores = pro_scores * q_scale, opp_scores * q_scale
+        contributions, losses, raw = None, None, None
         if depth > 0:
             candidates = np.unique(np.concatenate([pro_rows[:depth + extra], opp_rows[:depth]]))
             if skip is not None:
                 candidates = candidates[candidates != skip]
             with self.stage("rerank"):
                 exact = self.scorer.scores(grads, candidates)
-            (pro_at, pro_scores), (opp_at, opp_scores) = _ends(exact.total, k, 1), _ends(exact.total, k, -1)
+            weight = (_inverse_norms(self.index_dir.self_influence[candidates]) if normalize != "none"
+                      else np.ones(candidates.size)) * q_scale
+            scores = exact.total * weight
+            (pro_at, pro_scores), (opp_at, opp_scores) = _ends(scores, k, 1), _ends(scores, k, -1)
+            pro_scores, opp_scores = scores[pro_at], scores[opp_at]
             pro_rows, opp_rows = candidates[pro_at], candidates[opp_at]
-            contributions = {int(r): exact.per_checkpoint[:, i] for i, r in enumerate(candidates.tolist())}
-            pro_scores = exact.total[pro_at]
-            opp_scores = exact.total[opp_at]
+            at = {int(r): i for i, r in enumerate(candidates.tolist())}
+            contributions = {r: exact.per_checkpoint[:, i] * weight[i] for r, i in at.items()}
+            losses = {r: exact.losses[:, i] for r, i in at.items()}
+            raw = {r: float(exact.total[i]) for r, i in at.items()}
             brief = {"depth": depth, "candidates": int(candidates.size)}
         else:
             brief = None
-        proponents = self._hits(pro_rows, pro_scores, k, skip, contributions)
-        opponents = self._hits(opp_rows, opp_scores, k, None, contributions)
+        proponents = self._hits(pro_rows, pro_scores, k, skip, contributions, losses, raw)
+        opponents = self._hits(opp_rows, opp_scores, k, None, contributions, losses, raw)
+        if losses is None and self.scorer is not None and (proponents or opponents):
+            self._add_losses(proponents + opponents)
         return {
             "prediction": prediction,
             "label_used": label_used,
             "label_used_name": self.label_name(label_used),
+            "metric": {"name": metric.name, "params": params.model_dump() if params is not None else None,
+                       "higher_is_better": metric.higher_is_better},
+            "normalize": normalize,
             "query": query,
             "proponents": proponents,
             "opponents": opponents,
-            "exact": depth > 0 or self.exact_index,
+            "exact": depth > 0 or (self.exact_index and metric.name == "loss" and normalize == "none"),
             "rerank": brief,
             "index": {"approximate": self.approximate, "count": self.count,
                       "candidates": int(rows.size) if rows is not None else self.count},
             "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
         }
 
+    def _prediction(self, predicted: Any, probabilities) -> dict[str, Any]:
+        return {"label": predicted, "label_name": self.label_name(predicted),
+                "probabilities": probabilities[0].tolist() if probabilities is not None else None}
+
+    def _add_losses(self, hits: list[dict[str, Any]]) -> None:
+        """Each hit's training loss at every checkpoint (a forward pass over the hits only)."""
+        rows = np.asarray([self.id_to_row[h["id"]] for h in hits])
+        with self.stage("losses"):
+            losses = self.scorer.losses(rows)
+        for i, hit in enumerate(hits):
+            hit["losses"] = [float(x) for x in losses[:, i]]
+
     def _hits(self, rows: np.ndarray, scores: np.ndarray, k: int, skip: int | None,
-              contributions: dict[int, np.ndarray] | None = None) -> list[dict[str, Any]]:
+              contributions: dict[int, np.ndarray] | None = None, losses: dict[int, np.ndarray] | None = None,
+              raw: dict[int, float] | None = None) -> list[dict[str, Any]]:
         out = []
+        si = self.index_dir.self_influence
         for row, score in zip(rows.tolist(), scores.tolist()):
             if skip is not None and row == skip:
                 continue
@@ -226,9 +331,14 @@ class Engine:
                 continue
             ex = self.examples[row]
             hit = {"id": ex["id"], "score": score, "label": ex["label"], "label_name": self.label_name(ex["label"]),
-                   "display": ex.get("display") or {}}
+                   "display": ex.get("display") or {}, "self_influence": float(si[row]),
+                   "self_influence_rank": int(self.si_rank[row])}
+            if raw is not None:
+                hit["raw_score"] = raw[row]
             if contributions is not None:
                 hit["checkpoints"] = [float(x) for x in contributions[row]]
+            if losses is not None:
+                hit["losses"] = [float(x) for x in losses[row]]
             out.append(hit)
             if len(out) == k:
                 break
@@ -320,6 +430,9 @@ class Engine:
             "versions": {str(k): str(v) for k, v in (m.get("versions") or {}).items()},
             "mmap": self.settings.mmap,
             "max_k": self.settings.max_k,
+            "metrics": [{"name": m.name, "description": m.description, "higher_is_better": m.higher_is_better,
+                         "params": m.params.model_json_schema() if m.params is not None else None}
+                        for m in self.metrics.values()],
             "rerank": {"available": self.scorer is not None, "default": self.settings.rerank if self.scorer else 0,
                        "max": self.settings.max_rerank if self.scorer else 0, "reason": self.rerank_error},
             "example_schema": self.task.example_schema.model_json_schema(),

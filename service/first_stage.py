@@ -9,6 +9,7 @@ is large. Exact re-ranking (`indexer.exact`) then decides the answer from these 
 from __future__ import annotations
 
 import logging
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +33,13 @@ class FirstStage:
     gpu_index: Any = None  # a faiss-gpu copy for unfiltered searches (label filters stay on the CPU index)
     pool: ThreadPoolExecutor | None = None  # block-parallel Flat scans, q and -q at once
     reconstruct_error: str | None = None  # why stored vectors cannot be read back (None: they can)
+    inverse_norms: np.ndarray | None = None  # float32 [N]: 1 / sqrt(self-influence) (0 where it is 0)
+    normalized_index: Any = None  # approximate indexes: a FAISS index of the normalised vectors
     _torch_view: Any = None  # a torch view of flat_vectors (made on first use)
 
     @classmethod
-    def open(cls, index, manifest: dict, settings: Settings, path) -> "FirstStage":
+    def open(cls, index, manifest: dict, settings: Settings, path, self_influence: np.ndarray | None = None,
+             normalized_index=None) -> "FirstStage":
         """Search parameters (manifest, then TRACIN_FAISS_PARAMS) checked against the index type, the
         one-pass view of a Flat index, a GPU copy when asked for. ServiceStartupError names a problem."""
         import faiss
@@ -59,14 +63,38 @@ class FirstStage:
         stage.gpu_index = _gpu_copy(index, settings)
         if stage.gpu_index is not None:
             stage.flat_vectors = None
+        if self_influence is not None:
+            norms = np.sqrt(np.asarray(self_influence, dtype=np.float64))
+            stage.inverse_norms = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
+        stage.normalized_index = normalized_index
         return stage
+
+    @property
+    def can_normalize(self) -> bool:
+        """Normalised ranking over the whole index: a Flat scan divides on the fly, an approximate index
+        needs its normalised twin (built by the indexer for approximate factories)."""
+        return self.inverse_norms is not None and (self.flat_vectors is not None or self.normalized_index is not None)
 
     def reconstruct(self, row: int) -> np.ndarray:
         return np.asarray(self.index.reconstruct(int(row)), dtype=np.float32)
 
-    def search(self, vector: np.ndarray, k_pro: int, k_opp: int, rows: np.ndarray | None = None):
-        """((rows, scores) of the proponents, (rows, scores) of the opponents) for a float32 query."""
+    def search(self, vector: np.ndarray, k_pro: int, k_opp: int, rows: np.ndarray | None = None,
+               normalized: bool = False):
+        """((rows, scores) of the proponents, (rows, scores) of the opponents) for a float32 query; with
+        `normalized`, ranked by e(z) . q / ||g(z)|| over the whole index (or the row subset) and those
+        normalised scores returned."""
         from indexer.search import top_k
+
+        if normalized:
+            if self.flat_vectors is not None:
+                scores = self.flat_scores(vector) * self.inverse_norms
+                if rows is None:
+                    return _ends(scores, k_pro, 1), _ends(scores, k_opp, -1)
+                (pr, ps), (orows, os_) = _ends(scores[rows], k_pro, 1), _ends(scores[rows], k_opp, -1)
+                return (rows[pr], ps), (rows[orows], os_)
+            pro = top_k(self.normalized_index, vector, k_pro, 1, rows, self.params)
+            opp = top_k(self.normalized_index, vector, k_opp, -1, rows, self.params)
+            return (pro.rows, pro.scores), (opp.rows, opp.scores)
 
         if self.gpu_index is not None and rows is None:
             pro = top_k(self.gpu_index, vector, k_pro, 1)
@@ -92,7 +120,9 @@ class FirstStage:
         import torch
 
         if self._torch_view is None:
-            self._torch_view = torch.from_numpy(self.flat_vectors)
+            with warnings.catch_warnings():  # a read-only view: nothing writes through it
+                warnings.simplefilter("ignore", UserWarning)
+                self._torch_view = torch.from_numpy(self.flat_vectors)
         view = self._torch_view
         count, dim = view.shape
         query = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))

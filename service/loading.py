@@ -63,6 +63,9 @@ def open_task(settings: Settings):
     except ConfigError as exc:
         raise ServiceStartupError(f"{path}: cannot rebuild the task: {exc}") from None
     _check_schema(task, path)
+    kind = getattr(manifest.task, "label_kind", None)
+    if kind:
+        task.label_kind = kind  # the request schema (query metrics) depends on it
     return task
 
 
@@ -135,8 +138,16 @@ def load_engine(settings: Settings) -> Engine:
     labels = Labels.build(task, manifest["task"].get("label_kind") or task.kind,
                           int(manifest["task"].get("label_width") or 0), index_dir.examples, si_order, path)
     scorer, rerank_error = _exact_scorer(task, embedder, manifest, settings, path)
+    from indexer.metrics import task_metrics
+
+    try:
+        metrics = task_metrics(task)
+    except (TypeError, ValueError) as exc:
+        raise ServiceStartupError(f"{path}: the task's metrics: {exc}") from None
     engine = Engine(settings=settings, index_dir=index_dir, task=task, embedder=embedder, labels=labels,
-                    first_stage=FirstStage.open(index_dir.index, manifest, settings, path), scorer=scorer,
+                    metrics=metrics,
+                    first_stage=FirstStage.open(index_dir.index, manifest, settings, path, index_dir.self_influence,
+                                                index_dir.normalized_index), scorer=scorer,
                     rerank_error=rerank_error, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank)
     if settings.warmup:
         engine.warm_up()

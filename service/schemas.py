@@ -5,7 +5,7 @@ OpenAPI document (/docs) shows the real example fields of the served task.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, create_model
 
@@ -29,8 +29,13 @@ class Hit(BaseModel):
     label_name: Optional[str] = Field(None, description="the label as a person reads it (class names, values)")
     display: dict[str, Any] = Field(default_factory=dict, description="task display fields (image, text, flags)")
     checkpoints: Optional[list[float]] = Field(
-        None, description="exact per-checkpoint terms lr_i g_i(train) . g_i(query), in checkpoint order; they sum to "
-                          "the score (present when the answer was re-ranked)")
+        None, description="exact per-checkpoint terms lr_i g_i(train) . g_i(query) (normalised like the score), in "
+                          "checkpoint order; they sum to the score (present when the scores are exact: re-ranked)")
+    raw_score: Optional[float] = Field(None, description="exact TracIn before normalisation (re-ranked answers)")
+    losses: Optional[list[float]] = Field(None, description="the training example's loss at each checkpoint")
+    self_influence: Optional[float] = Field(None, description="its exact self-influence (= ||g||^2 in the TracIn "
+                                                              "metric)")
+    self_influence_rank: Optional[int] = Field(None, description="its 1-based rank by descending self-influence")
 
 
 class Prediction(BaseModel):
@@ -41,9 +46,17 @@ class Prediction(BaseModel):
                                                                    "probabilities; null for regression")
 
 
+class QueryCheckpoint(BaseModel):
+    lr: float
+    loss: float = Field(description="the query's loss on the label used at this checkpoint")
+    metric: float = Field(description="the metric's value at this checkpoint (the loss for metric = loss)")
+
+
 class QueryInfo(BaseModel):
     train_id: Optional[str] = Field(None, description="set when the query is a stored training example")
-    self_influence: Optional[float] = Field(None, description="exact sum_i lr_i ||g_i(query)||^2")
+    self_influence: Optional[float] = Field(None, description="exact sum_i lr_i ||g_i(query)||^2 of the gradient "
+                                                              "used (the metric's, for a metric query)")
+    checkpoints: Optional[list[QueryCheckpoint]] = Field(None, description="loss and metric at each checkpoint")
     embedding: Optional[list[float]] = Field(None, description="the query embedding (only with include_embedding)")
 
 
@@ -66,6 +79,9 @@ class InfluenceResponse(BaseModel):
     query: QueryInfo
     proponents: list[Hit] = Field(description="largest positive scores first")
     opponents: list[Hit] = Field(description="most negative scores first")
+    metric: dict[str, Any] = Field(default_factory=dict, description="the query metric: name, params, "
+                                                                      "higher_is_better")
+    normalize: str = Field("none", description="none | cosine | train")
     exact: bool = Field(description="true when every score is exact TracIn: re-ranked from the training examples' "
                                     "gradients, or read from an exact-mode Flat index (float32); false when the "
                                     "scores are the compact index's estimates (re-ranking off)")
@@ -149,6 +165,7 @@ class IndexInfo(BaseModel):
     mmap: bool
     max_k: int
     label_kind: str = Field("class", description="class, regression or multilabel")
+    metrics: list[dict[str, Any]] = Field(default_factory=list, description="query metrics (POST /influence `metric`)")
     rerank: dict[str, Any] = Field(default_factory=dict, description="exact re-ranking: available, default K', "
                                                                      "max K', why unavailable")
     example_schema: dict[str, Any] = Field(description="JSON schema of one example of this task")
@@ -183,8 +200,30 @@ class _InfluenceRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def metric_field(metrics: dict[str, Any] | None):
+    """The `metric` request field for a task's metrics (indexer.metrics.Metric by name): a name, or an object
+    {"name": ..., parameters} whose model documents each metric's parameters in OpenAPI."""
+    metrics = metrics or {}
+    names = tuple(metrics) or ("loss",)
+    models = []
+    for name, metric in metrics.items():
+        base = metric.params if getattr(metric, "params", None) is not None else BaseModel
+        models.append(create_model(f"Metric_{name}", __base__=base, __config__=None,
+                                   __doc__=getattr(metric, "description", None),
+                                   name=(Literal[name], Field(description=getattr(metric, "description", name)))))
+    for model in models:
+        model.model_config["extra"] = "forbid"
+        model.model_rebuild(force=True)
+    objects = models[0] if len(models) == 1 else Annotated[Union[tuple(models)], Field(discriminator="name")]
+    description = ("the function of the query's output whose influence is measured: " + "; ".join(
+        f"`{n}`: {getattr(m, 'description', '')}" for n, m in metrics.items()) + ". Positive scores are always "
+        "proponents (they moved the metric the right way: a loss down, a logit up). Give a name, or an object "
+        "with `name` and the metric's parameters")
+    return (Optional[Union[Literal[names], objects]], Field(None, description=description))
+
+
 def make_influence_request(example_schema: type[BaseModel], max_k: int, default_k: int, max_rerank: int = 1000,
-                           default_rerank: int = 0) -> type[BaseModel]:
+                           default_rerank: int = 0, metrics: dict[str, Any] | None = None) -> type[BaseModel]:
     """The POST /influence body for one task: give `example` (gradient work) or `train_id` (a training example)."""
     return create_model(
         "InfluenceRequest",
@@ -202,6 +241,12 @@ def make_influence_request(example_schema: type[BaseModel], max_k: int, default_
         exclude_self=(StrictBool, Field(False, description="train_id queries: leave the example itself out of the "
                                                      "proponents")),
         include_embedding=(StrictBool, Field(False, description="return the query embedding (debugging)")),
+        metric=metric_field(metrics),
+        normalize=(Literal["none", "cosine", "train"], Field("none", description=(
+            "none: raw TracIn (as in the paper); cosine: score / (||g(train)|| ||g(query)||), the gradient-cosine "
+            "variant; train: score / ||g(train)||, a RelatIF-style normalisation that discounts training examples "
+            "with large gradients (mislabeled, rare). Norms are exact (sqrt of self-influence); the ranking is "
+            "over the whole index"))),
         rerank=(Optional[StrictInt], Field(None, ge=0, le=max_rerank, description=(
             f"K': take the K' best candidates of each end from the compact index and return the top k by exact "
             f"TracIn, recomputed from the training examples (0 = off: the index's estimates; at most {max_rerank}; "

@@ -708,3 +708,37 @@ def test_long_class_names_are_not_clipped(browser, long_names_server):
             screenshot_at(browser, f"long-names-{width}")
     finally:
         browser.set_window_size(1440, 1000)
+
+
+def test_metric_normalisation_and_checkpoint_breakdown(browser, server, api):
+    """Issue 11: the metric and normalisation controls reach the request, every hit shows its per-checkpoint
+    terms as bars (re-ranked answers are exact), and a line counts the hits in the top 1% by self-influence."""
+    from selenium.webdriver.support.ui import Select
+
+    browser.set_window_size(1440, 1000)
+    browser.get(server + "/#/explain")
+    queries = api.get("/queries", params={"limit": 2}).json()["items"]
+    if not css(browser, "#options")[0].get_attribute("open"):
+        css(browser, "#options summary")[0].click()
+    metrics = [o.get_attribute("value") for o in css(browser, "#opt-metric option")]
+    assert metrics == ["loss", "logit", "log_probability", "margin"]
+    Select(css(browser, "#opt-metric")[0]).select_by_value("margin")
+    Select(css(browser, "#opt-normalize")[0]).select_by_value("train")
+    css(browser, "#query-list .query-item")[1].click()
+    sent = results_for(browser, "held-out", queries[1]["id"])
+    assert sent["metric"] == "margin" and sent["normalize"] == "train"
+    answer = api.post("/influence", json=sent).json()
+    assert answer["exact"] is True and answer["metric"]["name"] == "margin"
+    assert_hits_equal(browser, answer)
+    checkpoints = len(api.get("/index").json()["checkpoints"])
+    for kind in ("proponents", "opponents"):
+        for li in css(browser, f"#{kind} li.hit"):
+            assert len(li.find_elements("css selector", ".ckpt-bars .ckpt")) == checkpoints
+    count = api.get("/index").json()["count"]
+    top = max(1, -(-count // 100))
+    shown = answer["proponents"] + answer["opponents"]
+    in_top = sum(1 for h in shown if h["self_influence_rank"] <= top)
+    note = css(browser, "#hits-note")[0].text
+    assert f"{in_top} of the {len(shown)} hits shown are among the top 1%" in note and "margin" in note
+    Select(css(browser, "#opt-metric")[0]).select_by_value("loss")
+    Select(css(browser, "#opt-normalize")[0]).select_by_value("none")

@@ -176,7 +176,7 @@ def test_train_id_agrees_with_posting_the_training_example(mlp, mlp_data):
         by_id = _ok(_post(mlp, {"train_id": train.id_of(row), "k": K, "include_embedding": True}))
         posted = _ok(_post(mlp, {"example": {"x": train.inputs[row].tolist()}, "label": int(train.labels[row]),
                                  "k": K, "include_embedding": True}))
-        assert by_id["prediction"] is None and by_id["query"]["train_id"] == train.id_of(row)
+        assert by_id["prediction"] == posted["prediction"] and by_id["query"]["train_id"] == train.id_of(row)
         assert by_id["label_used"] == posted["label_used"] == int(train.labels[row])
         assert by_id["query"]["embedding"] == posted["query"]["embedding"]
         for name in ("proponents", "opponents"):

@@ -104,6 +104,9 @@ async function loadInfo() {
   fillLabelSelects();
   buildCustomInput();
   $("opt-k").max = String(info.max_k || 100);
+  const metricSel = $("opt-metric");
+  metricSel.replaceChildren(...(info.metrics || [{ name: "loss", description: "the loss" }]).map((m) =>
+    h("option", { value: m.name, title: m.description || "", text: m.name.replace(/_/g, " ") })));
   document.body.dataset.task = state.spec.kind;
   return info;
 }
@@ -321,6 +324,10 @@ function queryOptions() {
   const body = { k };
   const filter = $("opt-filter").value;
   if (filter !== "") body.filter_label = Number(filter);
+  const metric = $("opt-metric").value;
+  if (metric && metric !== "loss") body.metric = metric;
+  const normalize = $("opt-normalize").value;
+  if (normalize && normalize !== "none") body.normalize = normalize;
   return body;
 }
 
@@ -523,9 +530,20 @@ function renderResults() {
         `labels: ${labelSummary(hits, labelName) || "–"}`, hasFlip ? ` · flipped: ${flipped}/${hits.length}` : ""),
       hitList(hits, { kind, labelName, onOpen: open, textTask }));
   };
+  const shown = [...res.proponents, ...res.opponents];
+  const topShare = Math.max(1, Math.ceil(0.01 * (state.info?.count || 0)));
+  const inTop = shown.filter((x) => (x.self_influence_rank ?? Infinity) <= topShare).length;
+  const metricName = (res.metric?.name || "loss").replace(/_/g, " ");
+  const norm = res.normalize && res.normalize !== "none" ? `, normalised (${res.normalize})` : "";
+  box.append(h("div", { class: "panel muted small", id: "hits-note" },
+    `${inTop} of the ${shown.length} hits shown are among the top 1% of training examples by self-influence `
+    + `(rank ≤ ${fmtInt(topShare)}); scores: influence on the query's ${metricName}${norm}`
+    + (shown.some((x) => x.checkpoints) ? "; bars under a score: its term at each checkpoint" : "")));
+  const toward = res.metric?.name && res.metric.name !== "loss" ? `raised the ${metricName}` : `pushed toward ${labelName(res.label_used)}`;
+  const away = res.metric?.name && res.metric.name !== "loss" ? `lowered the ${metricName}` : `pushed away from ${labelName(res.label_used)}`;
   box.append(h("div", { class: "hits-cols" },
-    column("proponents", res.proponents, "Proponents", `pushed toward ${labelName(res.label_used)} · score > 0`),
-    column("opponents", res.opponents, "Opponents", `pushed away from ${labelName(res.label_used)} · score < 0`)));
+    column("proponents", res.proponents, "Proponents", `${toward} · score > 0`),
+    column("opponents", res.opponents, "Opponents", `${away} · score < 0`)));
 }
 
 // -- self-influence ---------------------------------------------------------------------------
@@ -847,7 +865,9 @@ function init() {
   $("si-label").addEventListener("change", () => navigate(selfHash({ label: $("si-label").value, offset: 0 })));
   $("si-k").addEventListener("change", () => navigate(selfHash({ k: Number($("si-k").value), offset: 0 })));
   $("hist-log").addEventListener("change", () => guarded(() => loadHistogram(state.self.label), "self-influence histogram"));
-  for (const id of ["opt-k", "opt-label", "opt-filter", "opt-exclude"]) $(id).addEventListener("change", onOptionsChanged);
+  for (const id of ["opt-k", "opt-label", "opt-filter", "opt-exclude", "opt-metric", "opt-normalize"]) {
+    $(id).addEventListener("change", onOptionsChanged);
+  }
   let resizeTimer;
   window.addEventListener("resize", () => {
     clearTimeout(resizeTimer);

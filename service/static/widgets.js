@@ -174,11 +174,23 @@ export function hitList(hits, { kind, labelName, onOpen, textTask }) {
         flippedBadge(d, labelName)),
       extras.length ? h("div", { class: "extras muted", text: extras.map(([k, v]) => `${k}: ${v}`).join(" · ") }) : null,
       tabular ? exampleVisual(d, { drop: (k, v) => String(v) === labelName(hit.label) }) : null,
-      h("div", { class: "hit-score" }, h("span", { class: "score mono", text: fmtScore(hit.score) }), bar)));
+      h("div", { class: "hit-score" }, h("span", { class: "score mono", text: fmtScore(hit.score) }), bar),
+      hit.checkpoints ? checkpointBars(hit.checkpoints, hit.losses) : null));
     list.append(li);
   });
   if (!hits.length) list.append(h("li", { class: "none muted", text: "none" }));
   return list;
+}
+
+// Per-checkpoint terms of a score (they sum to it): one small bar each, up for positive, down for negative.
+export function checkpointBars(terms, losses) {
+  const maxAbs = Math.max(1e-30, ...terms.map((x) => Math.abs(x)));
+  return h("div", { class: "ckpt-bars", "aria-label": "score by checkpoint" }, terms.map((t, i) => {
+    const pct = (50 * Math.abs(t)) / maxAbs;
+    const title = `checkpoint ${i + 1}: ${fmtScore(t)}` + (losses ? ` · training loss ${losses[i].toFixed(3)}` : "");
+    return h("span", { class: `ckpt ${t >= 0 ? "pos" : "neg"}`, title },
+      h("span", { class: "ckpt-fill", style: { height: `${Math.max(1, pct)}%`, [t >= 0 ? "bottom" : "top"]: "50%" } }));
+  }));
 }
 
 // Label counts of a hit list, e.g. "3 ×7 · 5 ×2".
