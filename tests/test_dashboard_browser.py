@@ -710,16 +710,19 @@ def test_long_class_names_are_not_clipped(browser, long_names_server):
         browser.set_window_size(1440, 1000)
 
 
-def test_metric_normalisation_and_checkpoint_breakdown(browser, server, api):
+def test_metric_normalisation_and_checkpoint_breakdown(browser, server, api, api_key):
     """Issue 11: the metric and normalisation controls reach the request, every hit shows its per-checkpoint
     terms as bars (re-ranked answers are exact), and a line counts the hits in the top 1% by self-influence."""
     from selenium.webdriver.support.ui import Select
 
     browser.set_window_size(1440, 1000)
     browser.get(server + "/#/explain")
+    browser.execute_script("localStorage.setItem('tracin.apiKey', arguments[0])", api_key)  # earlier tests change it
+    browser.refresh()
     queries = api.get("/queries", params={"limit": 2}).json()["items"]
     if not css(browser, "#options")[0].get_attribute("open"):
         css(browser, "#options summary")[0].click()
+    wait_for(lambda: len(css(browser, "#opt-metric option")) > 1, what="the task's metrics")
     metrics = [o.get_attribute("value") for o in css(browser, "#opt-metric option")]
     assert metrics == ["loss", "logit", "log_probability", "margin"]
     Select(css(browser, "#opt-metric")[0]).select_by_value("margin")

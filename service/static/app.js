@@ -535,15 +535,16 @@ function renderResults() {
   const inTop = shown.filter((x) => (x.self_influence_rank ?? Infinity) <= topShare).length;
   const metricName = (res.metric?.name || "loss").replace(/_/g, " ");
   const norm = res.normalize && res.normalize !== "none" ? `, normalised (${res.normalize})` : "";
-  box.append(h("div", { class: "panel muted small", id: "hits-note" },
-    `${inTop} of the ${shown.length} hits shown are among the top 1% of training examples by self-influence `
-    + `(rank ≤ ${fmtInt(topShare)}); scores: influence on the query's ${metricName}${norm}`
-    + (shown.some((x) => x.checkpoints) ? "; bars under a score: its term at each checkpoint" : "")));
   const toward = res.metric?.name && res.metric.name !== "loss" ? `raised the ${metricName}` : `pushed toward ${labelName(res.label_used)}`;
   const away = res.metric?.name && res.metric.name !== "loss" ? `lowered the ${metricName}` : `pushed away from ${labelName(res.label_used)}`;
   box.append(h("div", { class: "hits-cols" },
     column("proponents", res.proponents, "Proponents", `${toward} · score > 0`),
     column("opponents", res.opponents, "Opponents", `${away} · score < 0`)));
+  box.append(  // below the hits: the answer stays on the first screen
+    h("div", { class: "panel muted small", id: "hits-note" },
+    `${inTop} of the ${shown.length} hits shown are among the top 1% of training examples by self-influence `
+    + `(rank ≤ ${fmtInt(topShare)}); scores: influence on the query's ${metricName}${norm}`
+    + (shown.some((x) => x.checkpoints) ? "; bars under a score: its term at each checkpoint" : "")));
 }
 
 // -- self-influence ---------------------------------------------------------------------------
