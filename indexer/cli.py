@@ -66,7 +66,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             print(f"  {name}: {why}")
     if not report.ok:
         raise UsageError(report.refusal())
-    print(f"ok: every traced block agrees with torch.autograd.grad per example; the query path works")
+    print("ok: every traced block agrees with torch.autograd.grad per example; the query path works")
     return 0
 
 

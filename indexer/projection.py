@@ -97,7 +97,7 @@ class BlockProjector:
         out.addmm_(grad.full().reshape(grad.batch, -1), self.arrays["P"].T)
 
     def _kronecker(self, grad: BlockGrad, out: torch.Tensor) -> None:
-        m, n = self.block.m, self.block.n
+        m = self.block.m
         P_out, P_in = self.arrays.get("P_out"), self.arrays.get("P_in")
         total = None
         for term in grad.terms:

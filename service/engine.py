@@ -132,7 +132,6 @@ class Engine:
         The vectors come from the indexer's `Embedder.embed`, the function that built the index; with
         `keep_grads` the per-checkpoint block gradients come back too (for exact re-ranking); `objective`
         replaces the task's loss on the query side (a metric, `indexer.metrics`)."""
-        import torch
 
         try:
             inputs = self.task.encode(examples)

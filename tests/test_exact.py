@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from indexer.embedding import Embedder, plan_embedding
 from indexer.exact import ExactScorer, training_set_digest
