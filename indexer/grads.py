@@ -282,14 +282,22 @@ class BlockGrad:
     def batch(self) -> int:
         return self.terms[0].batch
 
-    @property
-    def dtype(self) -> torch.dtype:
+    def _sample(self) -> torch.Tensor:
+        """A float tensor of the gradient (its dtype and device are the block's)."""
         t = self.terms[0]
         if isinstance(t, Dense):
-            return t.g.dtype
+            return t.g
         if isinstance(t, ConvOuter):
-            return t.calls[0].d.dtype
-        return t.v.dtype
+            return t.calls[0].d
+        return t.v
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._sample().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._sample().device
 
     def full(self) -> torch.Tensor:
         """The explicit per-example gradient [B, m, n] (computed once, then kept)."""

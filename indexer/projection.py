@@ -81,7 +81,7 @@ class BlockProjector:
         if out is None:
             if self.kind == "exact":
                 return self._exact(grad)
-            out = torch.zeros(grad.batch, self.dim, dtype=grad.dtype, device=_device(grad))
+            out = torch.zeros(grad.batch, self.dim, dtype=grad.dtype, device=grad.device)
         getattr(self, f"_{self.kind}")(grad, out)
         return out
 
@@ -180,15 +180,6 @@ class BlockProjector:
             # measured ~10-20x slower per element than the convolution. Choose FFT only where G is far larger.
             fft_cost *= FFT_CONV_PENALTY
         return fft_cost < explicit_cost
-
-
-def _device(grad: BlockGrad) -> torch.device:
-    term = grad.terms[0]
-    if isinstance(term, Dense):
-        return term.g.device
-    if isinstance(term, ConvOuter):
-        return term.calls[0].d.device
-    return term.v.device
 
 
 def _count_sketch(x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, k: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from indexer.checkpoints import sha256_file
+from indexer.store import fsync_path
 
 KILL_ENV = "TRACIN_TEST_KILL_AT"
 KILL_STEPS = ("prepared", "state-started", "batch", "checkpoint-embedded", "state-written", "state-committed",
@@ -297,7 +298,7 @@ class ResumeState:
         final = self.state_dir(c)
         _remove(final)
         os.replace(tmp, final)
-        _fsync_dir(self.work)
+        fsync_path(self.work)
         kill_point("state-committed")
         for entry in self.work.iterdir():
             if entry != final:
@@ -323,19 +324,6 @@ def _remove(path: Path) -> None:
             path.unlink()
         except OSError:
             pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- disk ----------------------------------------------------------------------------------------------

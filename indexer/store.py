@@ -90,15 +90,15 @@ class StagingDirectory:
         then unlink the old files."""
         for file in sorted(self.path.rglob("*")):
             if file.is_file():
-                _fsync_file(file)
-        _fsync_dir(self.path)
+                fsync_path(file)
+        fsync_path(self.path)
         old = None
         if self.target.exists():
             check_replaceable(self.target, self.protected)  # still ours (checked again just before)
             old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.target, old)
         os.replace(self.path, self.target)
-        _fsync_dir(self.target.parent)
+        fsync_path(self.target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target
@@ -152,20 +152,8 @@ def check_replaceable(target: Path, protected: Iterable[Path] = ()) -> None:
                               "another --out)")
 
 
-def _fsync_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (best effort: some filesystems refuse either)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
