@@ -196,6 +196,10 @@ class Task:
         names = self.class_names
         kind = self.kind
         if kind == "class":
+            if isinstance(label, (list, tuple)):  # a class per position (e.g. next tokens)
+                flat = _flatten(label)
+                shown = [self.label_name(int(v)) for v in flat[:8]]
+                return ", ".join(shown) + (f", ... ({len(flat)} in all)" if len(flat) > 8 else "")
             label = int(label)
             return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
         if kind == "multilabel":
@@ -210,7 +214,7 @@ class Task:
         0/1 ints (multilabel)."""
         kind = self.kind
         if kind == "class":
-            return int(label)
+            return int(label) if label.dim() == 0 else label.tolist()
         if kind == "multilabel":
             return [int(round(float(v))) for v in label.reshape(-1).tolist()]
         values = [float(v) for v in label.reshape(-1).tolist()]
@@ -219,7 +223,7 @@ class Task:
     def labels_tensor(self, values: Sequence[Any]) -> torch.Tensor:
         """JSON labels (as parse_label returns them) -> the labels tensor the loss takes."""
         if self.kind == "class":
-            return torch.tensor([int(v) for v in values], dtype=torch.long)
+            return torch.tensor([v if isinstance(v, list) else int(v) for v in values], dtype=torch.long)
         return torch.tensor([v for v in values], dtype=torch.float32)
 
     def parse_label(self, value: Any, width: int | None = None) -> Any:
@@ -232,6 +236,15 @@ class Task:
         if kind == "class":
             if isinstance(value, bool):
                 raise ValueError("label must be an integer or a class name")
+            if isinstance(value, list) and value:  # a class per position
+                flat = _flatten(value)
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+                    raise ValueError("a label sequence holds integer class ids")
+                if names is not None and any(not 0 <= v < len(names) for v in flat):
+                    raise ValueError(f"label ids must be in 0..{len(names) - 1}")
+                if width is not None and width > 0 and len(flat) != width:
+                    raise ValueError(f"a label sequence has {width} ids, got {len(flat)}")
+                return value
             if isinstance(value, int):
                 if names is not None and not 0 <= value < len(names):
                     raise ValueError(f"label {value} is out of range 0..{len(names) - 1}")
@@ -286,10 +299,20 @@ def infer_label_kind(task: Task, labels: torch.Tensor) -> str:
             raise ValueError(f"label_kind {task.label_kind!r} is not one of {LABEL_KINDS}")
         return task.label_kind
     if labels.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        return "class" if labels.dim() == 1 else "multilabel"
+        if labels.dim() == 1:
+            return "class"
+        # 0/1 vectors are label sets; any other integers are a class per position (next-token ids, tags)
+        return "multilabel" if bool(((labels == 0) | (labels == 1)).all()) else "class"
     if labels.is_floating_point():
         return "regression"
     raise ValueError(f"cannot tell the label kind of labels with dtype {labels.dtype}; set Task.label_kind")
+
+
+def _flatten(value) -> list:
+    out = []
+    for v in value:
+        out.extend(_flatten(v) if isinstance(v, (list, tuple)) else [v])
+    return out
 
 
 def label_width(labels: torch.Tensor) -> int:

@@ -167,7 +167,18 @@ class Engine:
     def _embed(self, inputs, labels, keep_grads: bool, objective) -> dict[str, Any]:
         import torch
 
-        embedding = self.embedder.embed(inputs, labels, keep_grads=keep_grads, objective=objective)
+        from indexer.capture import CaptureError
+
+        try:
+            embedding = self.embedder.embed(inputs, labels, keep_grads=keep_grads, objective=objective)
+        except CaptureError as exc:
+            field_name = "metric" if objective is not None else "example"
+            raise ApiError(422, "capture_failed", field_name, str(exc)[:500]) from None
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            if objective is None:
+                raise
+            raise ApiError(422, "invalid_metric", "metric", f"the metric cannot be computed on this model's outputs "
+                                                            f"({type(exc).__name__}: {str(exc)[:300]})") from None
         vectors = embedding.vectors.detach().to("cpu")
         self_influence = embedding.self_influence.detach().to("cpu", torch.float64)
         if not (bool(torch.isfinite(vectors).all()) and bool(torch.isfinite(self_influence).all())):

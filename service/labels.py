@@ -41,7 +41,7 @@ class Labels:
 
     def parse(self, value: Any, field_name: str, loc: list | None = None) -> Any:
         """A query label in the JSON form the task's loss takes (class id, target value(s), label vector)."""
-        if self.kind != "class":
+        if self.kind != "class" or isinstance(value, list):
             try:
                 return self.task.parse_label(value, self.width)
             except ValueError as exc:  # the task's message may quote the value: it is quoted once, cut, by ApiError
@@ -72,6 +72,9 @@ class Labels:
         if self.kind == "regression":
             raise ApiError(422, "unsupported", field_name, "this task's labels are regression targets: label "
                                                            "filters apply to class and multi-label tasks only", loc)
+        if self.kind == "class" and self.ids is None:
+            raise ApiError(422, "unsupported", field_name, "this task's labels are sequences (a class per "
+                                                           "position): label filters need one class per example", loc)
         label = self.class_id(value, field_name, loc)
         rows = self.rows_by_class.get(label)
         if rows is None or rows.size == 0:
@@ -89,7 +92,7 @@ class Labels:
         """Class labels must be in range for the model's output (`classes` columns)."""
         if self.kind == "class" and classes is not None:
             for label in labels:
-                if not 0 <= label < classes:
+                if isinstance(label, int) and not 0 <= label < classes:
                     raise ApiError(422, "unknown_label", "label",
                                    f"label {label} is out of range 0..{classes - 1} for this model")
 
@@ -98,6 +101,8 @@ def _class_rows(examples: list[dict[str, Any]], kind: str, path) -> tuple[np.nda
     """(class ids [N] or None, class id -> training rows with that label)."""
     try:
         if kind == "class":
+            if any(isinstance(e["label"], list) for e in examples):
+                return None, {}  # a class per position: no per-example label to filter on
             labels = np.asarray([int(e["label"]) for e in examples], dtype=np.int64)
             return labels, {int(lab): np.flatnonzero(labels == lab).astype(np.int64) for lab in np.unique(labels)}
         if kind == "multilabel":

@@ -15,7 +15,7 @@ Label = Union[StrictInt, StrictStr]
 #: list of numbers), or a multi-label vector (list of 0/1 or of class names)
 QueryLabel = Union[StrictInt, StrictFloat, StrictStr, list[Union[StrictInt, StrictFloat, StrictStr]]]
 #: a label as stored: class id (int), target (float or list of floats) or label vector (list of 0/1)
-LabelValue = Union[int, float, list[Union[int, float]]]
+LabelValue = Union[int, float, list[Union[int, float]], list[list[Union[int, float]]]]
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -42,8 +42,9 @@ class Prediction(BaseModel):
     label: LabelValue = Field(description="prediction at the last checkpoint in the form of a label: class id, "
                                           "predicted value(s) (regression) or a 0/1 vector (multi-label, p > 0.5)")
     label_name: str
-    probabilities: Optional[list[float]] = Field(None, description="softmax (class) or sigmoid (multi-label) "
-                                                                   "probabilities; null for regression")
+    probabilities: Optional[list[Union[float, list[float]]]] = Field(
+        None, description="softmax (class) or sigmoid (multi-label) probabilities (per position for a class per "
+                          "position); null for regression")
 
 
 class QueryCheckpoint(BaseModel):

@@ -504,11 +504,46 @@ class SqueezeOutput(ZooTask):
         return _Squeezed()
 
 
+class _CausalLM(nn.Module):
+    """Next-token prediction with a tied head: logits [B, T, V] for every position."""
+
+    def __init__(self, vocab=9, dim=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(SEQ, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        h = torch.tanh(self.mix(self.emb(ids) + self.pos(positions)))
+        return self.head(torch.cumsum(h, dim=1) / torch.arange(1, ids.shape[1] + 1, device=ids.device).view(1, -1, 1))
+
+
+class CausalLM(ZooTask):
+    """Labels are the next token at every position ([N, T] ids): a class per position."""
+
+    input_shape = (SEQ,)
+    integer_inputs = 9
+
+    def make_model(self):
+        return _CausalLM()
+
+    def _labels(self, count, offset):
+        g = torch.Generator().manual_seed(self.seed * 100 + offset + 50)
+        return torch.randint(2, 9, (count, SEQ), generator=g)
+
+    def loss(self, outputs, labels):
+        per_token = torch.nn.functional.cross_entropy(outputs.transpose(1, 2), labels, reduction="none")
+        return per_token.sum(dim=1)
+
+
 #: zoo entries that must give exact answers (name -> task class)
 EXACT = {t.__name__: t for t in (
     MLP, CNN, TiedLMHead, FunctionalTie, CalledTwice, FrozenEncoder, WeightNorm, SeqFirstLinear,
     BroadcastPositions, FoldedBatch, LSTM, GRU, MultiheadAttention, TransformerBatchFirst, TransformerSeqFirst,
-    BatchStatsNorm, Regression, MultiOutputRegression, MultiLabel, BFloat16, EmbeddingMaxNorm, TupleInputs)}
+    BatchStatsNorm, Regression, MultiOutputRegression, MultiLabel, BFloat16, EmbeddingMaxNorm, TupleInputs, CausalLM)}
 #: zoo entries that must be refused in one line (name -> (task class, words the message must contain))
 REFUSED = {"BatchStatsNorm1d": (BatchStatsNorm1d, "one example alone"),
            "SqueezeOutput": (SqueezeOutput, "squeeze")}
