@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from indexer.config import load_config  # noqa: E402
 from indexer.demo.fashion_mnist import (  # noqa: E402
-    DEFAULT_DATA_DIR, FashionMNISTTask, data_available, evaluate_accuracy, train_fashion_mnist,
+    DEFAULT_DATA_DIR, FashionMNISTTask, data_available, evaluate_accuracy, fit_sgd, train_fashion_mnist,
 )
 from indexer.embedding import load_embedder  # noqa: E402
 from indexer.pipeline import build_index  # noqa: E402
@@ -73,6 +73,88 @@ def last_checkpoint_scores(index_dir: Path, batch_size: int = 256) -> tuple[np.n
         self_inf.append(part.self_influence.detach().double().cpu().numpy())
         losses.append(part.losses.detach().double().cpu().numpy())
     return np.concatenate(self_inf), np.concatenate(losses)
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What decides the trained checkpoints (and the cross-validated probabilities): reused when equal."""
+    return {"limit": args.limit, "epochs": args.epochs, "checkpoints": args.checkpoints,
+            "flip_fraction": args.flip_fraction, "seed": args.seed, "lr": args.lr, "final_lr": args.final_lr,
+            "batch_size": args.batch_size, "data_dir": str(args.data_dir), "kind": args.kind, "dim": args.dim}
+
+
+def train_or_reuse(args: argparse.Namespace, run_dir: Path) -> tuple[Path, float, bool]:
+    """(config path, training seconds, reused): with --reuse, the checkpoints of an earlier run of the same
+    settings in `run_dir` (its run.json) are used instead of training again."""
+    stamp = run_dir / "run.json"
+    settings = run_settings(args)
+    config = run_dir / "fashion_mnist.toml"
+    if args.reuse and stamp.is_file() and config.is_file():
+        recorded = json.loads(stamp.read_text())
+        if recorded.get("settings") == settings:
+            print(f"reusing the checkpoints trained earlier in {run_dir} ({recorded['seconds']:.1f}s then)", flush=True)
+            return config, float(recorded["seconds"]), True
+    t0 = time.perf_counter()
+    config = train_fashion_mnist(run_dir, epochs=args.epochs, checkpoints=args.checkpoints, limit=args.limit,
+                                 flip_fraction=args.flip_fraction, seed=args.seed, lr=args.lr,
+                                 final_lr=args.final_lr, batch_size=args.batch_size, data_dir=args.data_dir,
+                                 dim=args.dim, kind=args.kind, log=lambda m: print(m, flush=True))
+    seconds = time.perf_counter() - t0
+    stamp.write_text(json.dumps({"settings": settings, "seconds": seconds}))
+    return config, seconds, False
+
+
+def cross_validated_probabilities(args: argparse.Namespace, folds: int = 3) -> tuple[np.ndarray, float, bool]:
+    """(out-of-sample softmax probabilities [N, 10], seconds, reused) for cleanlab: `folds`-fold
+    cross-validation (stratified on the given, possibly flipped labels, seeded), each fold's CNN the same
+    architecture, initialisation, optimiser, lr schedule, batch size and epochs as the indexed run
+    (`fit_sgd`), trained on the other folds and applied to its own. Cached in <out>/cleanlab-cv.npz
+    (reused with --reuse when the settings match)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    cache = Path(args.out) / "cleanlab-cv.npz"
+    key = json.dumps({**run_settings(args), "folds": folds}, sort_keys=True)
+    if args.reuse and cache.is_file():
+        data = np.load(cache, allow_pickle=False)
+        if str(data["key"]) == key:
+            print(f"reusing the cross-validated probabilities of {cache} ({float(data['seconds']):.1f}s then)",
+                  flush=True)
+            return data["probabilities"], float(data["seconds"]), True
+    t0 = time.perf_counter()
+    task = FashionMNISTTask(data_dir=args.data_dir, limit=args.limit, flip_fraction=args.flip_fraction,
+                            seed=args.seed)
+    train = task.training_set()
+    labels = train.labels.numpy()
+    probabilities = np.full((len(labels), 10), np.nan)
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=args.seed)
+    for fold, (fit_rows, held_rows) in enumerate(split.split(np.zeros(len(labels)), labels)):
+        model = task.build_model()  # the same seeded initialisation as the indexed run
+        fit_rows_t = torch.from_numpy(fit_rows)
+        fit_sgd(model, task.loss, train.inputs[fit_rows_t], train.labels[fit_rows_t], epochs=args.epochs,
+                lr=args.lr, final_lr=args.final_lr, batch_size=args.batch_size, seed=args.seed,
+                log=lambda m, f=fold: print(f"cleanlab cross-validation fold {f + 1}/{folds}: {m}", flush=True))
+        model.eval()
+        with torch.no_grad():
+            for s in range(0, len(held_rows), 1000):
+                rows = torch.from_numpy(held_rows[s:s + 1000])
+                probabilities[held_rows[s:s + 1000]] = torch.softmax(model(train.inputs[rows]).double(), 1).numpy()
+    assert np.isfinite(probabilities).all()
+    seconds = time.perf_counter() - t0
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, probabilities=probabilities, key=np.array(key), seconds=np.array(seconds))
+    return probabilities, seconds, False
+
+
+def cleanlab_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:
+    """cleanlab 2.x on out-of-sample probabilities, as rankings (higher = more suspicious):
+    `cleanlab_quality`: its label quality score (self-confidence, the probability of the given label),
+    ascending; `cleanlab_cl`: confident learning (`find_label_issues`, prune by noise rate): the flagged
+    examples first (each group by the quality score)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    quality = get_label_quality_scores(labels, probabilities, method="self_confidence")
+    flagged = find_label_issues(labels, probabilities, filter_by="prune_by_noise_rate")
+    return {"cleanlab_quality": -quality, "cleanlab_cl": flagged.astype(np.float64) * 2.0 - quality}
 
 
 def markdown_table(fractions: dict[str, list[float]], checked=CHECKED) -> str:
@@ -131,12 +213,10 @@ def plot(path: Path, grid: np.ndarray, curves: dict[str, np.ndarray], flip_fract
 
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
-    t0 = time.perf_counter()
-    config_path = train_fashion_mnist(out / "run", epochs=args.epochs, checkpoints=args.checkpoints, limit=args.limit,
-                                      flip_fraction=args.flip_fraction, seed=args.seed, lr=args.lr,
-                                      final_lr=args.final_lr, batch_size=args.batch_size, data_dir=args.data_dir,
-                                      dim=args.dim, kind=args.kind, log=lambda m: print(m, flush=True))
-    t_train = time.perf_counter() - t0
+    config_path, t_train, _ = train_or_reuse(args, out / "run")
+    if args.prepare_only:
+        cross_validated_probabilities(args)
+        return {}
     config = load_config(config_path)
     result = build_index(config, out / "index", overwrite=True, show_progress=not args.quiet)
     t_index = result.seconds
@@ -232,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="figures as JSON (default <out>/mislabel.json)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the checkpoints and cross-validated probabilities of an earlier run with the same "
+                             "settings in --out (the index is always rebuilt)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only train (or reuse) the checkpoints and the cleanlab cross-validation, then stop")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.plot is None:

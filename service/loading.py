@@ -138,6 +138,9 @@ def load_engine(settings: Settings) -> Engine:
     engine = Engine(settings=settings, index_dir=index_dir, task=task, embedder=embedder, labels=labels,
                     first_stage=FirstStage.open(index_dir.index, manifest, settings, path), scorer=scorer,
                     rerank_error=rerank_error, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank)
+    from service.review import LabelReview
+
+    engine.review = LabelReview.build(index_dir, labels.kind, labels.width)
     if settings.warmup:
         engine.warm_up()
     engine.load_seconds = time.perf_counter() - t0

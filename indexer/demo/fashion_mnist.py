@@ -307,6 +307,39 @@ class FashionMNISTTask(Task):
         )
 
 
+def fit_sgd(model: nn.Module, loss_fn, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
+            final_lr: float, batch_size: int, seed: int, on_step=None, log=None) -> torch.optim.Optimizer:
+    """The training loop of this example: plain SGD on the mean per-example loss of shuffled batches
+    (order from `seed`), lr decaying exponentially from `lr` to `final_lr` at the last step.
+    `on_step(step, epoch, optimizer)` runs after each step (1-based), before the lr decays."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    count = int(labels.shape[0])
+    steps_per_epoch = (count + batch_size - 1) // batch_size
+    total = epochs * steps_per_epoch
+    decay = (final_lr / lr) ** (1.0 / max(1, total - 1))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(count, generator=generator)
+        model.train()
+        running = 0.0
+        for start in range(0, count, batch_size):
+            rows = order[start:start + batch_size]
+            loss = loss_fn(model(inputs[rows]), labels[rows]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running += loss.item() * len(rows)
+            if on_step is not None:
+                on_step(step, epoch, optimizer)
+            scheduler.step()
+        if log:
+            log(f"epoch {epoch}/{epochs}: mean loss {running / count:.4f}, lr {optimizer.param_groups[0]['lr']:.4g}")
+    return optimizer
+
+
 def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int = 5, limit: int | None = None,
                         flip_fraction: float = 0.0, seed: int = 0, lr: float = 0.1, final_lr: float = 0.01,
                         batch_size: int = 64, data_dir: str = DEFAULT_DATA_DIR, dim: int | None = None,
@@ -321,32 +354,17 @@ def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int =
     task = FashionMNISTTask(data_dir=data_dir, limit=limit, flip_fraction=flip_fraction, seed=seed)
     train = task.training_set()
     model = task.build_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
-    total = epochs * steps_per_epoch
-    decay = (final_lr / lr) ** (1.0 / max(1, total - 1))
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
-    save_at = {round(total * (c + 1) / checkpoints) for c in range(checkpoints)}
-    generator = torch.Generator().manual_seed(seed)
-    saved, step = [], 0
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(train), generator=generator)
-        model.train()
-        running = 0.0
-        for start in range(0, len(train), batch_size):
-            rows = order[start:start + batch_size]
-            loss = task.loss(model(train.inputs[rows]), train.labels[rows]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            running += loss.item() * len(rows)
-            if step in save_at:
-                saved.append(save_checkpoint(out_dir / "checkpoints" / f"step-{step:06d}.pt", model, optimizer,
-                                             step=step, epoch=epoch))
-            scheduler.step()
-        if log:
-            log(f"epoch {epoch}/{epochs}: mean loss {running / len(train):.4f}, lr {optimizer.param_groups[0]['lr']:.4g}")
+    steps = epochs * ((len(train) + batch_size - 1) // batch_size)
+    save_at = {round(steps * (c + 1) / checkpoints) for c in range(checkpoints)}
+    saved = []
+
+    def on_step(step: int, epoch: int, optimizer) -> None:
+        if step in save_at:
+            saved.append(save_checkpoint(out_dir / "checkpoints" / f"step-{step:06d}.pt", model, optimizer,
+                                         step=step, epoch=epoch))
+
+    fit_sgd(model, task.loss, train.inputs, train.labels, epochs=epochs, lr=lr, final_lr=final_lr,
+            batch_size=batch_size, seed=seed, on_step=on_step, log=log)
     args = [f'data_dir = "{data_dir}"', f"seed = {seed}"]
     if limit is not None:
         args.append(f"limit = {limit}")
