@@ -40,13 +40,19 @@ from indexer.demo.fashion_mnist import (  # noqa: E402
 )
 from indexer.embedding import load_embedder  # noqa: E402
 from indexer.pipeline import build_index  # noqa: E402
+from indexer.review import DEFAULT_RANKING, ranking_scores, suspicion  # noqa: E402
 from indexer.store import IndexDirectory  # noqa: E402
 
 CHECKED = (0.05, 0.10, 0.20, 0.30)
-RANKINGS = {  # key -> label in the table and the plot
-    "self_influence": "self-influence (TracInCP, 5 checkpoints)",
+RANKINGS_SHOWN = {  # key -> label in the table and the plot, in table order
+    "combined": "combined: loss & AUM percentile ranks (the default of GET /label-review)",
+    "self_influence": "self-influence (TracInCP, all checkpoints)",
+    "loss": "loss at the last checkpoint",
+    "margin": "margin at the last checkpoint",
+    "aum": "AUM: margin averaged over the checkpoints",
     "self_influence_last": "self-influence, last checkpoint only",
-    "loss_last": "loss at the last checkpoint",
+    "cleanlab_cl": "cleanlab: confident learning, flagged first (3-fold CV)",
+    "cleanlab_quality": "cleanlab: label quality score (3-fold CV)",
     "random": "random (expected)",
 }
 
@@ -158,11 +164,12 @@ def cleanlab_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, 
 
 
 def markdown_table(fractions: dict[str, list[float]], checked=CHECKED) -> str:
-    keys = [k for k in RANKINGS if k in fractions]
-    lines = ["| fraction of training data checked | " + " | ".join(RANKINGS[k] for k in keys) + " |",
-             "|---|" + "---|" * len(keys)]
-    for j, f in enumerate(checked):
-        lines.append(f"| {f:.0%} | " + " | ".join(f"{fractions[k][j]:.3f}" for k in keys) + " |")
+    """One row per ranking (table order), one column per fraction of the training data checked."""
+    keys = [k for k in RANKINGS_SHOWN if k in fractions] + [k for k in fractions if k not in RANKINGS_SHOWN]
+    lines = ["| ranking (most suspicious first) | " + " | ".join(f"top {f:.0%}" for f in checked) + " |",
+             "|---|" + "---|" * len(checked)]
+    for k in keys:
+        lines.append(f"| {RANKINGS_SHOWN.get(k, k)} | " + " | ".join(f"{v:.3f}" for v in fractions[k]) + " |")
     return "\n".join(lines)
 
 
@@ -172,39 +179,40 @@ def plot(path: Path, grid: np.ndarray, curves: dict[str, np.ndarray], flip_fract
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"self_influence": dict(color="#d62728", lw=2.4),
-              "self_influence_last": dict(color="#ff7f0e", lw=1.6, ls="--"),
-              "loss_last": dict(color="#1f77b4", lw=1.6, ls="-."),
+    styles = {"combined": dict(color="#d62728", lw=2.6),
+              "self_influence": dict(color="#ff7f0e", lw=1.6),
+              "loss": dict(color="#1f77b4", lw=1.4, ls="-."),
+              "margin": dict(color="#17becf", lw=1.2, ls="--"),
+              "aum": dict(color="#2ca02c", lw=1.6, ls="--"),
+              "self_influence_last": dict(color="#ff7f0e", lw=1.0, ls=":"),
+              "cleanlab_cl": dict(color="#9467bd", lw=2.0),
+              "cleanlab_quality": dict(color="#9467bd", lw=1.2, ls=":"),
               "random": dict(color="#7f7f7f", lw=1.4, ls=":")}
-    fig, ax = plt.subplots(figsize=(7.2, 5.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.6, 5.2), dpi=120)
     ideal = np.minimum(1.0, grid / flip_fraction) if flip_fraction > 0 else grid
     ax.plot(grid, ideal, color="black", lw=0.8, alpha=0.35, label="ideal (every flipped example first)")
-    for key in RANKINGS:
+    for key in RANKINGS_SHOWN:
         if key in curves:
-            ax.plot(grid, curves[key], label=RANKINGS[key], **styles[key])
+            ax.plot(grid, curves[key], label=RANKINGS_SHOWN[key], **styles[key])
     for f in CHECKED:
         ax.axvline(f, color="#cccccc", lw=0.6, zorder=0)
-        for key in ("self_influence", "loss_last"):
+        for key, dy in (("combined", 7), ("cleanlab_cl", -13)):
             if key in curves:
                 y = float(np.interp(f, grid, curves[key]))
                 ax.plot([f], [y], "o", ms=4, color=styles[key]["color"])
-        for key, other in (("self_influence", "loss_last"), ("loss_last", "self_influence")):
-            if key in curves:  # the value next to its dot, on the side away from the other curve
-                y = float(np.interp(f, grid, curves[key]))
-                above = other not in curves or y >= float(np.interp(f, grid, curves[other]))
-                ax.annotate(f"{y:.2f}", (f, y), textcoords="offset points", xytext=(-6, 7) if above else (4, -13),
-                            ha="right" if above else "left", fontsize=8, color=styles[key]["color"],
+                ax.annotate(f"{y:.2f}", (f, y), textcoords="offset points", xytext=(4, dy), fontsize=8,
+                            color=styles[key]["color"],
                             bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
     ax.set_xlim(0, 0.5)
     ax.set_ylim(0, 1.01)
     ax.set_xticks([0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5])
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
-    ax.set_xlabel("fraction of training data checked (highest score first)")
+    ax.set_xlabel("fraction of training data checked (most suspicious first)")
     ax.set_ylabel("fraction of flipped labels found")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.95)
+    ax.legend(loc="lower right", fontsize=7, framealpha=0.95)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -215,7 +223,8 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     config_path, t_train, _ = train_or_reuse(args, out / "run")
     if args.prepare_only:
-        cross_validated_probabilities(args)
+        if not args.no_cleanlab:
+            cross_validated_probabilities(args)
         return {}
     config = load_config(config_path)
     result = build_index(config, out / "index", overwrite=True, show_progress=not args.quiet)
@@ -225,10 +234,26 @@ def run(args: argparse.Namespace) -> dict:
 
     index = IndexDirectory.open(result.path, verify=False)
     flipped = np.array([bool(e["display"]["flipped"]) for e in index.examples])
-    scores = {"self_influence": index.self_influence.astype(np.float64)}
-    t1 = time.perf_counter()
-    scores["self_influence_last"], scores["loss_last"] = last_checkpoint_scores(result.path)
-    t_last = time.perf_counter() - t1
+    labels = np.array([int(e["label"]) for e in index.examples])
+    review = index.label_review
+    scores = dict(ranking_scores(review, index.self_influence))  # what GET /label-review serves
+    suspicion_of = {name: suspicion(name, values) for name, values in scores.items()}
+    seconds = {"train": round(t_train, 1), "index": round(t_index, 1)}
+    if args.last_checkpoint_self_influence:
+        t1 = time.perf_counter()
+        suspicion_of["self_influence_last"], _ = last_checkpoint_scores(result.path)
+        seconds["last_checkpoint_self_influence"] = round(time.perf_counter() - t1, 1)
+    cv_probabilities = None
+    if not args.no_cleanlab:
+        try:
+            import cleanlab  # noqa: F401
+        except ImportError:
+            print("cleanlab is not installed (pip install 'tracin-service[bench]'): its columns are left out",
+                  flush=True)
+        else:
+            cv_probabilities, t_cv, reused = cross_validated_probabilities(args)
+            seconds["cleanlab_cross_validation"] = round(t_cv, 1)
+            suspicion_of.update(cleanlab_scores(labels, cv_probabilities))
 
     task_model = FashionMNISTTask(data_dir=args.data_dir).build_model()
     from indexer.checkpoints import load_checkpoint, load_state_into
@@ -236,21 +261,15 @@ def run(args: argparse.Namespace) -> dict:
     last_path = config.checkpoints[-1].path
     load_state_into(task_model, load_checkpoint(last_path)[0], str(last_path))
     test_accuracy = evaluate_accuracy(task_model, args.data_dir)
-    predicted_ok = None
-    if len(flipped):
-        with torch.no_grad():
-            train = FashionMNISTTask(data_dir=args.data_dir, limit=args.limit, flip_fraction=args.flip_fraction,
-                                     seed=args.seed).training_set()
-            preds = torch.cat([task_model(train.inputs[s:s + 1000]).argmax(1) for s in range(0, len(train), 1000)])
-            fits = (preds == train.labels).numpy()
-        predicted_ok = {"flipped_fit": float(fits[flipped].mean()) if flipped.any() else None,
-                        "clean_fit": float(fits[~flipped].mean())}
+    fits = review["prediction"] == labels  # the index's own predictions at the last checkpoint
+    predicted_ok = {"flipped_fit": float(fits[flipped].mean()) if flipped.any() else None,
+                    "clean_fit": float(fits[~flipped].mean())}
 
     checked = np.array(CHECKED)
     grid = np.linspace(0, 1, 401)
-    fractions = {k: found_curve(v, flipped, checked).tolist() for k, v in scores.items()}
+    fractions = {k: found_curve(v, flipped, checked).tolist() for k, v in suspicion_of.items()}
     fractions["random"] = checked.tolist()
-    curves = {k: found_curve(v, flipped, grid) for k, v in scores.items()}
+    curves = {k: found_curve(v, flipped, grid) for k, v in suspicion_of.items()}
     curves["random"] = grid
     table = markdown_table(fractions)
     n, n_flipped = len(flipped), int(flipped.sum())
@@ -259,12 +278,17 @@ def run(args: argparse.Namespace) -> dict:
               f"{len(config.checkpoints)} checkpoints; test accuracy {test_accuracy:.4f}")
     print()
     print(header)
-    if predicted_ok:
-        print(f"the last checkpoint predicts the (flipped) training label for {predicted_ok['flipped_fit']:.1%} of "
-              f"flipped and {predicted_ok['clean_fit']:.1%} of clean examples")
+    print(f"the last checkpoint predicts the (flipped) training label for {predicted_ok['flipped_fit']:.1%} of "
+          f"flipped and {predicted_ok['clean_fit']:.1%} of clean examples")
     print()
     print(table)
     print()
+    best_cleanlab = max((fractions[k][1] for k in ("cleanlab_cl", "cleanlab_quality") if k in fractions), default=None)
+    if best_cleanlab is not None:
+        default = fractions[DEFAULT_RANKING][1]
+        verdict = "at least as many as" if default >= best_cleanlab else "FEWER than"
+        print(f"at 10% checked the default ranking ({DEFAULT_RANKING}) finds {default:.3f}, {verdict} cleanlab's "
+              f"best ({best_cleanlab:.3f})")
     figures = {
         "command": "bench/bench_mislabel.py " + " ".join(args.argv),
         "examples": n, "flipped": n_flipped, "flip_fraction": args.flip_fraction, "seed": args.seed,
@@ -274,13 +298,17 @@ def run(args: argparse.Namespace) -> dict:
         "lr": args.lr, "final_lr": args.final_lr, "batch_size": args.batch_size,
         "projection": index.manifest["projection"]["kind"], "projection_dim": index.manifest["projection"]["dim"],
         "embedding_dim": result.dim, "test_accuracy": test_accuracy, "fit_at_last_checkpoint": predicted_ok,
-        "checked": list(CHECKED), "found": fractions, "rankings": RANKINGS,
+        "checked": list(CHECKED), "found": fractions, "rankings": {k: RANKINGS_SHOWN[k] for k in fractions},
+        "default_ranking": DEFAULT_RANKING,
         "curve": {"checked": grid.round(4).tolist(), **{k: np.round(v, 4).tolist() for k, v in curves.items()}},
-        "seconds": {"train": round(t_train, 1), "index": round(t_index, 1), "last_checkpoint_scores": round(t_last, 1)},
-        "torch_threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "markdown": table,
+        "seconds": seconds, "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "markdown": table,
     }
-    np.savez_compressed(out / "scores.npz", flipped=flipped, **scores)  # per example, in index row order
+    raw = {f"review_{name}": review[name] for name in review.dtype.names}
+    if cv_probabilities is not None:
+        raw["cleanlab_cv_probabilities"] = cv_probabilities
+    # per example, in index row order: every ranking's suspicion (higher = first) and the raw table
+    np.savez_compressed(out / "scores.npz", flipped=flipped, labels=labels, **suspicion_of, **raw)
     json_path = Path(args.json) if args.json else out / "mislabel.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(figures, indent=2))
@@ -315,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the checkpoints and cross-validated probabilities of an earlier run with the same "
                              "settings in --out (the index is always rebuilt)")
+    parser.add_argument("--no-cleanlab", action="store_true", help="leave out the cleanlab baseline")
+    parser.add_argument("--last-checkpoint-self-influence", action="store_true",
+                        help="also rank by the exact self-influence of the last checkpoint alone (one more pass)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only train (or reuse) the checkpoints and the cleanlab cross-validation, then stop")
     args = parser.parse_args(argv)
