@@ -37,6 +37,7 @@ from indexer.store import (
     CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
     IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
 )
+from indexer.input_ranges import INPUT_RANGES_FILE, dumps as dump_input_ranges, record_input_ranges
 from indexer.review import LABEL_REVIEW_FILE, ReviewAccumulator, ReviewError, review_entry
 from indexer.selfcheck import SelfCheckReport, check_query_path, self_check
 from indexer.task import ExampleSet, Task, batch_size_of, infer_label_kind, label_width
@@ -552,9 +553,10 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
         faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE, queries=lambda: _held_out_queries(job))
         save_npy(staging.path / SELF_INFLUENCE_FILE, self_influence)
         save_npy(staging.path / LABEL_REVIEW_FILE, review_table)
+        (staging.path / INPUT_RANGES_FILE).write_text(dump_input_ranges(record_input_ranges(job.task, job.examples)))
         _write_examples(job.task, job.examples, staging.path)
         ckpt_entries = _copy_checkpoints(job, staging.path)
-        names = [INDEX_FILE, SELF_INFLUENCE_FILE, LABEL_REVIEW_FILE, EXAMPLES_FILE]
+        names = [INDEX_FILE, SELF_INFLUENCE_FILE, LABEL_REVIEW_FILE, INPUT_RANGES_FILE, EXAMPLES_FILE]
         if (staging.path / QUERIES_FILE).is_file():
             names.append(QUERIES_FILE)
         kill_point("index-staged")

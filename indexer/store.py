@@ -43,6 +43,7 @@ INDEX_FILE = "index.faiss"
 SELF_INFLUENCE_FILE = "self_influence.npy"
 EXAMPLES_FILE = "examples.jsonl"
 QUERIES_FILE = "queries.jsonl"
+INPUT_RANGES_FILE = "input_ranges.json"
 CHECKPOINT_DIR = "checkpoints"
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "MANIFEST_DIGEST", "IndexDirectory", "IndexDirectoryError", "IndexBuildError",
@@ -224,6 +225,7 @@ class IndexDirectory:
     queries: list[dict[str, Any]]
     model: Manifest | None = None
     label_review: np.ndarray | None = None  # label_review.npy (None: an index built before it existed)
+    input_ranges: Any = None  # indexer.input_ranges.InputRanges (None: an index built before them)
 
     @property
     def count(self) -> int:
@@ -286,7 +288,17 @@ class IndexDirectory:
                 raise IndexDirectoryError(f"{path}: {EXAMPLES_FILE} row {row} is not an object with an id and a label")
         _check_recorded_lrs(path, model)
         review = _read_label_review(path, model) if model.label_review is not None else None
-        return cls(path, manifest, index, self_influence, examples, queries, model, review)
+        ranges = _read_input_ranges(path) if INPUT_RANGES_FILE in model.files else None  # only a covered file
+        return cls(path, manifest, index, self_influence, examples, queries, model, review, ranges)
+
+
+def _read_input_ranges(path: Path):
+    from indexer.input_ranges import InputRanges, InputRangesError
+
+    try:
+        return InputRanges.from_json(json.loads((path / INPUT_RANGES_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:  # JSON, decoding and InputRangesError are ValueErrors
+        raise IndexDirectoryError(f"{path}: {INPUT_RANGES_FILE} {exc}") from None
 
 
 def _read_label_review(path: Path, model: Manifest) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 from service.errors import ApiError, ServiceStartupError
 from service.first_stage import FirstStage, _ends
 from service.labels import Labels
+from service.ood import input_warnings
 from service.settings import Settings
 
 
@@ -216,6 +217,7 @@ class Engine:
             "index": {"approximate": self.approximate, "count": self.count,
                       "candidates": int(rows.size) if rows is not None else self.count},
             "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "warnings": input_warnings(self, req),
         }
 
     def _hits(self, rows: np.ndarray, scores: np.ndarray, k: int, skip: int | None,

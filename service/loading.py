@@ -141,6 +141,7 @@ def load_engine(settings: Settings) -> Engine:
     from service.review import LabelReview
 
     engine.review = LabelReview.build(index_dir, labels.kind, labels.width)
+    engine.input_ranges = index_dir.input_ranges
     if settings.warmup:
         engine.warm_up()
     engine.load_seconds = time.perf_counter() - t0

@@ -72,6 +72,13 @@ class InfluenceResponse(BaseModel):
     rerank: Optional[RerankInfo] = Field(None, description="the second stage, when it ran")
     index: IndexBrief
     took_ms: float = Field(description="server-side time of this request in milliseconds")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="the posted example is unlike the training inputs (in words: another scale, e.g. 0..1 where "
+                    "the training range is expected; many values far from the training data at their position, e.g. a "
+                    "white background; ids never seen in training), judged from ranges of the training inputs "
+                    "recorded at index time; empty when it looks like training data, for train_id queries, and for "
+                    "an index built before the ranges were recorded. The answer is computed all the same")
 
 
 class SelfInfluenceItem(BaseModel):
