@@ -284,7 +284,7 @@ def test_self_influence_view_first_rows(browser, api):
     assert css(browser, "#si-histogram")[0].get_attribute("data-source") == "server"  # GET /label-review/histogram
     note = css(browser, "#hist-note")[0].text
     assert f"{top['total']:,} examples" in note
-    screenshot(browser, "self-influence")
+    screenshot(browser, "label-review")
 
 
 def test_self_influence_label_filter_and_paging(browser, api):
@@ -354,7 +354,7 @@ def test_switch_ranking_and_export_the_ranked_list(browser, server, api, tmp_pat
     assert [x["id"] for x in data["items"][:50]] == [x["id"] for x in page["items"]]
     assert [x["score"] for x in data["items"][:50]] == [x["score"] for x in page["items"]]
     assert banner(browser) is None
-    screenshot(browser, "label-review")
+    screenshot(browser, "label-review-margin")
 
 
 def _json_or_none(path: Path):

@@ -216,3 +216,22 @@ def test_fashion_mnist_scaled_and_white_background_images():
         assert len(scaled) == 1 and re.search(r"about 2[45]\d times less", scaled[0]), scaled  # 255 / max pixel
         white = warnings(np.where(images[i] < 13, 255, images[i]))
         assert white and "mostly above it" in white[0] and "a background or border" in white[0], white
+
+
+def test_sharded_build_gives_the_same_label_review_and_ranges(tmp_path):
+    """Shards carry their rows' label-review numbers; the merged index has the same bytes as one build."""
+    from indexer.config import parse_config
+    from indexer.pipeline import build_index, build_shard, merge_shards
+    from tests.service_support import ServiceMLPTask, train_checkpoints
+
+    ckpts = train_checkpoints(ServiceMLPTask(), tmp_path / "run")
+    data = {"task": "tests.service_support:ServiceMLPTask", "checkpoints": [{"path": str(p)} for p in ckpts],
+            "projection": {"kind": "sketch", "dim": 16, "seed": 0}, "index": {"batch_size": 7}}
+    config = parse_config(data, tmp_path)
+    whole = build_index(config, tmp_path / "whole").path
+    for shard in range(3):
+        build_shard(config, tmp_path / "merged", shard, 3)
+    merged = merge_shards(config, tmp_path / "merged", 3).path
+    for name in ("label_review.npy", "input_ranges.json", "self_influence.npy"):
+        assert (whole / name).read_bytes() == (merged / name).read_bytes(), name
+    assert IndexDirectory.open(merged).label_review is not None
