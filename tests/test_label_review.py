@@ -57,6 +57,12 @@ def test_every_ranking_over_http_in_the_index_order(digits):
             assert x["probability"] == pytest.approx(float(index.label_review["probability"][r]), rel=1e-12)
             assert x["suggested_label"] == (None if x["prediction"] == labels[r] else x["prediction"])
             assert x["self_influence"] == pytest.approx(float(index.self_influence[r]), rel=1e-12)
+    from service.client import InfluenceClient
+
+    with InfluenceClient(url) as client:  # the Python client's typed page
+        typed = client.label_review("margin", k=5)
+        assert typed.order == "ascending" and [x.id for x in typed.items] == [
+            index.examples[r]["id"] for r in suspicious_first("margin", scores["margin"])[:5]]
     # self_influence ranking = GET /self-influence/top
     top = httpx.get(url + "/self-influence/top", params={"k": 50, "label": 3}).json()
     mine = httpx.get(url + "/label-review", params={"k": 50, "label": 3, "ranking": "self_influence"}).json()
