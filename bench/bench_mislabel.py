@@ -45,7 +45,7 @@ from indexer.store import IndexDirectory  # noqa: E402
 
 CHECKED = (0.05, 0.10, 0.20, 0.30)
 RANKINGS_SHOWN = {  # key -> label in the table and the plot, in table order
-    "combined": "combined: loss & AUM percentile ranks (the default of GET /label-review)",
+    "combined": "combined: mean-loss & AUM percentile ranks (the default of GET /label-review)",
     "self_influence": "self-influence (TracInCP, all checkpoints)",
     "loss": "loss at the last checkpoint",
     "margin": "margin at the last checkpoint",
@@ -83,9 +83,12 @@ def last_checkpoint_scores(index_dir: Path, batch_size: int = 256) -> tuple[np.n
 
 def run_settings(args: argparse.Namespace) -> dict:
     """What decides the trained checkpoints (and the cross-validated probabilities): reused when equal."""
-    return {"limit": args.limit, "epochs": args.epochs, "checkpoints": args.checkpoints,
-            "flip_fraction": args.flip_fraction, "seed": args.seed, "lr": args.lr, "final_lr": args.final_lr,
-            "batch_size": args.batch_size, "data_dir": str(args.data_dir), "kind": args.kind, "dim": args.dim}
+    settings = {"limit": args.limit, "epochs": args.epochs, "checkpoints": args.checkpoints,
+                "flip_fraction": args.flip_fraction, "seed": args.seed, "lr": args.lr, "final_lr": args.final_lr,
+                "batch_size": args.batch_size, "data_dir": str(args.data_dir), "kind": args.kind, "dim": args.dim}
+    if args.checkpoint_schedule != "even":
+        settings["checkpoint_schedule"] = args.checkpoint_schedule
+    return settings
 
 
 def train_or_reuse(args: argparse.Namespace, run_dir: Path) -> tuple[Path, float, bool]:
@@ -103,36 +106,47 @@ def train_or_reuse(args: argparse.Namespace, run_dir: Path) -> tuple[Path, float
     config = train_fashion_mnist(run_dir, epochs=args.epochs, checkpoints=args.checkpoints, limit=args.limit,
                                  flip_fraction=args.flip_fraction, seed=args.seed, lr=args.lr,
                                  final_lr=args.final_lr, batch_size=args.batch_size, data_dir=args.data_dir,
-                                 dim=args.dim, kind=args.kind, log=lambda m: print(m, flush=True))
+                                 dim=args.dim, kind=args.kind, log=lambda m: print(m, flush=True),
+                                 schedule=args.checkpoint_schedule)
     seconds = time.perf_counter() - t0
     stamp.write_text(json.dumps({"settings": settings, "seconds": seconds}))
     return config, seconds, False
 
 
-def cross_validated_probabilities(args: argparse.Namespace, folds: int = 3) -> tuple[np.ndarray, float, bool]:
+def cross_validated_probabilities(args: argparse.Namespace, folds: int = 3,
+                                  only_fold: int | None = None) -> tuple[np.ndarray | None, float, bool]:
     """(out-of-sample softmax probabilities [N, 10], seconds, reused) for cleanlab: `folds`-fold
     cross-validation (stratified on the given, possibly flipped labels, seeded), each fold's CNN the same
     architecture, initialisation, optimiser, lr schedule, batch size and epochs as the indexed run
-    (`fit_sgd`), trained on the other folds and applied to its own. Cached in <out>/cleanlab-cv.npz
-    (reused with --reuse when the settings match)."""
+    (`fit_sgd`), trained on the other folds and applied to its own. Each fold is cached in
+    <out>/cleanlab-cv-<f>-of-<folds>.npz (reused with --reuse when the settings match), so folds can run as
+    separate processes (`--cv-fold F --prepare-only`); with `only_fold` only that fold is computed (None
+    returned)."""
     from sklearn.model_selection import StratifiedKFold
 
-    cache = Path(args.out) / "cleanlab-cv.npz"
-    key = json.dumps({**run_settings(args), "folds": folds}, sort_keys=True)
-    if args.reuse and cache.is_file():
-        data = np.load(cache, allow_pickle=False)
-        if str(data["key"]) == key:
-            print(f"reusing the cross-validated probabilities of {cache} ({float(data['seconds']):.1f}s then)",
-                  flush=True)
-            return data["probabilities"], float(data["seconds"]), True
-    t0 = time.perf_counter()
+    settings = run_settings(args)
+    settings.pop("checkpoint_schedule", None)  # which checkpoints the indexed run keeps: no matter here
+    key = json.dumps({**settings, "folds": folds}, sort_keys=True)
     task = FashionMNISTTask(data_dir=args.data_dir, limit=args.limit, flip_fraction=args.flip_fraction,
                             seed=args.seed)
     train = task.training_set()
     labels = train.labels.numpy()
     probabilities = np.full((len(labels), 10), np.nan)
     split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=args.seed)
+    seconds, all_reused = 0.0, True
     for fold, (fit_rows, held_rows) in enumerate(split.split(np.zeros(len(labels)), labels)):
+        if only_fold is not None and fold != only_fold:
+            continue
+        cache = Path(args.out) / f"cleanlab-cv-{fold + 1}-of-{folds}.npz"
+        if args.reuse and cache.is_file():
+            data = np.load(cache, allow_pickle=False)
+            if str(data["key"]) == key and np.array_equal(data["rows"], held_rows):
+                print(f"reusing cross-validation fold {fold + 1}/{folds} of {cache}", flush=True)
+                probabilities[held_rows] = data["probabilities"]
+                seconds += float(data["seconds"])
+                continue
+        all_reused = False
+        t0 = time.perf_counter()
         model = task.build_model()  # the same seeded initialisation as the indexed run
         fit_rows_t = torch.from_numpy(fit_rows)
         fit_sgd(model, task.loss, train.inputs[fit_rows_t], train.labels[fit_rows_t], epochs=args.epochs,
@@ -143,11 +157,15 @@ def cross_validated_probabilities(args: argparse.Namespace, folds: int = 3) -> t
             for s in range(0, len(held_rows), 1000):
                 rows = torch.from_numpy(held_rows[s:s + 1000])
                 probabilities[held_rows[s:s + 1000]] = torch.softmax(model(train.inputs[rows]).double(), 1).numpy()
+        took = time.perf_counter() - t0
+        seconds += took
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, probabilities=probabilities[held_rows], rows=held_rows, key=np.array(key),
+                 seconds=np.array(took))
+    if only_fold is not None:
+        return None, seconds, all_reused
     assert np.isfinite(probabilities).all()
-    seconds = time.perf_counter() - t0
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, probabilities=probabilities, key=np.array(key), seconds=np.array(seconds))
-    return probabilities, seconds, False
+    return probabilities, seconds, all_reused
 
 
 def cleanlab_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:
@@ -221,10 +239,13 @@ def plot(path: Path, grid: np.ndarray, curves: dict[str, np.ndarray], flip_fract
 
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
+    if args.prepare_only and args.cv_fold is not None:  # one cross-validation fold, nothing else
+        cross_validated_probabilities(args, only_fold=args.cv_fold)
+        return {}
     config_path, t_train, _ = train_or_reuse(args, out / "run")
     if args.prepare_only:
         if not args.no_cleanlab:
-            cross_validated_probabilities(args)
+            cross_validated_probabilities(args, only_fold=args.cv_fold)
         return {}
     config = load_config(config_path)
     result = build_index(config, out / "index", overwrite=True, show_progress=not args.quiet)
@@ -326,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N training images (reduced run)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--checkpoints", type=int, default=5)
+    parser.add_argument("--checkpoint-schedule", choices=("even", "log"), default="even",
+                        help="even: checkpoints evenly spaced in steps; log: log-spaced in epochs (most early)")
     parser.add_argument("--flip-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.1)
@@ -346,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cleanlab", action="store_true", help="leave out the cleanlab baseline")
     parser.add_argument("--last-checkpoint-self-influence", action="store_true",
                         help="also rank by the exact self-influence of the last checkpoint alone (one more pass)")
+    parser.add_argument("--cv-fold", type=int, default=None,
+                        help="with --prepare-only: only this cleanlab cross-validation fold (0-based; folds can run "
+                             "as separate processes, each cached in --out)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only train (or reuse) the checkpoints and the cleanlab cross-validation, then stop")
     args = parser.parse_args(argv)

@@ -343,10 +343,11 @@ def fit_sgd(model: nn.Module, loss_fn, inputs: torch.Tensor, labels: torch.Tenso
 def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int = 5, limit: int | None = None,
                         flip_fraction: float = 0.0, seed: int = 0, lr: float = 0.1, final_lr: float = 0.01,
                         batch_size: int = 64, data_dir: str = DEFAULT_DATA_DIR, dim: int | None = None,
-                        kind: str | None = None, log=None) -> Path:
+                        kind: str | None = None, log=None, schedule: str = "even") -> Path:
     """Train the CNN with plain SGD and an exponentially decaying lr (lr -> final_lr over the run), save
-    `checkpoints` checkpoints evenly spaced in steps (the last at the end) with the lr in force, and
-    write a TOML config that indexes them. Returns the config path.
+    `checkpoints` checkpoints with the lr in force, and write a TOML config that indexes them. Returns the
+    config path. `schedule`: "even" (evenly spaced in steps, the last at the end) or "log" (log-spaced in
+    epochs from the end of the first epoch to the end of the run: most checkpoints early in training).
 
     `kind` / `dim` go into the config's [projection] table when given (else the library defaults)."""
     out_dir = Path(out_dir)
@@ -354,8 +355,14 @@ def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int =
     task = FashionMNISTTask(data_dir=data_dir, limit=limit, flip_fraction=flip_fraction, seed=seed)
     train = task.training_set()
     model = task.build_model()
-    steps = epochs * ((len(train) + batch_size - 1) // batch_size)
-    save_at = {round(steps * (c + 1) / checkpoints) for c in range(checkpoints)}
+    per_epoch = (len(train) + batch_size - 1) // batch_size
+    steps = epochs * per_epoch
+    if schedule == "even":
+        save_at = {round(steps * (c + 1) / checkpoints) for c in range(checkpoints)}
+    elif schedule == "log":
+        save_at = {int(round(per_epoch * e)) for e in np.geomspace(1, epochs, checkpoints)} | {steps}
+    else:
+        raise ValueError(f"schedule must be 'even' or 'log', got {schedule!r}")
     saved = []
 
     def on_step(step: int, epoch: int, optimizer) -> None:

@@ -556,7 +556,7 @@ async function loadSelf() {
 }
 
 const RANKING_TITLES = {
-  combined: "combined (loss & AUM)", self_influence: "self-influence", loss: "loss (last checkpoint)",
+  combined: "combined (mean loss & AUM)", self_influence: "self-influence", loss: "loss (last checkpoint)",
   margin: "margin (last checkpoint)", aum: "AUM (margin over checkpoints)",
 };
 
