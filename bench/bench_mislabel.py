@@ -294,9 +294,12 @@ def run(args: argparse.Namespace) -> dict:
     curves["random"] = grid
     table = markdown_table(fractions)
     n, n_flipped = len(flipped), int(flipped.sum())
+    per_epoch = (n + args.batch_size - 1) // args.batch_size
+    at = ", ".join(f"{int(Path(c.path).stem.split('-')[-1]) / per_epoch:.3g}" for c in config.checkpoints)
     header = (f"Fashion-MNIST, {n:,} training images, {n_flipped:,} labels flipped ({args.flip_fraction:.0%}, seed "
               f"{args.seed}); CNN, {args.epochs} epochs SGD lr {args.lr:g}->{args.final_lr:g}, "
-              f"{len(config.checkpoints)} checkpoints; test accuracy {test_accuracy:.4f}")
+              f"{len(config.checkpoints)} checkpoints ({args.checkpoint_schedule}: at epochs {at}); "
+              f"test accuracy {test_accuracy:.4f}")
     print()
     print(header)
     print(f"the last checkpoint predicts the (flipped) training label for {predicted_ok['flipped_fit']:.1%} of "
