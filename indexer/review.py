@@ -41,11 +41,11 @@ FORMAT = "tracin-label-review/1"
 
 #: name -> (order of the most suspicious first, what it means). The API documents these words.
 RANKINGS: dict[str, tuple[str, str]] = {
-    "combined": ("descending", "the default: the mean of two percentile ranks in 0..1 (1 = the most suspicious by "
-                               "both): the loss averaged over the checkpoints' and the area under the margin's "
-                               "(low margin = high rank); without margins (regression), the averaged loss's alone. "
-                               "Measured best across a model that has not memorised its noisy labels and one that "
-                               "has (docs/mislabel.md)"),
+    "combined": ("descending", "the mean of two percentile ranks in 0..1 (1 = the most suspicious by both): the "
+                               "loss averaged over the checkpoints' and the area under the margin's (low margin = "
+                               "high rank); without margins (regression), the averaged loss's alone. Measured best "
+                               "on average over a model that has not memorised its noisy labels and one that has; "
+                               "keep checkpoints from early in training (docs/mislabel.md)"),
     "self_influence": ("descending", "exact self-influence sum_i lr_i ||grad loss(w_i, z)||^2 over the checkpoints: "
                                      "how hard the example pulled on the model (mislabeled, rare or odd examples)"),
     "loss": ("descending", "the loss of the given label at the last checkpoint"),
