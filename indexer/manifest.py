@@ -81,6 +81,8 @@ class TaskEntry(_Part):
     ref: Annotated[StrictStr, AfterValidator(_task_ref)]
     args: dict[StrictStr, Any] = Field(default_factory=dict)
     class_names: Optional[list[StrictStr]] = None
+    label_kind: Optional[Literal["class", "regression", "multilabel"]] = None
+    label_width: Optional[Annotated[StrictInt, Field(ge=0)]] = None
 
 
 class CheckpointEntry(_Part):
@@ -113,6 +115,16 @@ class FaissEntry(_Part):
     search_params: dict[StrictStr, StrictInt | StrictFloat] = Field(default_factory=dict)
 
 
+class LabelReviewEntry(_Part):
+    """label_review.npy (`indexer.review`): per-example losses, margins and predictions for label review."""
+
+    format: Literal["tracin-label-review/1"]
+    file: Literal["label_review.npy"]
+    fields: list[StrictStr]
+    rankings: list[StrictStr]
+    default: StrictStr
+
+
 class Manifest(_Part):
     """manifest.json. Strict where validated; unknown keys are kept (``extra="allow"``)."""
 
@@ -127,6 +139,7 @@ class Manifest(_Part):
     files: dict[RelativeFile, Sha256]
     created_at: Optional[StrictStr] = None
     versions: dict[StrictStr, Any] = Field(default_factory=dict)
+    label_review: Optional[LabelReviewEntry] = None
 
     def required_files(self) -> dict[str, str]:
         """Every file the manifest covers (files map + checkpoints) -> sha256."""
@@ -165,6 +178,12 @@ def parse_manifest(data: Any, where: str = MANIFEST) -> Manifest:
         raise ManifestError(f"{where}: files: {missing} must be listed with their sha256")
     if manifest.faiss.file not in manifest.files:
         raise ManifestError(f"{where}: faiss.file {manifest.faiss.file!r} is not in files")
+    if manifest.label_review is not None:
+        review = manifest.label_review
+        if review.file not in manifest.files:
+            raise ManifestError(f"{where}: label_review.file {review.file!r} is not in files")
+        if review.default not in review.rankings:
+            raise ManifestError(f"{where}: label_review.default {review.default!r} is not one of its rankings")
     names = [c.file for c in manifest.checkpoints]
     if len(set(names)) != len(names):
         raise ManifestError(f"{where}: checkpoints: a file is listed twice")

@@ -37,6 +37,8 @@ from indexer.store import (
     CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, NORMALIZED_INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
     IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
 )
+from indexer.input_ranges import INPUT_RANGES_FILE, dumps as dump_input_ranges, record_input_ranges
+from indexer.review import LABEL_REVIEW_FILE, ReviewAccumulator, ReviewError, review_entry
 from indexer.selfcheck import SelfCheckReport, check_query_path, self_check
 from indexer.task import ExampleSet, Task, batch_size_of, infer_label_kind, label_width
 
@@ -153,13 +155,14 @@ def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
         job = _Job.prepare(config, out, overwrite)
         work = out.parent / f".{out.name}.partial-{job.config_hash}"
         _remove_stale(out, keep=work)
-        state = ResumeState(work, job.config_hash, (0, job.count), job.plan.total_dim, len(job.checkpoints))
+        state = ResumeState(work, job.config_hash, (0, job.count), job.plan.total_dim, len(job.checkpoints),
+                            extras=(REVIEW_STATE,))
         _check_disk(job, out.parent, resumable=state)  # a refusal before starting keeps an earlier resume state
         with _failure_cleanup(job, [work]):
             kill_point("prepared")
-            vectors_file, self_influence, seconds = _embed_rows(job, state, 0, progress, show_progress)
+            vectors_file, self_influence, review, seconds = _embed_rows(job, state, 0, progress, show_progress)
             vectors = np.load(vectors_file, mmap_mode="r")  # read-only: the FAISS index is built from it
-            result = _finalize(job, vectors, self_influence, started, seconds)
+            result = _finalize(job, vectors, self_influence, started, seconds, review)
             del vectors
         kill_point("index-committed")
         shutil.rmtree(work, ignore_errors=True)
@@ -190,14 +193,16 @@ def build_shard(config: IndexConfig, out: str | Path, shard: int, shards: int,
         start, stop = shard_rows(job.count, shard, shards)
         work = final.with_name(final.name + f".partial-{job.config_hash}")
         staging = final.with_name(final.name + ".tmp")
-        state = ResumeState(work, job.config_hash, (start, stop), job.plan.total_dim, len(job.checkpoints))
+        state = ResumeState(work, job.config_hash, (start, stop), job.plan.total_dim, len(job.checkpoints),
+                            extras=(REVIEW_STATE,))
         _check_disk(job, final.parent, resumable=state, rows=stop - start, final_index=False)
         with _failure_cleanup(job, [work, staging]):
-            vectors_file, self_influence, seconds = _embed_rows(job, state, start, None, show_progress)
+            vectors_file, self_influence, review, seconds = _embed_rows(job, state, start, None, show_progress)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
             vectors_file.replace(staging / "vectors.npy")
             save_npy(staging / SELF_INFLUENCE_FILE, self_influence)
+            save_npy(staging / f"{REVIEW_STATE}.npy", review.data)
             (staging / "shard.json").write_text(json.dumps({"config_hash": job.config_hash, "start": start,
                                                             "stop": stop, "embed_seconds": seconds}))
             if final.exists():
@@ -234,6 +239,7 @@ def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: b
             work.mkdir(parents=True)
             rows = RowFile.create(work / "vectors.npy", job.count, job.plan.total_dim)
             self_influence = np.zeros(job.count, dtype=np.float64)
+            review = _review_accumulator(job, job.count)
             seconds = 0.0
             for directory, info in infos:
                 start, stop = info["start"], info["stop"]
@@ -242,11 +248,16 @@ def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: b
                     rows.write(start + s, part[s:s + 65536])
                 del part
                 self_influence[start:stop] = np.load(directory / SELF_INFLUENCE_FILE, allow_pickle=False)
+                part_review = _review_accumulator(job, stop - start)
+                if not part_review.restore(_load_or_none(directory / f"{REVIEW_STATE}.npy")):
+                    raise ConfigError(f"shard {directory.name} has no label-review data of this build; build "
+                                      "that shard again")
+                review.data[start:stop] = part_review.data
                 seconds += info["embed_seconds"]
             rows.sync()
             rows.close()
             vectors = np.load(work / "vectors.npy", mmap_mode="r")
-            result = _finalize(job, vectors, self_influence, started, seconds)
+            result = _finalize(job, vectors, self_influence, started, seconds, review)
             del vectors
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(out.parent / f"{out.name}.shards", ignore_errors=True)
@@ -437,6 +448,9 @@ def _embed_rows(job: _Job, state: ResumeState, start_row: int,
     last_done, self_influence = state.load()
     if self_influence is None:
         self_influence = np.zeros(count, dtype=np.float64)
+    review = _review_accumulator(job, count)
+    if last_done >= 0 and not review.restore(state.loaded.get(REVIEW_STATE)):
+        raise IndexBuildError(f"the resume state in {state.work} does not fit this build; remove it and run again")
     batch_size = job.config.index.batch_size
     batches = (count + batch_size - 1) // batch_size
     total = len(job.checkpoints) * batches
@@ -460,22 +474,39 @@ def _embed_rows(job: _Job, state: ResumeState, start_row: int,
             if progress:
                 progress(c * batches + b + 1, total)
 
-        _embed_checkpoint(job, embedder, c, vectors, self_influence, start_row, offset, width, on_batch)
+        _embed_checkpoint(job, embedder, c, vectors, self_influence, start_row, offset, width, on_batch, review)
         kill_point("checkpoint-embedded")
         embed_seconds += time.perf_counter() - t0
-        state.commit(c, vectors, self_influence)
+        state.commit(c, vectors, self_influence, {REVIEW_STATE: review.data})
         offset += width
         del embedder
     bar.close()
-    return state.vectors_file(len(job.checkpoints) - 1), self_influence, embed_seconds
+    return state.vectors_file(len(job.checkpoints) - 1), self_influence, review, embed_seconds
+
+
+#: the name of the label-review matrix in the resume state and in a shard (`indexer.review`)
+REVIEW_STATE = "review"
+
+
+def _review_accumulator(job: _Job, rows: int) -> ReviewAccumulator:
+    return ReviewAccumulator.for_task(job.task, rows, len(job.checkpoints), job.label_width)
+
+
+def _load_or_none(path: Path) -> np.ndarray | None:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
 
 
 def _embed_checkpoint(job: _Job, embedder: CheckpointEmbedder, c: int, vectors: RowFile, self_influence: np.ndarray,
-                      start_row: int, offset: int, width: int, on_batch: Callable[[int], None]) -> None:
+                      start_row: int, offset: int, width: int, on_batch: Callable[[int], None],
+                      review: ReviewAccumulator) -> None:
     """The per-batch inner loop of checkpoint `c`: embed a batch, check it is finite, add it into the
     accumulated vectors [rows, D] (projected kinds; exact mode writes this checkpoint's columns
-    offset..offset+width) and add its exact self-influence. The first batch and every SUM_CHECK_EVERY-th
-    are sum-checked (hook gradients vs the batch gradient: `indexer.capture`)."""
+    offset..offset+width) and add its exact self-influence; record its losses and outputs for label
+    review (`indexer.review`). The first batch and every SUM_CHECK_EVERY-th are sum-checked (hook
+    gradients vs the batch gradient: `indexer.capture`)."""
     batch_size = job.config.index.batch_size
     for b, start in enumerate(range(0, vectors.rows, batch_size)):
         stop = min(start + batch_size, vectors.rows)
@@ -491,6 +522,11 @@ def _embed_checkpoint(job: _Job, embedder: CheckpointEmbedder, c: int, vectors: 
             block[:, offset:offset + width] = vec  # exact mode: this checkpoint's own columns
         vectors.write(start, block)
         self_influence[start:stop] += sq
+        try:
+            review.add(c, start, stop, labels, part.losses, part.outputs, job.task)
+        except ReviewError as exc:
+            raise IndexBuildError(f"checkpoints[{c}], training rows {start_row + start}..{start_row + stop - 1}: "
+                                  f"{exc}") from None
         on_batch(b)
         kill_point("batch")
 
@@ -505,9 +541,13 @@ def _check_finite(job: _Job, c: int, start: int, stop: int, vec: np.ndarray, sq:
 
 
 def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, started: float,
-              embed_seconds: float) -> BuildResult:
-    """Write FAISS index, self-influence, examples, checkpoints and manifest; rename into place."""
+              embed_seconds: float, review: ReviewAccumulator) -> BuildResult:
+    """Write FAISS index, self-influence, label review, examples, checkpoints and manifest; rename into place."""
     config, plan = job.config, job.plan
+    try:
+        review_table = review.table()
+    except ReviewError as exc:
+        raise IndexBuildError(f"label review: {exc}; no index was written") from None
     staging = StagingDirectory(job.out, overwrite=job.overwrite, protected=_protected(config))
     try:
         faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE, queries=lambda: _held_out_queries(job))
@@ -515,9 +555,11 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
             _write_faiss(config, _normalized(vectors, self_influence), staging.path / NORMALIZED_INDEX_FILE,
                          measure=False)
         save_npy(staging.path / SELF_INFLUENCE_FILE, self_influence)
+        save_npy(staging.path / LABEL_REVIEW_FILE, review_table)
+        (staging.path / INPUT_RANGES_FILE).write_text(dump_input_ranges(record_input_ranges(job.task, job.examples)))
         _write_examples(job.task, job.examples, staging.path)
         ckpt_entries = _copy_checkpoints(job, staging.path)
-        names = [INDEX_FILE, SELF_INFLUENCE_FILE, EXAMPLES_FILE]
+        names = [INDEX_FILE, SELF_INFLUENCE_FILE, LABEL_REVIEW_FILE, INPUT_RANGES_FILE, EXAMPLES_FILE]
         if (staging.path / NORMALIZED_INDEX_FILE).is_file():
             names.append(NORMALIZED_INDEX_FILE)
         if (staging.path / QUERIES_FILE).is_file():
@@ -537,6 +579,7 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
             "embedding_dim": plan.total_dim,
             "count": job.count,
             "training_set": training_set_digest(job.examples),
+            "label_review": review_entry(review_table),
             "faiss": faiss_info,
             "files": file_hashes(staging.path, names),
             "versions": library_versions(),

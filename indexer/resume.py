@@ -5,7 +5,9 @@ Resume state. After checkpoint c the accumulated state is one directory, committ
     <parent>/.<name>.partial-<config hash>/state-<c>/
         vectors.npy          float32 [rows, D]: the embedding accumulated over checkpoints 0..c
         self_influence.npy   float64 [rows]: sum over checkpoints 0..c
-        state.json           config hash, checkpoint c, rows, dim, sha256 of both files (written last)
+        review.npy           float64 [rows, F]: per-example label-review numbers of checkpoints 0..c
+                             (`indexer.review.ReviewAccumulator`; any `extras` a build names)
+        state.json           config hash, checkpoint c, rows, dim, sha256 of every file (written last)
 
 It is written as ``state-<c>.tmp`` and renamed to ``state-<c>``; the previous state is removed only
 after that rename. A resumed build takes the newest ``state-<c>`` that verifies (config hash, shapes,
@@ -207,10 +209,13 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 class ResumeState:
     """The resume directory of one build (see the module docstring). `rows` = (start, stop)."""
 
-    def __init__(self, work: Path, config_hash: str, rows: tuple[int, int], dim: int, checkpoints: int):
+    def __init__(self, work: Path, config_hash: str, rows: tuple[int, int], dim: int, checkpoints: int,
+                 extras: tuple[str, ...] = ()):
         self.work, self.config_hash, self.rows = Path(work), config_hash, rows
         self.dim, self.checkpoints = dim, checkpoints
         self.count = rows[1] - rows[0]
+        self.extras = tuple(extras)  # names of further float64 [rows, ...] arrays every state holds
+        self.loaded: dict[str, np.ndarray] = {}  # those arrays of the state `load` resumed from
 
     def state_dir(self, c: int) -> Path:
         return self.work / f"state-{c:04d}"
@@ -235,6 +240,7 @@ class ResumeState:
             problem = self._verify(entry, c)
             if problem is None:
                 found = (c, np.load(entry / SELF_INFLUENCE, allow_pickle=False))
+                self.loaded = {name: np.load(entry / f"{name}.npy", allow_pickle=False) for name in self.extras}
             else:
                 say(f"resume state {entry.name} in {self.work.name} is damaged ({problem}); removed it, restarting "
                     "from the previous good state")
@@ -261,6 +267,21 @@ class ResumeState:
                 return f"{name} is missing"
             if sha256_file(file) != info.get(key):
                 return f"{name} does not match its sha256"
+        extras = info.get("extras_sha256")
+        if sorted(extras or {}) != sorted(self.extras):
+            return f"it holds {sorted(extras or {})}, this build keeps {sorted(self.extras)}"
+        for name in self.extras:
+            file = directory / f"{name}.npy"
+            if not file.is_file():
+                return f"{file.name} is missing"
+            if sha256_file(file) != extras.get(name):
+                return f"{file.name} does not match its sha256"
+            try:
+                array = np.load(file, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                return f"{file.name}: {exc}"
+            if array.dtype != np.float64 or array.shape[:1] != (self.count,):
+                return f"{file.name} has shape {array.shape} {array.dtype}"
         try:
             RowFile.open(directory / VECTORS, self.count, self.dim).close()
             si = np.load(directory / SELF_INFLUENCE, allow_pickle=False)
@@ -280,16 +301,24 @@ class ResumeState:
             return RowFile.copy(previous / VECTORS, tmp / VECTORS, self.count, self.dim)
         return RowFile.create(tmp / VECTORS, self.count, self.dim)
 
-    def commit(self, c: int, vectors: RowFile, self_influence: np.ndarray) -> Path:
-        """Write self-influence and state.json into `state-<c>.tmp`, rename it to `state-<c>` (the one
-        commit of checkpoint c), then remove the previous state."""
+    def commit(self, c: int, vectors: RowFile, self_influence: np.ndarray,
+               extras: dict[str, np.ndarray] | None = None) -> Path:
+        """Write self-influence, the `extras` arrays (one per name the state keeps) and state.json into
+        `state-<c>.tmp`, rename it to `state-<c>` (the one commit of checkpoint c), then remove the previous
+        state."""
         tmp = self.work / f"state-{c:04d}.tmp"
+        extras = dict(extras or {})
+        if sorted(extras) != sorted(self.extras):
+            raise ValueError(f"resume state: got arrays {sorted(extras)}, expected {sorted(self.extras)}")
         vectors.sync()
         vectors.close()
         save_npy(tmp / SELF_INFLUENCE, self_influence)
+        for name, array in extras.items():
+            save_npy(tmp / f"{name}.npy", np.asarray(array, dtype=np.float64))
         info = {"format": STATE_FORMAT, "config_hash": self.config_hash, "checkpoint": c, "rows": list(self.rows),
                 "dim": self.dim, "vectors_sha256": sha256_file(tmp / VECTORS),
-                "self_influence_sha256": sha256_file(tmp / SELF_INFLUENCE)}
+                "self_influence_sha256": sha256_file(tmp / SELF_INFLUENCE),
+                "extras_sha256": {name: sha256_file(tmp / f"{name}.npy") for name in sorted(extras)}}
         with open(tmp / STATE_JSON, "w") as handle:
             json.dump(info, handle)
             handle.flush()

@@ -6,6 +6,10 @@
     manifest.sha256      sha256 of manifest.json, so the manifest is covered by the integrity check too
     index.faiss          FAISS inner-product index over the embeddings (row r = training example r)
     self_influence.npy   exact sum_i lr_i ||g_i(z)||^2 per row (float64)
+    label_review.npy     per row: the loss (and margin) at each checkpoint, the prediction and its
+                         probability at the last one (structured; `indexer.review`); absent in older indexes
+    input_ranges.json    per-feature ranges of the training inputs, for out-of-distribution warnings
+                         (`indexer.input_ranges`); absent in older indexes
     examples.jsonl       one line per row: {"id", "label", "display"}
     queries.jsonl        optional held-out examples: {"id", "label", "example"}
     checkpoints/         copies of the checkpoint files, so the directory is self-contained
@@ -42,6 +46,7 @@ NORMALIZED_INDEX_FILE = "index_normalized.faiss"
 SELF_INFLUENCE_FILE = "self_influence.npy"
 EXAMPLES_FILE = "examples.jsonl"
 QUERIES_FILE = "queries.jsonl"
+INPUT_RANGES_FILE = "input_ranges.json"
 CHECKPOINT_DIR = "checkpoints"
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "MANIFEST_DIGEST", "IndexDirectory", "IndexDirectoryError", "IndexBuildError",
@@ -210,6 +215,8 @@ class IndexDirectory:
     examples: list[dict[str, Any]]
     queries: list[dict[str, Any]]
     model: Manifest | None = None
+    label_review: np.ndarray | None = None  # label_review.npy (None: an index built before it existed)
+    input_ranges: Any = None  # indexer.input_ranges.InputRanges (None: an index built before them)
     normalized_index: faiss.Index | None = None
 
     @property
@@ -272,6 +279,8 @@ class IndexDirectory:
             if not isinstance(ex, dict) or "id" not in ex or "label" not in ex:
                 raise IndexDirectoryError(f"{path}: {EXAMPLES_FILE} row {row} is not an object with an id and a label")
         _check_recorded_lrs(path, model)
+        review = _read_label_review(path, model) if model.label_review is not None else None
+        ranges = _read_input_ranges(path) if INPUT_RANGES_FILE in model.files else None  # only a covered file
         normalized = None
         if NORMALIZED_INDEX_FILE in model.files:
             try:
@@ -281,7 +290,41 @@ class IndexDirectory:
             if normalized.ntotal != count or normalized.d != dim:
                 raise IndexDirectoryError(f"{path}: {NORMALIZED_INDEX_FILE} has {normalized.ntotal} x {normalized.d} "
                                           f"vectors, not {count} x {dim}")
-        return cls(path, manifest, index, self_influence, examples, queries, model, normalized)
+        return cls(path, manifest, index, self_influence, examples, queries, model, review, ranges,
+                   normalized_index=normalized)
+
+
+def _read_input_ranges(path: Path):
+    from indexer.input_ranges import InputRanges, InputRangesError
+
+    try:
+        return InputRanges.from_json(json.loads((path / INPUT_RANGES_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:  # JSON, decoding and InputRangesError are ValueErrors
+        raise IndexDirectoryError(f"{path}: {INPUT_RANGES_FILE} {exc}") from None
+
+
+def _read_label_review(path: Path, model: Manifest) -> np.ndarray:
+    """label_review.npy, validated against the manifest (`indexer.review.check_table`)."""
+    from indexer.review import ReviewError, available_rankings, check_table
+
+    name = model.label_review.file
+    try:
+        table = np.load(path / name, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise IndexDirectoryError(f"{path}: cannot read {name}: {exc}") from None
+    task = model.task
+    kind = task.label_kind or "class"
+    width = task.label_width or 0
+    classes = len(task.class_names) if task.class_names else None
+    try:
+        check_table(table, kind, model.count, len(model.checkpoints), int(width), classes)
+    except ReviewError as exc:
+        raise IndexDirectoryError(f"{path}: {name} {exc}") from None
+    if list(table.dtype.names) != list(model.label_review.fields) or \
+            available_rankings(table) != list(model.label_review.rankings):
+        raise IndexDirectoryError(f"{path}: {name} has fields {list(table.dtype.names)}, the manifest says "
+                                  f"{list(model.label_review.fields)}")
+    return table
 
 
 def _last_line(exc: BaseException) -> str:

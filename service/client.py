@@ -23,7 +23,7 @@ import httpx
 from pydantic import BaseModel
 
 from service.schemas import (
-    ErrorItem, ExampleInfo, IndexInfo, InfluenceResponse, QueryPage, SelfInfluencePage,
+    ErrorItem, ExampleInfo, IndexInfo, InfluenceResponse, LabelReviewPage, QueryPage, SelfInfluencePage,
 )
 
 T = TypeVar("T", bound=BaseModel)
@@ -118,6 +118,11 @@ class InfluenceClient:
                            label: Optional[Union[int, str]] = None) -> SelfInfluencePage:
         return self._get("/self-influence/top", SelfInfluencePage, k=k, offset=offset, label=label)
 
+    def label_review(self, ranking: Optional[str] = None, k: int = 10, offset: int = 0,
+                     label: Optional[Union[int, str]] = None) -> LabelReviewPage:
+        """GET /label-review: the training set by `ranking` (None: the server's default), most suspicious first."""
+        return self._get("/label-review", LabelReviewPage, ranking=ranking, k=k, offset=offset, label=label)
+
     def example(self, example_id: str) -> ExampleInfo:
         return self._get(f"/examples/{quote(example_id, safe='')}", ExampleInfo)
 
@@ -169,6 +174,10 @@ class AsyncInfluenceClient:
     async def self_influence_top(self, k: int = 10, offset: int = 0,
                                  label: Optional[Union[int, str]] = None) -> SelfInfluencePage:
         return await self._get("/self-influence/top", SelfInfluencePage, k=k, offset=offset, label=label)
+
+    async def label_review(self, ranking: Optional[str] = None, k: int = 10, offset: int = 0,
+                           label: Optional[Union[int, str]] = None) -> LabelReviewPage:
+        return await self._get("/label-review", LabelReviewPage, ranking=ranking, k=k, offset=offset, label=label)
 
     async def example(self, example_id: str) -> ExampleInfo:
         return await self._get(f"/examples/{quote(example_id, safe='')}", ExampleInfo)

@@ -19,6 +19,7 @@ import numpy as np
 from service.errors import ApiError, ServiceStartupError
 from service.first_stage import FirstStage, _ends
 from service.labels import Labels
+from service.ood import input_warnings
 from service.settings import Settings
 
 
@@ -51,6 +52,8 @@ class Engine:
     metrics: dict[str, Any] = field(default_factory=dict)  # query metrics by name (indexer.metrics.Metric)
     stats: Any = None  # service.metrics.Metrics (Prometheus), set by the app
     _display_flags: dict[str, np.ndarray] | None = None
+    review: Any = None  # service.review.LabelReview: the label-review rankings
+    input_ranges: Any = None  # indexer.input_ranges.InputRanges, or None (an index built before them)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -315,6 +318,7 @@ class Engine:
             "index": {"approximate": self.approximate, "count": self.count,
                       "candidates": int(rows.size) if rows is not None else self.count},
             "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
+            "warnings": input_warnings(self, req),
         }
 
     def _prediction(self, predicted: Any, probabilities) -> dict[str, Any]:
@@ -394,6 +398,42 @@ class Engine:
                    for name, flags in self.display_flags().items()}
         return {"edges": edges.tolist(), "counts": counts.tolist(), "total": int(rows.size),
                 "scale": "log" if use_log else "linear", "label": label_value, "flagged": flagged}
+
+    # -- label review (service.review) -----------------------------------------------------------
+    def _review_rows(self, ranking: str | None, label: int | str | None) -> tuple[str, int | None, np.ndarray]:
+        """(ranking, label filter's class id, rows most suspicious first) for the label-review routes."""
+        name = self.review.ranking(ranking)
+        if label is None:
+            return name, None, self.review.order(name)
+        label_value, rows = self.labels.rows(label, "label", ["query", "label"])
+        return name, label_value, self.review.order(name, label_value, rows)
+
+    def label_review_page(self, ranking: str | None, k: int, offset: int, label: int | str | None) -> dict[str, Any]:
+        """GET /label-review: a page of training examples by `ranking` (None: the default), most suspicious
+        first, each with the prediction, its probability and the suggested label."""
+        name, label_value, order = self._review_rows(ranking, label)
+        items = [self.review.item(self, r, name) for r in order[offset:offset + k].tolist()]
+        return {"items": items, "total": int(order.size), "offset": offset, "k": k, "label": label_value,
+                **self.review.describe(name)}
+
+    def label_review_histogram(self, ranking: str | None, bins: int, label: int | str | None,
+                               scale: str) -> dict[str, Any]:
+        from service.review import histogram
+
+        name, label_value, order = self._review_rows(ranking, label)
+        out = histogram(self.review.scores[name], bins, scale, self.review.describe(name)["order"],
+                        self.display_flags(), order)
+        return {**out, "label": label_value, "ranking": name}
+
+    def label_review_export(self, ranking: str | None, label: int | str | None,
+                            limit: int | None) -> tuple[str, list[dict[str, Any]]]:
+        """(ranking, the rows of GET /label-review/export, most suspicious first, at most `limit`)."""
+        from service.review import export_rows
+
+        name, _, order = self._review_rows(ranking, label)
+        if limit is not None:
+            order = order[:limit]
+        return name, export_rows(self, self.review, name, order)
 
     def display_flags(self) -> dict[str, np.ndarray]:
         """Boolean display fields present on every training example, as [N] masks (cached)."""

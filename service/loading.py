@@ -149,6 +149,10 @@ def load_engine(settings: Settings) -> Engine:
                     first_stage=FirstStage.open(index_dir.index, manifest, settings, path, index_dir.self_influence,
                                                 index_dir.normalized_index), scorer=scorer,
                     rerank_error=rerank_error, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank)
+    from service.review import LabelReview
+
+    engine.review = LabelReview.build(index_dir, labels.kind, labels.width)
+    engine.input_ranges = index_dir.input_ranges
     if settings.warmup:
         engine.warm_up()
     engine.load_seconds = time.perf_counter() - t0

@@ -89,6 +89,13 @@ class InfluenceResponse(BaseModel):
     rerank: Optional[RerankInfo] = Field(None, description="the second stage, when it ran")
     index: IndexBrief
     took_ms: float = Field(description="server-side time of this request in milliseconds")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="the posted example is unlike the training inputs (in words: another scale, e.g. 0..1 where "
+                    "the training range is expected; many values far from the training data at their position, e.g. a "
+                    "white background; ids never seen in training), judged from ranges of the training inputs "
+                    "recorded at index time; empty when it looks like training data, for train_id queries, and for "
+                    "an index built before the ranges were recorded. The answer is computed all the same")
 
 
 class SelfInfluenceItem(BaseModel):
@@ -116,6 +123,60 @@ class SelfInfluenceHistogram(BaseModel):
     label: Optional[int] = None
     flagged: dict[str, list[int]] = Field(
         default_factory=dict, description="per boolean display field (e.g. `flipped`): examples per bin where true")
+
+
+RankingName = Literal["combined", "self_influence", "loss", "margin", "aum"]
+
+
+class LabelReviewItem(BaseModel):
+    """One training example in the label-review list."""
+
+    id: str
+    rank: int = Field(description="1-based rank by the ranking among all training examples (1 = most suspicious)")
+    score: float = Field(description="the ranking's score, in its own units (see `ranking`, `order`)")
+    label: LabelValue = Field(description="the given (training) label")
+    label_name: Optional[str] = None
+    display: dict[str, Any] = Field(default_factory=dict)
+    self_influence: float = Field(description="exact self-influence sum_i lr_i ||g_i(z)||^2")
+    prediction: Optional[LabelValue] = Field(
+        None, description="the model's prediction at the last checkpoint, in the form of a label (class id, 0/1 "
+                          "vector, predicted value(s)); null for an index built before label review")
+    prediction_name: Optional[str] = None
+    probability: Optional[float] = Field(
+        None, description="the model's probability of its prediction at the last checkpoint (class: softmax; "
+                          "multi-label: the predicted label vector under independent sigmoids); null for regression")
+    label_probability: Optional[float] = Field(None, description="the same probability for the given label")
+    suggested_label: Optional[LabelValue] = Field(
+        None, description="the prediction where it differs from the given label (class and multi-label tasks); null "
+                          "when the model agrees with the label, and for regression")
+    suggested_label_name: Optional[str] = None
+
+
+class LabelReviewPage(BaseModel):
+    items: list[LabelReviewItem]
+    total: int = Field(description="training examples matching the label filter (all when no filter)")
+    offset: int
+    k: int
+    label: Optional[int] = None
+    ranking: str = Field(description="the ranking used")
+    order: Literal["descending", "ascending"] = Field(
+        description="how `score` runs from the most suspicious down: descending (self_influence, loss, combined) or "
+                    "ascending (margin, aum)")
+    description: str = Field(description="what the ranking measures")
+    default_ranking: str = Field(description="the ranking used when none is asked for")
+    rankings: list[str] = Field(description="the rankings this index supports")
+
+
+class LabelReviewHistogram(BaseModel):
+    edges: list[float] = Field(description="bins + 1 bin edges (ascending)")
+    counts: list[int] = Field(description="training examples per bin")
+    total: int
+    scale: Literal["log", "linear"] = Field(description="log when asked and every score is >= 0")
+    order: Literal["descending", "ascending"] = Field(
+        description="descending: bin i's first row is at offset sum(counts[i+1:]); ascending: sum(counts[:i])")
+    ranking: str
+    label: Optional[int] = None
+    flagged: dict[str, list[int]] = Field(default_factory=dict)
 
 
 class ExampleInfo(BaseModel):

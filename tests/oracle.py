@@ -40,3 +40,62 @@ def tracin_matrix(task: Task, checkpoints, inputs_a, labels_a, inputs_b, labels_
         term = ckpt.lr * ga @ gb.T
         total = term if total is None else total + term
     return total
+
+
+def label_review_bruteforce(task: Task, checkpoints, inputs, labels) -> dict:
+    """Per example, in float64, one forward pass per example and checkpoint (the model converted to
+    float64): loss [N, C]; margin [N, C] (class: logit of the label minus the largest other logit;
+    multi-label: min_j (2 y_j - 1) z_j; None for regression); and at the last checkpoint the prediction,
+    its probability and the given label's (class: softmax; multi-label: product of per-label sigmoid
+    probabilities; None for regression), each written out element by element."""
+    import math
+
+    kind = task.kind
+    n, count = labels.shape[0], len(checkpoints)
+    loss = [[0.0] * count for _ in range(n)]
+    margin = [[0.0] * count for _ in range(n)] if kind != "regression" else None
+    prediction, probability, label_probability = [None] * n, [None] * n, [None] * n
+    for c, ckpt in enumerate(checkpoints):
+        state, _ = load_checkpoint(ckpt.path)
+        model = task.build_model()
+        model.load_state_dict(state)
+        model = model.double().eval()
+        for i in range(n):
+            x = move_inputs(take_rows(inputs, slice(i, i + 1)), "cpu", torch.float64)
+            y = labels[i:i + 1]
+            y = y.double() if y.is_floating_point() else y
+            with torch.no_grad():
+                out = task.forward(model, x)
+                loss[i][c] = float(task.loss(out, y)[0])
+            z = [float(v) for v in out.reshape(-1)]
+            if kind == "class":
+                label = int(y[0])
+                margin[i][c] = z[label] - max(v for j, v in enumerate(z) if j != label)
+            elif kind == "multilabel":
+                target = [float(v) for v in y.reshape(-1)]
+                margin[i][c] = min((2 * t - 1) * v for t, v in zip(target, z))
+            if c == count - 1:
+                if kind == "class":
+                    top = max(z)
+                    exps = [math.exp(v - top) for v in z]
+                    probs = [e / sum(exps) for e in exps]
+                    best = max(range(len(z)), key=lambda j: (z[j], -j))
+                    prediction[i], probability[i], label_probability[i] = best, probs[best], probs[int(y[0])]
+                elif kind == "multilabel":
+                    probs = [1 / (1 + math.exp(-v)) for v in z]
+                    pred = [1.0 if p > 0.5 else 0.0 for p in probs]
+                    target = [float(v) for v in y.reshape(-1)]
+                    prediction[i] = pred
+                    probability[i] = math.prod(p if t > 0.5 else 1 - p for p, t in zip(probs, pred))
+                    label_probability[i] = math.prod(p if t > 0.5 else 1 - p for p, t in zip(probs, target))
+                else:
+                    prediction[i] = z
+    return {"loss": loss, "margin": margin, "prediction": prediction, "probability": probability,
+            "label_probability": label_probability}
+
+
+def percentile_ranks_bruteforce(values) -> list[float]:
+    """Each value's rank among all in 0..1 (1 = the largest; ties share their mean rank), by counting."""
+    n = len(values)
+    return [(sum(1 for w in values if w < v) + (sum(1 for w in values if w == v) - 1) / 2) / (n - 1)
+            for v in values]

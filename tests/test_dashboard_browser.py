@@ -168,8 +168,14 @@ def screenshot(driver, name: str) -> None:
 
 
 def self_rows(driver) -> list[dict]:
+    def parsed(tr, name):
+        text = tr.get_attribute(name)
+        return json.loads(text) if text else None
+
     return [{"id": tr.get_attribute("data-id"), "score": float(tr.get_attribute("data-score")),
-             "label": int(tr.get_attribute("data-label")), "flipped": "flipped" in (tr.get_attribute("class") or "")}
+             "label": parsed(tr, "data-label"), "flipped": "flipped" in (tr.get_attribute("class") or ""),
+             "prediction": parsed(tr, "data-prediction"), "probability": parsed(tr, "data-probability"),
+             "suggested": parsed(tr, "data-suggested")}
             for tr in css(driver, "#si-table tbody tr[data-id]")]
 
 
@@ -250,13 +256,22 @@ def test_click_a_hit_explains_that_training_example(browser, api):
 
 
 def test_self_influence_view_first_rows(browser, api):
+    """The label-review view opens on the server's default ranking, with the prediction, its probability
+    and the suggested label of every row as GET /label-review gives them."""
     css(browser, "#tab-self")[0].click()
-    wait_for(lambda: len(css(browser, "#si-table tbody tr[data-id]")) == 50, what="50 self-influence rows")
-    top = api.get("/self-influence/top", params={"k": 50}).json()
+    wait_for(lambda: len(css(browser, "#si-table tbody tr[data-id]")) == 50, what="50 label-review rows")
+    top = api.get("/label-review", params={"k": 50}).json()
+    assert top["ranking"] == top["default_ranking"] == "combined"
     rows = self_rows(browser)
     assert [r["id"] for r in rows] == [x["id"] for x in top["items"]]
     assert [r["score"] for r in rows] == pytest.approx([x["score"] for x in top["items"]], rel=1e-9)
     assert [r["flipped"] for r in rows] == [bool(x["display"].get("flipped")) for x in top["items"]]
+    assert [r["prediction"] for r in rows] == [x["prediction"] for x in top["items"]]
+    assert [r["probability"] for r in rows] == pytest.approx([x["probability"] for x in top["items"]], rel=1e-12)
+    assert [r["suggested"] for r in rows] == [x["suggested_label"] for x in top["items"]]
+    assert any(r["suggested"] is not None for r in rows) and css(browser, "#si-table .suggest")
+    assert css(browser, "#si-ranking")[0].get_attribute("value") == "combined"
+    assert "percentile ranks" in css(browser, "#si-ranking-note")[0].text
     assert any(r["flipped"] for r in rows), "the digits demo's flipped labels should reach the top 50"
     assert f"of {top['total']:,}" in css(browser, "#si-pager")[0].text
     assert css(browser, "#si-flipped")[0].text.startswith("flipped on this page:")
@@ -266,10 +281,10 @@ def test_self_influence_view_first_rows(browser, api):
         "return [...document.querySelectorAll('#si-histogram .bin .bar:not(.flag)')]"
         ".reduce((n, r) => n + (r.getAttribute('height') > 0 ? 1 : 0), 0)")
     assert counted > 5
-    assert css(browser, "#si-histogram")[0].get_attribute("data-source") == "server"  # GET /self-influence/histogram
+    assert css(browser, "#si-histogram")[0].get_attribute("data-source") == "server"  # GET /label-review/histogram
     note = css(browser, "#hist-note")[0].text
     assert f"{top['total']:,} examples" in note
-    screenshot(browser, "self-influence")
+    screenshot(browser, "label-review")
 
 
 def test_self_influence_label_filter_and_paging(browser, api):
@@ -278,10 +293,10 @@ def test_self_influence_label_filter_and_paging(browser, api):
     Select(css(browser, "#si-label")[0]).select_by_value("3")
     wait_for(lambda: "label=3" in browser.current_url and self_rows(browser)
              and all(r["label"] == 3 for r in self_rows(browser)), what="label 3 rows")
-    page = api.get("/self-influence/top", params={"k": 50, "label": 3}).json()
+    page = api.get("/label-review", params={"k": 50, "label": 3}).json()
     wait_for(lambda: [r["id"] for r in self_rows(browser)] == [x["id"] for x in page["items"]], what="label 3 page")
     css(browser, "#si-pager button[data-go=next]")[0].click()
-    page2 = api.get("/self-influence/top", params={"k": 50, "offset": 50, "label": 3}).json()
+    page2 = api.get("/label-review", params={"k": 50, "offset": 50, "label": 3}).json()
     wait_for(lambda: [r["id"] for r in self_rows(browser)] == [x["id"] for x in page2["items"]], what="label 3 page 2")
     ranks = [int(td.text.replace(",", "")) for td in css(browser, "#si-table tbody tr td:first-child")]
     assert ranks == [x["rank"] for x in page2["items"]]
@@ -290,6 +305,63 @@ def test_self_influence_label_filter_and_paging(browser, api):
     train_id = row.get_attribute("data-id")
     row.click()
     results_for(browser, "train", train_id)
+
+
+def test_switch_ranking_and_export_the_ranked_list(browser, server, api, tmp_path):
+    """The ranking select reorders the list (the same rows as GET /label-review?ranking=..., and as
+    GET /self-influence/top for self_influence); the CSV and JSON exports download the chosen ranking's
+    whole list with its scores, as GET /label-review/export gives it."""
+    import csv
+    import io
+
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(server + "/#/self")
+    wait_for(lambda: len(self_rows(browser)) == 50, what="label-review rows")
+    Select(css(browser, "#si-ranking")[0]).select_by_value("self_influence")
+    top = api.get("/self-influence/top", params={"k": 50}).json()
+    wait_for(lambda: "ranking=self_influence" in browser.current_url
+             and [r["id"] for r in self_rows(browser)] == [x["id"] for x in top["items"]], what="self-influence order")
+    assert [r["score"] for r in self_rows(browser)] == pytest.approx([x["score"] for x in top["items"]], rel=1e-9)
+    Select(css(browser, "#si-ranking")[0]).select_by_value("margin")
+    page = api.get("/label-review", params={"k": 50, "ranking": "margin"}).json()
+    assert page["order"] == "ascending" and [x["score"] for x in page["items"]] == sorted(x["score"] for x in page["items"])
+    wait_for(lambda: "ranking=margin" in browser.current_url
+             and [r["id"] for r in self_rows(browser)] == [x["id"] for x in page["items"]], what="margin order")
+    wait_for(lambda: css(browser, "#si-histogram")[0].get_attribute("data-ranking") == "margin", what="margin histogram")
+    assert css(browser, "#si-score-head")[0].text == "margin" and "lowest first" in css(browser, "#si-ranking-note")[0].text
+    # Exports of the chosen ranking (downloaded by the browser with the API key)
+    browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    css(browser, "#si-export-csv")[0].click()
+    path = wait_for(lambda: (tmp_path / "label-review-margin.csv").is_file() and tmp_path / "label-review-margin.csv",
+                    what="CSV download")
+    text = wait_for(lambda: path.read_text() if path.read_text().count("\n") > page["total"] else None, what="whole CSV")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    expected = api.get("/label-review/export", params={"format": "csv", "ranking": "margin"}).text
+    assert text == expected and len(rows) == page["total"]
+    for row, item in zip(rows, page["items"]):
+        assert row["id"] == item["id"] and row["ranking"] == "margin" and int(row["rank"]) == item["rank"]
+        assert float(row["score"]) == pytest.approx(item["score"], rel=1e-12)
+        assert int(row["label"]) == item["label"] and int(row["prediction"]) == item["prediction"]
+        assert float(row["probability"]) == pytest.approx(item["probability"], rel=1e-12)
+        assert row["suggested_label"] == ("" if item["suggested_label"] is None else str(item["suggested_label"]))
+        assert row["display.flipped"] == ("true" if item["display"]["flipped"] else "false")
+    assert "display.image" not in rows[0]  # pictures stay out of exports
+    css(browser, "#si-export-json")[0].click()
+    json_path = tmp_path / "label-review-margin.json"
+    data = wait_for(lambda: json_path.is_file() and _json_or_none(json_path), what="JSON download")
+    assert data["ranking"] == "margin" and data["order"] == "ascending" and data["total"] == page["total"]
+    assert [x["id"] for x in data["items"][:50]] == [x["id"] for x in page["items"]]
+    assert [x["score"] for x in data["items"][:50]] == [x["score"] for x in page["items"]]
+    assert banner(browser) is None
+    screenshot(browser, "label-review-margin")
+
+
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def test_index_panel(browser, api):
@@ -359,8 +431,8 @@ def test_log_x_checkbox_switches_the_histogram_scale(browser, server, api):
     hist = lambda: css(browser, "#si-histogram")[0]  # noqa: E731
     wait_for(lambda: hist().get_attribute("data-scale") == "log" and css(browser, "#si-histogram .bin"),
              what="log histogram")
-    log_counts = api.get("/self-influence/histogram", params={"bins": 40, "scale": "log"}).json()["counts"]
-    linear_counts = api.get("/self-influence/histogram", params={"bins": 40, "scale": "linear"}).json()["counts"]
+    log_counts = api.get("/label-review/histogram", params={"bins": 40, "scale": "log"}).json()["counts"]
+    linear_counts = api.get("/label-review/histogram", params={"bins": 40, "scale": "linear"}).json()["counts"]
     assert log_counts != linear_counts
     assert _histogram_counts(browser) == log_counts and "log scale" in hist().text
     checkbox = css(browser, "#hist-log")[0]
@@ -654,7 +726,7 @@ def test_tabular_task_shows_fields_as_tables(browser, wine_server):
     screenshot(browser, "tabular-explain")
     css(browser, "#tab-self")[0].click()
     wait_for(lambda: len(css(browser, "#si-table tbody tr[data-id]")) == 50, what="self-influence rows")
-    top = httpx.get(wine_server + "/self-influence/top", params={"k": 1}).json()["items"][0]
+    top = httpx.get(wine_server + "/label-review", params={"k": 1}).json()["items"][0]
     first = css(browser, "#si-table tbody tr[data-id]")[0]
     assert _floats(first.find_elements("css selector", "table.fields td")) == pytest.approx(
         [top["display"]["alcohol"], top["display"]["color_intensity"]])

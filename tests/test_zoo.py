@@ -20,7 +20,7 @@ from indexer.pipeline import build_index
 from indexer.store import IndexDirectory
 from tests import zoo
 from tests.conftest import make_checkpoints
-from tests.oracle import tracin_matrix
+from tests.oracle import label_review_bruteforce, percentile_ranks_bruteforce, tracin_matrix
 from tests.service_support import REPO, start_server
 
 NAMES = sorted(zoo.EXACT)
@@ -66,6 +66,51 @@ def test_exact_index_and_self_influence_equal_bruteforce(built, name):
     assert _rel(vectors @ vectors.T, oracle.numpy()) < TOL
     assert float(np.abs(index.self_influence - oracle.diagonal().numpy()).max() / oracle.abs().max()) < TOL
     assert index.manifest["capture"]["self_check"]["ok"] is True
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_label_review_rankings_equal_bruteforce(built, name):
+    """label_review.npy and every ranking derived from it equal one float64 forward pass per example and
+    checkpoint (tests/oracle.py), for class, regression and multi-label tasks."""
+    from indexer.review import RANKINGS, ranking_scores, suspicious_first
+
+    task, ckpts, path, oracle = built[name]
+    index = IndexDirectory.open(path)
+    table = index.label_review
+    ts = task.training_set()
+    want = label_review_bruteforce(task, ckpts, *ts.batch(0, len(ts)))
+    tol = 1e-3 if name == "BFloat16" else 1e-9  # bf16 weights run in float32 in the index, float64 here
+    assert np.allclose(table["loss"], want["loss"], rtol=tol, atol=tol)
+    if task.kind == "regression":
+        assert set(table.dtype.names) == {"loss", "prediction"}
+        # Task.predict gives regression predictions as float32 (what the service answers for a query too)
+        assert np.allclose(table["prediction"], want["prediction"], rtol=1e-6, atol=1e-6)
+    else:
+        assert set(table.dtype.names) == {"loss", "margin", "prediction", "probability", "label_probability"}
+        assert np.allclose(table["margin"], want["margin"], rtol=tol, atol=tol)
+        assert np.allclose(table["probability"], want["probability"], rtol=tol, atol=tol)
+        assert np.allclose(table["label_probability"], want["label_probability"], rtol=tol, atol=tol)
+        assert np.array_equal(table["prediction"], np.asarray(want["prediction"]))
+    scores = ranking_scores(table, index.self_influence)
+    loss_last = [row[-1] for row in want["loss"]]
+    expected = {"self_influence": oracle.diagonal().numpy(), "loss": loss_last}
+    mean_loss = [sum(row) / len(row) for row in want["loss"]]
+    if want["margin"] is not None:
+        expected["margin"] = [row[-1] for row in want["margin"]]
+        expected["aum"] = [sum(row) / len(row) for row in want["margin"]]
+        aum_suspicion = [-v for v in expected["aum"]]
+        expected["combined"] = [(a + b) / 2 for a, b in zip(percentile_ranks_bruteforce(mean_loss),
+                                                            percentile_ranks_bruteforce(aum_suspicion))]
+    else:
+        expected["combined"] = percentile_ranks_bruteforce(mean_loss)
+    assert sorted(scores) == sorted(expected) and set(scores) <= set(RANKINGS)
+    for ranking, values in expected.items():
+        values = np.asarray(values, dtype=np.float64)
+        assert np.allclose(scores[ranking], values, rtol=max(tol, TOL), atol=max(tol, TOL) * np.abs(values).max()), ranking
+        if tol < 1e-6 and ranking != "combined":  # the same order as the oracle's values (no near-ties here)
+            descending = RANKINGS[ranking][0] == "descending"
+            oracle_order = sorted(range(len(values)), key=lambda i: (-values[i] if descending else values[i], i))
+            assert suspicious_first(ranking, scores[ranking]).tolist() == oracle_order, ranking
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -307,13 +307,47 @@ class FashionMNISTTask(Task):
         )
 
 
+def fit_sgd(model: nn.Module, loss_fn, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
+            final_lr: float, batch_size: int, seed: int, on_step=None, log=None) -> torch.optim.Optimizer:
+    """The training loop of this example: plain SGD on the mean per-example loss of shuffled batches
+    (order from `seed`), lr decaying exponentially from `lr` to `final_lr` at the last step.
+    `on_step(step, epoch, optimizer)` runs after each step (1-based), before the lr decays."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    count = int(labels.shape[0])
+    steps_per_epoch = (count + batch_size - 1) // batch_size
+    total = epochs * steps_per_epoch
+    decay = (final_lr / lr) ** (1.0 / max(1, total - 1))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(count, generator=generator)
+        model.train()
+        running = 0.0
+        for start in range(0, count, batch_size):
+            rows = order[start:start + batch_size]
+            loss = loss_fn(model(inputs[rows]), labels[rows]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running += loss.item() * len(rows)
+            if on_step is not None:
+                on_step(step, epoch, optimizer)
+            scheduler.step()
+        if log:
+            log(f"epoch {epoch}/{epochs}: mean loss {running / count:.4f}, lr {optimizer.param_groups[0]['lr']:.4g}")
+    return optimizer
+
+
 def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int = 5, limit: int | None = None,
                         flip_fraction: float = 0.0, seed: int = 0, lr: float = 0.1, final_lr: float = 0.01,
                         batch_size: int = 64, data_dir: str = DEFAULT_DATA_DIR, dim: int | None = None,
-                        kind: str | None = None, log=None) -> Path:
+                        kind: str | None = None, log=None, schedule: str = "even") -> Path:
     """Train the CNN with plain SGD and an exponentially decaying lr (lr -> final_lr over the run), save
-    `checkpoints` checkpoints evenly spaced in steps (the last at the end) with the lr in force, and
-    write a TOML config that indexes them. Returns the config path.
+    `checkpoints` checkpoints with the lr in force, and write a TOML config that indexes them. Returns the
+    config path. `schedule`: "even" (evenly spaced in steps, the last at the end) or "log" (log-spaced in
+    epochs from the end of the first epoch to the end of the run: most checkpoints early in training).
 
     `kind` / `dim` go into the config's [projection] table when given (else the library defaults)."""
     out_dir = Path(out_dir)
@@ -321,32 +355,23 @@ def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int =
     task = FashionMNISTTask(data_dir=data_dir, limit=limit, flip_fraction=flip_fraction, seed=seed)
     train = task.training_set()
     model = task.build_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
-    total = epochs * steps_per_epoch
-    decay = (final_lr / lr) ** (1.0 / max(1, total - 1))
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
-    save_at = {round(total * (c + 1) / checkpoints) for c in range(checkpoints)}
-    generator = torch.Generator().manual_seed(seed)
-    saved, step = [], 0
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(train), generator=generator)
-        model.train()
-        running = 0.0
-        for start in range(0, len(train), batch_size):
-            rows = order[start:start + batch_size]
-            loss = task.loss(model(train.inputs[rows]), train.labels[rows]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            running += loss.item() * len(rows)
-            if step in save_at:
-                saved.append(save_checkpoint(out_dir / "checkpoints" / f"step-{step:06d}.pt", model, optimizer,
-                                             step=step, epoch=epoch))
-            scheduler.step()
-        if log:
-            log(f"epoch {epoch}/{epochs}: mean loss {running / len(train):.4f}, lr {optimizer.param_groups[0]['lr']:.4g}")
+    per_epoch = (len(train) + batch_size - 1) // batch_size
+    steps = epochs * per_epoch
+    if schedule == "even":
+        save_at = {round(steps * (c + 1) / checkpoints) for c in range(checkpoints)}
+    elif schedule == "log":
+        save_at = {int(round(per_epoch * e)) for e in np.geomspace(1, epochs, checkpoints)} | {steps}
+    else:
+        raise ValueError(f"schedule must be 'even' or 'log', got {schedule!r}")
+    saved = []
+
+    def on_step(step: int, epoch: int, optimizer) -> None:
+        if step in save_at:
+            saved.append(save_checkpoint(out_dir / "checkpoints" / f"step-{step:06d}.pt", model, optimizer,
+                                         step=step, epoch=epoch))
+
+    fit_sgd(model, task.loss, train.inputs, train.labels, epochs=epochs, lr=lr, final_lr=final_lr,
+            batch_size=batch_size, seed=seed, on_step=on_step, log=log)
     args = [f'data_dir = "{data_dir}"', f"seed = {seed}"]
     if limit is not None:
         args.append(f"limit = {limit}")

@@ -69,6 +69,29 @@ export async function request(method, path, body) {
   return data;
 }
 
+async function download(path) {
+  const headers = {};
+  const key = sessionKey || getApiKey();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const url = new URL(path.replace(/^\//, ""), BASE);
+  let response;
+  try {
+    response = await fetch(url, { headers, cache: "no-store" });
+  } catch (exc) {
+    throw new ApiError(0, "network_error", `cannot reach the API at ${url.origin}: ${exc.message}`, [], path);
+  }
+  if (!response.ok) {
+    let data = null;
+    try { data = JSON.parse(await response.text()); } catch { data = null; }
+    const fields = Array.isArray(data?.detail) ? data.detail.map((d) => d.field).filter(Boolean) : [];
+    throw new ApiError(response.status, data?.error || "http_error",
+      data?.message || `${response.status} ${response.statusText || "error"}`, fields, path);
+  }
+  const disposition = response.headers.get("Content-Disposition") || "";
+  const filename = (disposition.match(/filename="([^"]+)"/) || [])[1] || "label-review";
+  return { blob: await response.blob(), filename };
+}
+
 const qs = (params) => {
   const out = new URLSearchParams();
   for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null && v !== "") out.set(k, v);
@@ -83,6 +106,11 @@ export const api = {
   example: (id) => request("GET", `/examples/${encodeURIComponent(id)}`),
   influence: (body) => request("POST", "/influence", body),
   selfInfluence: (k, offset = 0, label) => request("GET", `/self-influence/top${qs({ k, offset, label })}`),
+  labelReview: (k, offset = 0, label, ranking) => request("GET", `/label-review${qs({ k, offset, label, ranking })}`),
+  labelReviewHistogram: (bins, label, scale, ranking) =>
+    request("GET", `/label-review/histogram${qs({ bins, label, scale, ranking })}`),
+  // The ranked list as a file: {blob, filename} (a fetch with the API key, so that it works behind auth).
+  labelReviewExport: (format, label, ranking) => download(`/label-review/export${qs({ format, label, ranking })}`),
   // Optional route (not every server has it): {edges, counts, total, ...}; 404 -> computed client-side.
   selfInfluenceHistogram: (bins, label, scale) =>
     request("GET", `/self-influence/histogram${qs({ bins, label, scale })}`),

@@ -1,5 +1,5 @@
 // tracin-service influence dashboard: a client of the public REST API only (the reference dashboard).
-// Views: #/explain[/query/<offset>|/train/<id>], #/self?label=&offset=&k=, #/index.
+// Views: #/explain[/query/<offset>|/train/<id>], #/self?ranking=&label=&offset=&k=, #/index.
 import { api, ApiError, getApiKey, setApiKey } from "./api.js";
 import {
   ImageInput, binScores, clear, displayExtras, drawHistogram, exampleVisual, fieldColumns, fieldsTable, flippedBadge,
@@ -17,7 +17,9 @@ const state = {
   queryPage: null,
   current: null, // the query being explained
   trail: [],
-  self: { label: "", offset: 0, k: 50 },
+  self: { label: "", offset: 0, k: 50, ranking: "" },
+  review: null, // the ranking in use and the server's choices (from GET /label-review)
+  lastPage: null,
   hist: new Map(), // label -> histogram data
   lastSelfItems: [],
   busy: 0,
@@ -547,35 +549,81 @@ function renderResults() {
     + (shown.some((x) => x.checkpoints) ? "; bars under a score: its term at each checkpoint" : "")));
 }
 
-// -- self-influence ---------------------------------------------------------------------------
+// -- label review (self-influence and the other rankings) -------------------------------------
 
 let selfSeq = 0;
+
+// The ranking in use: the one in the URL, else the server's default (learned from the first page).
+function currentRanking() {
+  return state.self.ranking || state.review?.default_ranking || "";
+}
 
 async function loadSelf() {
   const { label, offset, k } = state.self;
   $("si-label").value = label;
   $("si-k").value = String(k);
   const seq = ++selfSeq;
-  const page = await api.selfInfluence(k, offset, label === "" ? undefined : label);
+  const page = await api.labelReview(k, offset, label === "" ? undefined : label, state.self.ranking || undefined);
   if (seq !== selfSeq) return;
+  state.review = { default_ranking: page.default_ranking, rankings: page.rankings, ranking: page.ranking,
+    order: page.order, description: page.description };
+  renderRankingSelect();
   state.lastSelfItems = page.items;
+  state.lastPage = page;
   renderSelfTable(page);
-  await guarded(() => loadHistogram(label), "self-influence histogram");
+  await guarded(() => loadHistogram(label), "label-review histogram");
+}
+
+const RANKING_TITLES = {
+  combined: "combined (mean loss & AUM)", self_influence: "self-influence", loss: "loss (last checkpoint)",
+  margin: "margin (last checkpoint)", aum: "AUM (margin over checkpoints)",
+};
+
+function renderRankingSelect() {
+  const r = state.review;
+  const select = clear($("si-ranking"));
+  for (const name of r.rankings) {
+    select.append(h("option", { value: name, text: `${RANKING_TITLES[name] || name}${name === r.default_ranking ? " · default" : ""}` }));
+  }
+  select.value = r.ranking;
+  const arrow = r.order === "ascending" ? "lowest first" : "highest first";
+  $("si-ranking-note").textContent = `${RANKING_TITLES[r.ranking] || r.ranking}, ${arrow}: ${r.description}`;
+  $("si-score-head").textContent = RANKING_TITLES[r.ranking]?.split(" (")[0] || r.ranking;
+  $("si-table").dataset.ranking = r.ranking;
+}
+
+function fmtProb(p) {
+  return p === null || p === undefined ? "" : `${(100 * p).toFixed(p >= 0.995 || p < 0.005 ? 1 : 0)}%`;
 }
 
 function renderSelfTable(page) {
   const { k } = state.self;
   const tbody = clear($("si-table").tBodies[0]);
-  const maxScore = Math.max(1e-30, ...page.items.map((x) => x.score), state.hist.get(histKey())?.max || 0);
+  const ascending = page.order === "ascending";
+  const hist = state.hist.get(histKey());
+  const scores = page.items.map((x) => x.score);
+  const lo = hist?.edges ? hist.edges[0] : Math.min(0, ...scores);
+  const hi = hist?.edges ? hist.edges[hist.edges.length - 1] : Math.max(1e-30, ...scores);
+  // bar length = how suspicious, on the scale of all training examples (the histogram's range)
+  const base = ascending ? hi : Math.min(0, lo);
+  const barOf = (score) => {
+    const f = ascending ? (hi - score) / (hi - lo || 1) : (score - base) / (hi - base || 1);
+    return Math.max(0, Math.min(1, f));
+  };
   const textTask = state.spec.kind === "text";
   for (const item of page.items) {
     const d = item.display || {};
     const tabular = !hasVisual(d);
     const extras = tabular ? [] : displayExtras(d).filter(([, v]) => String(v) !== labelName(item.label));
     const open = () => navigate(`#/explain/train/${encodeURIComponent(item.id)}`);
+    const prediction = item.prediction === null || item.prediction === undefined ? null : item.prediction;
+    const suggested = item.suggested_label === null || item.suggested_label === undefined ? null : item.suggested_label;
     tbody.append(h("tr", {
       class: d.flipped === true ? "flipped" : "", "data-id": item.id, "data-score": String(item.score),
-      "data-label": String(item.label), tabindex: "0", title: `explain training example ${item.id}`,
+      "data-label": JSON.stringify(item.label), "data-prediction": prediction === null ? "" : JSON.stringify(prediction),
+      "data-probability": item.probability === null || item.probability === undefined ? "" : String(item.probability),
+      "data-suggested": suggested === null ? "" : JSON.stringify(suggested),
+      tabindex: "0", title: `explain training example ${item.id}`,
       onclick: open, onkeydown: (ev) => { if (ev.key === "Enter") open(); },
     },
     h("td", { class: "num mono", text: fmtInt(item.rank) }),
@@ -583,11 +631,17 @@ function renderSelfTable(page) {
       exampleVisual(d, { size: "sm", lines: 2, drop: (k, v) => String(v) === labelName(item.label) })),
     h("td", { class: "mono", text: item.id }),
     h("td", {}, labelChip(item.label, labelName)),
+    h("td", { class: "pred-cell" }, prediction === null ? h("span", { class: "muted", text: "–" }) : [
+      labelChip(prediction, labelName),
+      item.probability === null || item.probability === undefined ? null
+        : h("span", { class: "prob-text mono", text: ` ${fmtProb(item.probability)}` })]),
+    h("td", { class: "suggest-cell" }, suggested === null ? h("span", { class: "muted small", text: "keep" })
+      : h("span", { class: "suggest" }, "→ ", labelChip(suggested, labelName))),
     h("td", { class: "num mono", text: fmtScore(item.score) }),
-    h("td", { class: "bar-col" }, h("div", { class: "score-bar" }, h("span", { style: { width: `${(100 * item.score) / maxScore}%` } }))),
+    h("td", { class: "bar-col" }, h("div", { class: "score-bar" }, h("span", { style: { width: `${100 * barOf(item.score)}%` } }))),
     h("td", {}, flippedBadge(d, labelName), extras.length ? h("span", { class: "muted small", text: ` ${extras.map(([a, b]) => `${a}: ${b}`).join(" · ")}` }) : null)));
   }
-  if (!page.items.length) tbody.append(h("tr", {}, h("td", { colspan: "7", class: "muted", text: "no examples" })));
+  if (!page.items.length) tbody.append(h("tr", {}, h("td", { colspan: "9", class: "muted", text: "no examples" })));
   const go = (o) => navigate(selfHash({ offset: o }));
   pager($("si-pager"), page.offset, page.items.length, page.total, k, go);
   pager($("si-pager-bottom"), page.offset, page.items.length, page.total, k, go);
@@ -597,31 +651,51 @@ function renderSelfTable(page) {
   $("si-table").dataset.total = String(page.total);
 }
 
+// The ranked list as CSV or JSON (every row of the ranking and label filter), as a file download.
+async function exportList(format) {
+  const { label } = state.self;
+  const { blob, filename } = await api.labelReviewExport(format, label === "" ? undefined : label,
+    currentRanking() || undefined);
+  const url = URL.createObjectURL(blob);
+  const a = h("a", { href: url, download: filename, hidden: true });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+  document.body.dataset.lastExport = filename;
+}
+
 // Histograms are cached per label and x scale ("log x" asks the server for log- or linear-spaced bins).
 function histScale() {
   return $("hist-log").checked ? "log" : "linear";
 }
 
 function histKey(label = state.self.label) {
-  return `${label}|${histScale()}`;
+  return `${label}|${histScale()}|${currentRanking()}`;
 }
 
 async function loadHistogram(label) {
   const key = histKey(label);
   let data = state.hist.get(key);
   if (!data) {
-    data = await fetchHistogram(label, histScale());
+    data = await fetchHistogram(label, histScale(), currentRanking());
     state.hist.set(key, data);
   }
-  if (key === histKey()) renderHistogram();
+  if (key === histKey()) {
+    renderHistogram();
+    if (state.lastSelfItems.length && data.edges) {  // bars on the histogram's scale
+      renderSelfTable({ ...state.lastPage, items: state.lastSelfItems });
+    }
+  }
 }
 
-async function fetchHistogram(label, scale) {
+async function fetchHistogram(label, scale, ranking) {
   const lab = label === "" ? undefined : label;
   try {
-    const r = await api.selfInfluenceHistogram(40, lab, scale);
+    const r = await api.labelReviewHistogram(40, lab, scale, ranking || undefined);
     return { edges: r.edges, counts: r.counts, flagged: r.flagged?.flipped || null, log: r.scale === "log",
-      total: r.total, used: r.total, max: r.edges[r.edges.length - 1], source: "server", serverScale: r.scale };
+      total: r.total, used: r.total, max: r.edges[r.edges.length - 1], source: "server", serverScale: r.scale,
+      order: r.order, ranking: r.ranking };
   } catch (err) {
     if (!(err instanceof ApiError) || (err.status !== 404 && err.status !== 405)) throw err;
   }
@@ -659,8 +733,11 @@ function renderHistogram() {
   if (raw.source === "client") data = { ...raw, ...binScores(raw.scores, raw.flags, 40, wantLog) };
   const items = state.lastSelfItems;
   const band = items.length ? [items[items.length - 1].score, items[0].score] : null;
+  const ranking = raw.ranking || "self_influence";
   drawHistogram(el, data, {
     band,
+    order: raw.order || "descending",
+    xLabel: RANKING_TITLES[ranking]?.split(" (")[0] || ranking,
     onBin: (offset) => navigate(selfHash({ offset })),
   });
   const flippedTotal = data.flagged ? data.flagged.reduce((a, b) => a + b, 0) : null;
@@ -671,11 +748,13 @@ function renderHistogram() {
   $("hist-note").textContent = parts.join(" · ");
   el.dataset.source = raw.source;
   el.dataset.scale = data.log ? "log" : "linear";
+  el.dataset.ranking = ranking;
 }
 
 function selfHash(change = {}) {
   const s = { ...state.self, ...change };
   const p = new URLSearchParams();
+  if (s.ranking) p.set("ranking", s.ranking);
   if (s.label !== "") p.set("label", s.label);
   if (s.offset) p.set("offset", String(s.offset));
   if (s.k !== 50) p.set("k", String(s.k));
@@ -832,8 +911,8 @@ async function route() {
     showView("self");
     const p = new URLSearchParams(query);
     state.self = { label: p.get("label") ?? "", offset: Math.max(0, Number(p.get("offset")) || 0),
-      k: Number(p.get("k")) || 50 };
-    await guarded(loadSelf, "self-influence");
+      k: Number(p.get("k")) || 50, ranking: p.get("ranking") ?? "" };
+    await guarded(loadSelf, "label review");
   } else if (view === "index") {
     showView("index");
     renderIndex();
@@ -867,7 +946,13 @@ function init() {
   $("raw-run").addEventListener("click", () => guarded(explainRaw, "explain"));
   $("si-label").addEventListener("change", () => navigate(selfHash({ label: $("si-label").value, offset: 0 })));
   $("si-k").addEventListener("change", () => navigate(selfHash({ k: Number($("si-k").value), offset: 0 })));
-  $("hist-log").addEventListener("change", () => guarded(() => loadHistogram(state.self.label), "self-influence histogram"));
+  $("si-ranking").addEventListener("change", () => {
+    const value = $("si-ranking").value;
+    navigate(selfHash({ ranking: value === state.review?.default_ranking ? "" : value, offset: 0 }));
+  });
+  $("si-export-csv").addEventListener("click", () => guarded(() => exportList("csv"), "export"));
+  $("si-export-json").addEventListener("click", () => guarded(() => exportList("json"), "export"));
+  $("hist-log").addEventListener("change", () => guarded(() => loadHistogram(state.self.label), "label-review histogram"));
   for (const id of ["opt-k", "opt-label", "opt-filter", "opt-exclude", "opt-metric", "opt-normalize"]) {
     $(id).addEventListener("change", onOptionsChanged);
   }

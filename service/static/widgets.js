@@ -242,7 +242,10 @@ function logTicks(lo, hi) {
 }
 
 // data: {edges: [n+1], counts: [n], flagged?: [n], log: bool}; band: [lo, hi] score range to shade.
-export function drawHistogram(container, data, { band, flagName = "flipped", onBin } = {}) {
+// order: how the table runs ("descending": the highest scores first, "ascending": the lowest first), which
+// decides the table offset of a bin's first row; xLabel: what the scores are.
+export function drawHistogram(container, data, { band, flagName = "flipped", onBin, order = "descending",
+  xLabel = "self-influence" } = {}) {
   clear(container);
   const width = Math.max(320, container.clientWidth || 900);
   const height = 170;
@@ -257,7 +260,7 @@ export function drawHistogram(container, data, { band, flagName = "flipped", onB
   const maxCount = Math.max(1, ...counts);
   const sy = (c) => m.t + H - (H * c) / maxCount;
   const svg = h("svg", { width, height, viewBox: `0 0 ${width} ${height}`, class: "hist-svg", role: "img",
-    "aria-label": "histogram of self-influence" });
+    "aria-label": `histogram of ${xLabel}` });
 
   for (const t of niceLinearTicks(0, maxCount, 4)) {
     svg.append(h("line", { class: "grid", x1: m.l, x2: m.l + W, y1: sy(t), y2: sy(t) }));
@@ -273,13 +276,17 @@ export function drawHistogram(container, data, { band, flagName = "flipped", onB
         h("title", {}, `rows on this page: ${fmtScore(lo)} – ${fmtScore(hi)}`)));
     }
   }
-  let above = counts.reduce((a, b) => a + b, 0);
+  const total = counts.reduce((a, b) => a + b, 0);
+  let above = total;
+  let below = 0;
   counts.forEach((c, i) => {
-    above -= c; // examples in higher bins = the table offset of this bin's first row
+    above -= c; // examples in higher bins = the table offset of this bin's first row (descending order)
+    const offset = order === "ascending" ? below : above;
+    below += c;
     const left = sx(edges[i]);
     const w = Math.max(1, sx(edges[i + 1]) - left - 1);
     const f = flagged ? flagged[i] : 0;
-    const g = h("g", { class: "bin", "data-offset": String(above) });
+    const g = h("g", { class: "bin", "data-offset": String(offset) });
     g.append(h("rect", { class: "bar", x: left, y: sy(c), width: w, height: m.t + H - sy(c) }));
     if (f) g.append(h("rect", { class: "bar flag", x: left, y: sy(f), width: w, height: m.t + H - sy(f) }));
     g.append(h("rect", { class: "hit-area", x: left, y: m.t, width: w + 1, height: H }));
@@ -287,7 +294,7 @@ export function drawHistogram(container, data, { band, flagName = "flipped", onB
     g.append(h("title", {}, `${fmtScore(edges[i])} – ${fmtScore(edges[i + 1])}: ${fmtInt(c)} examples${flagText}` +
       (onBin ? " — click to show these rows" : "")));
     if (onBin && c > 0) {
-      const start = above;
+      const start = offset;
       g.addEventListener("click", () => onBin(start));
       g.setAttribute("class", "bin clickable");
     }
@@ -302,7 +309,7 @@ export function drawHistogram(container, data, { band, flagName = "flipped", onB
     svg.append(h("text", { class: "tick", x, y: m.t + H + 16, "text-anchor": "middle" }, fmtScore(t)));
   }
   svg.append(h("text", { class: "axis-label", x: m.l + W, y: height - 1, "text-anchor": "end" },
-    log ? "self-influence (log scale)" : "self-influence"));
+    log ? `${xLabel} (log scale)` : xLabel));
   container.append(svg);
 }
 
