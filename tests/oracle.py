@@ -52,8 +52,9 @@ def label_review_bruteforce(task: Task, checkpoints, inputs, labels) -> dict:
 
     kind = task.kind
     n, count = labels.shape[0], len(checkpoints)
+    per_position = kind == "class" and labels.dim() > 1  # a class per position: only the loss is reviewed
     loss = [[0.0] * count for _ in range(n)]
-    margin = [[0.0] * count for _ in range(n)] if kind != "regression" else None
+    margin = [[0.0] * count for _ in range(n)] if kind != "regression" and not per_position else None
     prediction, probability, label_probability = [None] * n, [None] * n, [None] * n
     for c, ckpt in enumerate(checkpoints):
         state, _ = load_checkpoint(ckpt.path)
@@ -68,6 +69,8 @@ def label_review_bruteforce(task: Task, checkpoints, inputs, labels) -> dict:
                 out = task.forward(model, x)
                 loss[i][c] = float(task.loss(out, y)[0])
             z = [float(v) for v in out.reshape(-1)]
+            if per_position:
+                continue
             if kind == "class":
                 label = int(y[0])
                 margin[i][c] = z[label] - max(v for j, v in enumerate(z) if j != label)
