@@ -25,6 +25,7 @@ from indexer.checkpoints import CheckpointError, checkpoint_digest, load_checkpo
 from indexer.config import ConfigError, IndexConfig
 from indexer.capture import PROBE_ROWS, SUM_CHECK_EVERY
 from indexer.exact import training_set_digest
+from indexer.faiss_build import Normalized, RowSource, measure_recall, write_index
 from indexer.embedding import (
     Checkpoint, CheckpointEmbedder, ProjectionPlan, combine, plan_embedding, resolve_checkpoints,
 )
@@ -32,7 +33,7 @@ from indexer.manifest import ManifestError, write_manifest
 from indexer.resume import (
     OutputLock, ResumeState, RowFile, disk_error, gb, kill_point, save_npy, say,
 )
-from indexer.search import FAISS_MAX_DIM, build_faiss_index, is_approximate
+from indexer.search import FAISS_MAX_DIM, build_faiss_index
 from indexer.store import (
     CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, NORMALIZED_INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
     IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
@@ -56,7 +57,8 @@ class BuildResult:
 
 def _config_hash(config: IndexConfig, digests: list[str]) -> str:
     data = config.to_json()
-    data["index"].pop("max_disk_gb", None)  # a limit, not an input of the vectors
+    for name in ("max_disk_gb", "factory", "search_params", "train_sample"):  # the FAISS stage, or a limit:
+        data["index"].pop(name, None)  # not inputs of the vectors (shards merge under another factory)
     data["checkpoint_sha256"] = digests
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -161,9 +163,8 @@ def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
         with _failure_cleanup(job, [work]):
             kill_point("prepared")
             vectors_file, self_influence, review, seconds = _embed_rows(job, state, 0, progress, show_progress)
-            vectors = np.load(vectors_file, mmap_mode="r")  # read-only: the FAISS index is built from it
+            vectors = RowSource([vectors_file], job.plan.total_dim)  # read by row blocks, never whole
             result = _finalize(job, vectors, self_influence, started, seconds, review)
-            del vectors
         kill_point("index-committed")
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -235,18 +236,11 @@ def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: b
                                       "not its own range")
                 infos.append((directory, info))
             _check_disk(job, out.parent, resumable=None, merge=True)
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            rows = RowFile.create(work / "vectors.npy", job.count, job.plan.total_dim)
             self_influence = np.zeros(job.count, dtype=np.float64)
             review = _review_accumulator(job, job.count)
             seconds = 0.0
             for directory, info in infos:
                 start, stop = info["start"], info["stop"]
-                part = np.load(directory / "vectors.npy", mmap_mode="r")
-                for s in range(0, stop - start, 65536):
-                    rows.write(start + s, part[s:s + 65536])
-                del part
                 self_influence[start:stop] = np.load(directory / SELF_INFLUENCE_FILE, allow_pickle=False)
                 part_review = _review_accumulator(job, stop - start)
                 if not part_review.restore(_load_or_none(directory / f"{REVIEW_STATE}.npy")):
@@ -254,11 +248,13 @@ def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: b
                                       "that shard again")
                 review.data[start:stop] = part_review.data
                 seconds += info["embed_seconds"]
-            rows.sync()
-            rows.close()
-            vectors = np.load(work / "vectors.npy", mmap_mode="r")
+            try:  # the shards' vectors, read by row blocks: the merge never holds them all
+                vectors = RowSource([directory / "vectors.npy" for directory, _ in infos], job.plan.total_dim)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"a shard's vectors.npy is unreadable or of the wrong shape: {exc}") from None
+            if vectors.shape[0] != job.count:
+                raise ConfigError(f"the shards hold {vectors.shape[0]} rows, the training set {job.count}")
             result = _finalize(job, vectors, self_influence, started, seconds, review)
-            del vectors
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(out.parent / f"{out.name}.shards", ignore_errors=True)
     return result
@@ -400,7 +396,9 @@ def _estimate_bytes(job: _Job, rows: int, final_index: bool = True) -> dict[str,
         labels = job.examples.labels
         sizes = [len(json.dumps({"id": job.examples.id_of(r), "label": labels[r].tolist(),
                                  "display": job.examples.display_of(r)}, separators=(",", ":"))) + 1 for r in sample]
-        figures["FAISS index"] = vectors + rows * 16 + (1 << 20)
+        index = vectors + rows * 16 + (1 << 20)
+        approximate = job.config.index.factory.strip() != "Flat"  # + its normalised twin and IVF block files
+        figures["FAISS index"] = 3 * index if approximate else index
         figures["self-influence"] = self_influence
         figures["examples table"] = int(np.mean(sizes) * job.count * 1.1) if sizes else 0
         figures["checkpoint copies"] = sum(_size(c.path) for c in job.checkpoints)
@@ -419,8 +417,8 @@ def _check_disk(job: _Job, where: Path, resumable: ResumeState | None, rows: int
     output's filesystem (less what a resumable state already holds) or `index.max_disk_gb`."""
     rows = job.count if rows is None else rows
     figures = _estimate_bytes(job, rows, final_index)
-    if merge:  # the merged vectors replace the resume state: one copy
-        figures["resume state"] //= 2
+    if merge:  # the shards' vectors are read in place: no resume state, no merged copy
+        figures["resume state"] = 0
     total = sum(figures.values())
     job.estimate = total
     detail = ", ".join(f"{name} {gb(n)}" for name, n in figures.items() if n)
@@ -550,16 +548,20 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
         raise IndexBuildError(f"label review: {exc}; no index was written") from None
     staging = StagingDirectory(job.out, overwrite=job.overwrite, protected=_protected(config))
     try:
-        faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE, queries=lambda: _held_out_queries(job))
+        work = job.out.parent / f".{job.out.name}.faiss-{job.config_hash}"
+        faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE, work=work,
+                                  queries=lambda: _held_out_queries(job))
+        extra_files = [name for name in faiss_info.pop("files") if name != INDEX_FILE]
         if faiss_info["approximate"]:  # normalised queries need their own first stage (a Flat one divides on the fly)
-            _write_faiss(config, _normalized(vectors, self_influence), staging.path / NORMALIZED_INDEX_FILE,
-                         measure=False)
+            normalized = _write_faiss(config, Normalized(vectors, self_influence), staging.path / NORMALIZED_INDEX_FILE,
+                                      work=work, measure=False)
+            extra_files += [name for name in normalized["files"] if name != NORMALIZED_INDEX_FILE]
         save_npy(staging.path / SELF_INFLUENCE_FILE, self_influence)
         save_npy(staging.path / LABEL_REVIEW_FILE, review_table)
         (staging.path / INPUT_RANGES_FILE).write_text(dump_input_ranges(record_input_ranges(job.task, job.examples)))
         _write_examples(job.task, job.examples, staging.path)
         ckpt_entries = _copy_checkpoints(job, staging.path)
-        names = [INDEX_FILE, SELF_INFLUENCE_FILE, LABEL_REVIEW_FILE, INPUT_RANGES_FILE, EXAMPLES_FILE]
+        names = [INDEX_FILE, *extra_files, SELF_INFLUENCE_FILE, LABEL_REVIEW_FILE, INPUT_RANGES_FILE, EXAMPLES_FILE]
         if (staging.path / NORMALIZED_INDEX_FILE).is_file():
             names.append(NORMALIZED_INDEX_FILE)
         if (staging.path / QUERIES_FILE).is_file():
@@ -609,64 +611,31 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="embedding", unit="batch", disable=not enabled, leave=False)
 
 
-def _write_faiss(config: IndexConfig, vectors: np.ndarray, path: Path, chunk: int = 16384,
-                 queries: Callable[[], tuple[np.ndarray, str]] | None = None, measure: bool = True) -> dict:
-    """Build and write the FAISS index of `vectors`; an approximate one records its recall@10 against
-    exact search (unless not `measure`), measured with `queries()` -> (query vectors [Q, D], what they are)."""
-    count, dim = vectors.shape
-    index = build_faiss_index(config.index.factory, dim)
-    if not index.is_trained:
-        rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(count, size=min(count, config.index.train_sample), replace=False))
-        index.train(np.ascontiguousarray(vectors[sample]))
-    for start in range(0, count, chunk):
-        index.add(np.ascontiguousarray(vectors[start:start + chunk]))
-    approximate = is_approximate(index)
-    info = {"factory": config.index.factory, "metric": "inner_product", "file": INDEX_FILE,
-            "approximate": approximate, "search_params": config.index.search_params}
-    if approximate and measure:
+def _write_faiss(config: IndexConfig, vectors, path: Path, work: Path | None = None,
+                 queries: Callable[[], tuple[np.ndarray, str]] | None = None, measure: bool = True,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Build and write the FAISS index of `vectors` (a row source, `indexer.faiss_build`) in bounded
+    memory; an approximate one records its recall@10 against exact search (unless not `measure`),
+    measured with `queries()` -> (query vectors [Q, D], what they are). The manifest entry, whose
+    `files` are every file written (an on-disk IVF adds its .ivfdata)."""
+    work = work if work is not None else path.parent / f".{path.stem}-blocks"
+    try:
+        written = write_index(config.index.factory, vectors, path, config.index.train_sample, work, log=log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    info = {"factory": config.index.factory, "metric": "inner_product", "file": path.name,
+            "approximate": written.approximate, "search_params": config.index.search_params,
+            "storage": written.storage, "files": written.files}
+    if written.approximate and measure:
         if queries is not None:
             q, source = queries()
         else:
+            count = vectors.shape[0]
             rows = np.random.default_rng(1).choice(count, size=min(100, count), replace=False)
             q, source = np.asarray(vectors[np.sort(rows)], dtype=np.float32), "training vectors"
-        info["recall_at_10"] = measure_recall(index, vectors, q, config.index.search_params) | {"queries_from": source}
-    faiss.write_index(index, str(path))
+        info["recall_at_10"] = measure_recall(written.index, vectors, q, config.index.search_params) | {
+            "queries_from": source}
     return info
-
-
-def measure_recall(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, params: dict, k: int = 10) -> dict:
-    """Recall@k of the approximate index against exact inner-product search over `vectors`, for proponents
-    (q) and opponents (-q), for each query vector [Q, D]."""
-    from indexer.search import top_k
-
-    recalls = {"proponents": [], "opponents": []}
-    for q in np.asarray(queries, dtype=np.float32):
-        scores = _blockwise_scores(vectors, q)
-        for name, sign in (("proponents", 1), ("opponents", -1)):
-            signed = sign * scores
-            truth = np.argsort(-signed)[:k]
-            truth = set(truth[signed[truth] > 0].tolist())
-            if not truth:
-                continue
-            got = set(top_k(index, q, k, sign, params=params).rows.tolist())
-            recalls[name].append(len(truth & got) / len(truth))
-    return {name: round(float(np.mean(v)), 4) if v else None for name, v in recalls.items()} | {
-        "k": k, "queries": int(len(queries))}
-
-
-class _normalized:
-    """Row-chunked view of vectors / sqrt(self-influence) (rows with zero self-influence stay zero), for
-    `_write_faiss`: shape and slicing like the vectors, without a second copy in memory."""
-
-    def __init__(self, vectors: np.ndarray, self_influence: np.ndarray):
-        self.vectors = vectors
-        norms = np.sqrt(np.asarray(self_influence, dtype=np.float64))
-        self.inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
-        self.shape = vectors.shape
-
-    def __getitem__(self, rows):
-        return np.asarray(self.vectors[rows], dtype=np.float32) * self.inverse[rows][:, None]
 
 
 def _held_out_queries(job: "_Job", count: int = 100) -> tuple[np.ndarray, str]:
@@ -688,10 +657,6 @@ def _held_out_queries(job: "_Job", count: int = 100) -> tuple[np.ndarray, str]:
         parts.append(embedder.embed(inputs, labels).vectors)
     vectors = combine(job.plan, parts[::-1]).numpy()
     return vectors, f"{n} {source}"
-
-
-def _blockwise_scores(vectors: np.ndarray, q: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    return np.concatenate([vectors[s:s + chunk] @ q for s in range(0, vectors.shape[0], chunk)])
 
 
 def _write_examples(task: Task, examples: ExampleSet, directory: Path) -> None:

@@ -185,21 +185,91 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+class JsonlRows:
+    """The rows of examples.jsonl read on demand: `rows[i]` parses line i (pread of its byte range), so a
+    million-row table costs its offsets ([N + 1] int64), ids and labels in memory, not every display
+    field. One sequential pass at open checks that every line is a JSON object with an id and a label
+    and collects `ids` (str), `labels` (JSON values) and `flags` (boolean display fields present on
+    every row -> bool [N]). Raises IndexDirectoryError naming the file and row."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        offsets, ids, labels = [0], [], []
+        flag_values: dict[str, list] | None = None
+        position = 0
+        with open(self.path, "rb") as handle:
+            for row, line in enumerate(handle):
+                position += len(line)
+                if not line.strip():
+                    raise IndexDirectoryError(f"{self.path.parent}: {self.path.name} row {row} is empty")
+                try:
+                    ex = json.loads(line)
+                except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+                    raise IndexDirectoryError(f"{self.path.parent}: {self.path.name} is not valid JSON lines: "
+                                              f"row {row}: {exc}") from None
+                if not isinstance(ex, dict) or "id" not in ex or "label" not in ex:
+                    raise IndexDirectoryError(f"{self.path.parent}: {self.path.name} row {row} is not an object "
+                                              "with an id and a label")
+                offsets.append(position)
+                ids.append(str(ex["id"]))
+                labels.append(ex["label"])
+                display = ex.get("display") if isinstance(ex.get("display"), dict) else {}
+                if flag_values is None:
+                    flag_values = {k: [] for k, v in display.items() if isinstance(v, bool)}
+                for name in list(flag_values):
+                    value = display.get(name)
+                    if isinstance(value, bool):
+                        flag_values[name].append(value)
+                    else:
+                        del flag_values[name]
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.ids, self.labels = ids, labels
+        self.flags = {name: np.asarray(v, dtype=bool) for name, v in sorted((flag_values or {}).items())}
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __bool__(self) -> bool:
+        return len(self.ids) > 0
+
+    def _line(self, row: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        start, stop = int(self.offsets[row]), int(self.offsets[row + 1])
+        return os.pread(self._fd, stop - start, start)
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        row = int(row)
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range 0..{len(self) - 1}")
+        return json.loads(self._line(row))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with open(self.path, "rb") as handle:
+            for line in handle:
+                yield json.loads(line)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
 def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
     return {name: sha256_file(directory / name) for name in names}
 
 
 def _read_faiss(file: Path, mmap: bool) -> faiss.Index:
-    """Read the FAISS file; with mmap the vectors stay in the (shared, read-only) page cache.
+    """Read the FAISS file (`indexer.faiss_build.read_index`): an on-disk IVF's .ivfdata is read from this
+    directory only; with mmap the vectors stay in the (shared, read-only) page cache (IO_FLAG_MMAP_IFC maps
+    Flat and IVF storage in place; formats it cannot map fall back to IO_FLAG_MMAP)."""
+    from indexer.faiss_build import read_index
 
-    IO_FLAG_MMAP_IFC maps Flat and IVF storage in place (IO_FLAG_MMAP alone still copies Flat vectors
-    into process memory in FAISS 1.15); formats it cannot map fall back to IO_FLAG_MMAP."""
-    if not mmap:
-        return faiss.read_index(str(file))
-    try:
-        return faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC)
-    except RuntimeError:
-        return faiss.read_index(str(file), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    return read_index(file, mmap)
 
 
 @dataclass
@@ -212,7 +282,7 @@ class IndexDirectory:
     manifest: dict[str, Any]
     index: faiss.Index
     self_influence: np.ndarray
-    examples: list[dict[str, Any]]
+    examples: "JsonlRows"  # rows parsed on demand; .ids, .labels, .flags collected at open
     queries: list[dict[str, Any]]
     model: Manifest | None = None
     label_review: np.ndarray | None = None  # label_review.npy (None: an index built before it existed)
@@ -257,7 +327,7 @@ class IndexDirectory:
             self_influence = np.load(path / SELF_INFLUENCE_FILE, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise IndexDirectoryError(f"{path}: cannot read {SELF_INFLUENCE_FILE}: {exc}") from None
-        examples = _read_rows(path, EXAMPLES_FILE)
+        examples = JsonlRows(path / EXAMPLES_FILE)
         queries = _read_rows(path, QUERIES_FILE) if QUERIES_FILE in model.files else []  # only a covered file
         count, dim = model.count, model.embedding_dim
         if index.ntotal != count or len(examples) != count or self_influence.shape != (count,):
@@ -275,9 +345,6 @@ class IndexDirectory:
         if bad.size:
             raise IndexDirectoryError(f"{path}: {SELF_INFLUENCE_FILE} row {int(bad[0])} is "
                                       f"{self_influence[bad[0]]!r} (self-influence is finite and >= 0)")
-        for row, ex in enumerate(examples):
-            if not isinstance(ex, dict) or "id" not in ex or "label" not in ex:
-                raise IndexDirectoryError(f"{path}: {EXAMPLES_FILE} row {row} is not an object with an id and a label")
         _check_recorded_lrs(path, model)
         review = _read_label_review(path, model) if model.label_review is not None else None
         ranges = _read_input_ranges(path) if INPUT_RANGES_FILE in model.files else None  # only a covered file

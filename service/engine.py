@@ -51,7 +51,6 @@ class Engine:
     load_seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)  # query metrics by name (indexer.metrics.Metric)
     stats: Any = None  # service.metrics.Metrics (Prometheus), set by the app
-    _display_flags: dict[str, np.ndarray] | None = None
     review: Any = None  # service.review.LabelReview: the label-review rankings
     input_ranges: Any = None  # indexer.input_ranges.InputRanges, or None (an index built before them)
 
@@ -437,15 +436,7 @@ class Engine:
 
     def display_flags(self) -> dict[str, np.ndarray]:
         """Boolean display fields present on every training example, as [N] masks (cached)."""
-        if self._display_flags is None:
-            names = {k for k, v in (self.examples[0].get("display") or {}).items() if isinstance(v, bool)}
-            flags = {}
-            for name in sorted(names):
-                values = [(ex.get("display") or {}).get(name) for ex in self.examples]
-                if all(isinstance(v, bool) for v in values):
-                    flags[name] = np.asarray(values, dtype=bool)
-            self._display_flags = flags
-        return self._display_flags
+        return self.examples.flags  # collected when the examples table was opened
 
     def example_info(self, example_id: str) -> dict[str, Any]:
         row = self.row_of(example_id, "id", status=404, loc=["path", "id"])

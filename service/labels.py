@@ -26,10 +26,10 @@ class Labels:
     si_order_by_class: dict[int, np.ndarray]  # class id -> those rows by descending self-influence
 
     @classmethod
-    def build(cls, task, kind: str, width: int, examples: list[dict[str, Any]], si_order: np.ndarray,
+    def build(cls, task, kind: str, width: int, labels: list[Any], si_order: np.ndarray,
               path) -> "Labels":
         class_names = list(task.class_names) if task.class_names is not None else None
-        ids, rows_by_class = _class_rows(examples, kind, path)
+        ids, rows_by_class = _class_rows(labels, kind, path)
         rank_of = np.empty(si_order.size, dtype=np.int64)
         rank_of[si_order] = np.arange(si_order.size)
         ordered = {c: rows[np.argsort(rank_of[rows], kind="stable")] for c, rows in rows_by_class.items()}
@@ -97,16 +97,16 @@ class Labels:
                                    f"label {label} is out of range 0..{classes - 1} for this model")
 
 
-def _class_rows(examples: list[dict[str, Any]], kind: str, path) -> tuple[np.ndarray | None, dict[int, np.ndarray]]:
-    """(class ids [N] or None, class id -> training rows with that label)."""
+def _class_rows(labels: list[Any], kind: str, path) -> tuple[np.ndarray | None, dict[int, np.ndarray]]:
+    """(class ids [N] or None, class id -> training rows with that label), from the JSON labels [N]."""
     try:
         if kind == "class":
-            if any(isinstance(e["label"], list) for e in examples):
+            if any(isinstance(label, list) for label in labels):
                 return None, {}  # a class per position: no per-example label to filter on
-            labels = np.asarray([int(e["label"]) for e in examples], dtype=np.int64)
-            return labels, {int(lab): np.flatnonzero(labels == lab).astype(np.int64) for lab in np.unique(labels)}
+            ids = np.asarray([int(label) for label in labels], dtype=np.int64)
+            return ids, {int(lab): np.flatnonzero(ids == lab).astype(np.int64) for lab in np.unique(ids)}
         if kind == "multilabel":
-            matrix = np.asarray([e["label"] for e in examples], dtype=np.float64)
+            matrix = np.asarray(labels, dtype=np.float64)
             return None, {c: np.flatnonzero(matrix[:, c] > 0.5).astype(np.int64) for c in range(matrix.shape[1])}
     except (TypeError, ValueError, KeyError, IndexError) as exc:
         raise ServiceStartupError(f"{path}: the examples table's labels do not fit the task's label kind "

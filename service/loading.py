@@ -126,8 +126,8 @@ def load_engine(settings: Settings) -> Engine:
                                   f"indexing {list(indexed_names)[:10]}")
 
     id_to_row: dict[str, int] = {}
-    for row, ex in enumerate(index_dir.examples):
-        id_to_row.setdefault(str(ex["id"]), row)
+    for row, example_id in enumerate(index_dir.examples.ids):
+        id_to_row.setdefault(example_id, row)
     if len(id_to_row) != len(index_dir.examples):
         log.warning("%s: %d duplicate example ids; GET /examples and train_id use the first row of each",
                     path, len(index_dir.examples) - len(id_to_row))
@@ -136,7 +136,7 @@ def load_engine(settings: Settings) -> Engine:
     si_rank = np.empty_like(si_order)
     si_rank[si_order] = np.arange(1, si.size + 1)
     labels = Labels.build(task, manifest["task"].get("label_kind") or task.kind,
-                          int(manifest["task"].get("label_width") or 0), index_dir.examples, si_order, path)
+                          int(manifest["task"].get("label_width") or 0), index_dir.examples.labels, si_order, path)
     scorer, rerank_error = _exact_scorer(task, embedder, manifest, settings, path)
     from indexer.metrics import task_metrics
 

@@ -18,6 +18,11 @@ JSON example (the service's request body): {"image": ...} with either
 Optional label noise: `flip_fraction` of the training labels are replaced by another class,
 deterministically from `seed`; each training example's display fields record `flipped` and
 `original_label`.
+
+Optional augmentation (`size`, the scale benchmark's million-row training set): row r is image
+r mod n of the n base images, unchanged for r < n, else shifted by (dy, dx) in -2..2 (not both 0,
+zero fill) and mirrored left-right with probability 1/2, drawn per row from `seed`
+(`augment_images`). Labels follow their base image; display fields add `base` and `augmentation`.
 """
 from __future__ import annotations
 
@@ -120,6 +125,45 @@ def training_labels(data_dir: str, limit: int | None, flip_fraction: float, seed
     labels.setflags(write=False)
     flipped.setflags(write=False)
     return images, labels, original, flipped
+
+
+def augmentation_plan(size: int, base: int, seed: int) -> np.ndarray:
+    """int8 [size, 3]: (dy, dx, mirror) of each row of an augmented set of `size` rows over `base`
+    images; rows < base are (0, 0, 0) (the originals), the others a nonzero shift in -2..2 and a mirror
+    flag, drawn from `seed`."""
+    plan = np.zeros((size, 3), dtype=np.int8)
+    extra = size - base
+    if extra > 0:
+        rng = np.random.default_rng([seed, 0xA06])
+        shifts = np.array([(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0)], np.int8)
+        plan[base:, :2] = shifts[rng.integers(0, len(shifts), size=extra)]
+        plan[base:, 2] = rng.integers(0, 2, size=extra)
+    return plan
+
+
+def augment_images(images: np.ndarray, size: int, seed: int, chunk: int = 65536) -> np.ndarray:
+    """uint8 [size, 28, 28]: row r = images[r % n] shifted and mirrored by `augmentation_plan` row r."""
+    n = len(images)
+    plan = augmentation_plan(size, n, seed)
+    out = np.empty((size, SIDE, SIDE), dtype=np.uint8)
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+    for start in range(0, size, chunk):
+        rows = np.arange(start, min(size, start + chunk))
+        for (dy, dx, mirror) in np.unique(plan[rows], axis=0):
+            pick = rows[(plan[rows] == (dy, dx, mirror)).all(axis=1)]
+            crop = padded[pick % n, 2 - dy:2 - dy + SIDE, 2 - dx:2 - dx + SIDE]
+            out[pick] = crop[:, :, ::-1] if mirror else crop
+    return out
+
+
+@lru_cache(maxsize=2)
+def augmented_training_set(data_dir: str, limit: int | None, flip_fraction: float, seed: int, size: int):
+    """(images [size, 28, 28] uint8, labels, original labels, flipped mask, plan) of the augmented set."""
+    images, labels, original, flipped = training_labels(data_dir, limit, flip_fraction, seed)
+    n = len(labels)
+    rows = np.arange(size) % n
+    out = augment_images(images, size, seed)  # writable: torch.from_numpy shares it without a copy
+    return out, labels[rows], original[rows], flipped[rows], augmentation_plan(size, n, seed)
 
 
 # -- PNG decoding (8-bit, non-interlaced) ---------------------------------------------------------
@@ -269,9 +313,12 @@ class FashionMNISTTask(Task):
     class_names = CLASS_NAMES
 
     def __init__(self, data_dir: str = DEFAULT_DATA_DIR, limit: int | None = None, flip_fraction: float = 0.0,
-                 seed: int = 0, held_out: int = 200):
+                 seed: int = 0, held_out: int = 200, size: int | None = None):
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
+        if size is not None and size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size = None if size is None else int(size)
         if not 0.0 <= flip_fraction < 1.0:
             raise ValueError(f"flip_fraction must be in [0, 1), got {flip_fraction}")
         self.data_dir, self.limit, self.flip_fraction = str(data_dir), limit, float(flip_fraction)
@@ -286,6 +333,8 @@ class FashionMNISTTask(Task):
         return torch.from_numpy(images / 255.0)
 
     def training_set(self) -> ExampleSet:
+        if self.size is not None:
+            return self._augmented_set()
         images, labels, original, flipped = training_labels(self.data_dir, self.limit, self.flip_fraction, self.seed)
         names = CLASS_NAMES
         return ExampleSet(
@@ -293,6 +342,23 @@ class FashionMNISTTask(Task):
             ids=[f"train-{i}" for i in range(len(labels))],
             display=lambda i: {"image": _thumbnail(images[i]), "class_name": names[int(labels[i])],
                                "flipped": bool(flipped[i]), "original_label": int(original[i])},
+            examples=lambda i: {"image": images[i].tolist()},
+        )
+
+    def _augmented_set(self) -> ExampleSet:
+        images, labels, original, flipped, plan = augmented_training_set(
+            self.data_dir, self.limit, self.flip_fraction, self.seed, self.size)
+        n = len(training_labels(self.data_dir, self.limit, self.flip_fraction, self.seed)[1])
+
+        def display(i: int) -> dict:
+            dy, dx, mirror = (int(v) for v in plan[i])
+            return {"image": _thumbnail(images[i]), "class_name": CLASS_NAMES[int(labels[i])],
+                    "flipped": bool(flipped[i]), "original_label": int(original[i]), "base": f"train-{i % n}",
+                    "augmentation": "none" if i < n else f"shift {dy:+d},{dx:+d}" + (" mirrored" if mirror else "")}
+
+        return ExampleSet(
+            torch.from_numpy(images).unsqueeze(1), torch.from_numpy(np.array(labels)),
+            ids=[f"train-{i}" for i in range(len(labels))], display=display,
             examples=lambda i: {"image": images[i].tolist()},
         )
 
@@ -343,16 +409,19 @@ def fit_sgd(model: nn.Module, loss_fn, inputs: torch.Tensor, labels: torch.Tenso
 def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int = 5, limit: int | None = None,
                         flip_fraction: float = 0.0, seed: int = 0, lr: float = 0.1, final_lr: float = 0.01,
                         batch_size: int = 64, data_dir: str = DEFAULT_DATA_DIR, dim: int | None = None,
-                        kind: str | None = None, log=None, schedule: str = "even") -> Path:
+                        kind: str | None = None, log=None, schedule: str = "even", size: int | None = None,
+                        factory: str = "Flat", search_params: str | None = None) -> Path:
     """Train the CNN with plain SGD and an exponentially decaying lr (lr -> final_lr over the run), save
     `checkpoints` checkpoints with the lr in force, and write a TOML config that indexes them. Returns the
     config path. `schedule`: "even" (evenly spaced in steps, the last at the end) or "log" (log-spaced in
     epochs from the end of the first epoch to the end of the run: most checkpoints early in training).
 
-    `kind` / `dim` go into the config's [projection] table when given (else the library defaults)."""
+    `kind` / `dim` go into the config's [projection] table when given (else the library defaults);
+    `size` trains on (and indexes) the augmented set of that many rows; `factory` / `search_params`
+    (a TOML inline table) go into [index]."""
     out_dir = Path(out_dir)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    task = FashionMNISTTask(data_dir=data_dir, limit=limit, flip_fraction=flip_fraction, seed=seed)
+    task = FashionMNISTTask(data_dir=data_dir, limit=limit, flip_fraction=flip_fraction, seed=seed, size=size)
     train = task.training_set()
     model = task.build_model()
     per_epoch = (len(train) + batch_size - 1) // batch_size
@@ -377,6 +446,8 @@ def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int =
         args.append(f"limit = {limit}")
     if flip_fraction:
         args.append(f"flip_fraction = {flip_fraction}")
+    if size is not None:
+        args.append(f"size = {size}")
     lines = ['task = "indexer.demo.fashion_mnist:FashionMNISTTask"', f"task_args = {{ {', '.join(args)} }}", ""]
     for path in saved:
         lines += ["[[checkpoints]]", f'path = "checkpoints/{path.name}"', ""]
@@ -387,7 +458,10 @@ def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int =
         projection.append(f"dim = {dim}")
     if projection:
         lines += ["[projection]", *projection, "seed = 0", ""]
-    lines += ["[index]", 'factory = "Flat"', "batch_size = 256", ""]
+    lines += ["[index]", f'factory = "{factory}"', "batch_size = 256"]
+    if search_params:
+        lines.append(f"search_params = {search_params}")
+    lines.append("")
     config = out_dir / "fashion_mnist.toml"
     config.write_text("\n".join(lines))
     return config
@@ -424,7 +498,7 @@ def _cmd_train(args) -> int:
     config = train_fashion_mnist(args.out, epochs=args.epochs, checkpoints=args.checkpoints, limit=args.limit,
                                  flip_fraction=args.flip_fraction, seed=args.seed, lr=args.lr, final_lr=args.final_lr,
                                  batch_size=args.batch_size, data_dir=args.data_dir, dim=args.dim, kind=args.kind,
-                                 log=print)
+                                 log=print, size=args.size, factory=args.factory)
     seconds = time.perf_counter() - t0
     checkpoints = load_config(config).checkpoints
     for c in checkpoints:
@@ -456,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", default=None, help="[projection] kind in the config (default: the library's)")
     p.add_argument("--dim", type=int, default=None, help="[projection] dim in the config (default: the library's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--size", type=int, default=None,
+                   help="train on an augmented set of this many rows (shifted/mirrored copies; e.g. 1000000)")
+    p.add_argument("--factory", default="Flat", help="[index] factory in the config")
     p.set_defaults(fn=_cmd_train)
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)

@@ -1,0 +1,304 @@
+"""The FAISS stage of a build: writing the index file from row-chunked vectors, in bounded memory.
+
+The vectors come from one `.npy` file (a single-process build) or from the shards of a distributed
+build, read in row blocks (`RowSource`), never as one array:
+
+- **Flat** (exact inner product): the FAISS file is streamed, header then rows, so writing it holds one
+  block (`write_flat`). Its layout (FAISS `write_index` of an `IndexFlatIP`: fourcc "IxFI", d int32,
+  ntotal int64, two int64 placeholders, is_trained byte, metric int32, then a uint64 count of floats and
+  the float32 rows) is checked against FAISS itself on every write (`_flat_header`), so a FAISS that
+  changed it makes the build fail, never write a file FAISS would misread.
+- **IVF** (`IVFn,Flat`, `IVFn,PQm`, `IVFn,SQ8`, with or without a pre-transform such as `OPQ`): trained on a
+  sample of `index.train_sample` rows, filled block by block into block files of `block_rows` rows that
+  are then merged into FAISS on-disk inverted lists (`faiss.contrib.ondisk.merge_ondisk`): the codes go to
+  `<index>.ivfdata` beside the index file, which only holds the quantizer. The service memory-maps that
+  file (page cache, shared by replicas on one machine); `IO_FLAG_ONDISK_SAME_DIR` makes FAISS read it
+  from the index's own directory, never from the path recorded at build time.
+- Anything else (HNSW, PQ without IVF, `Refine(...)`): built in memory as FAISS does, which holds every
+  code in memory (a refine stage holds every float vector): `memory` in the result says so.
+
+Peak memory of the stage: one block of rows ([block, D] float32), the training sample
+([train_sample, D] float32), the trained index, and for in-memory factories the whole index.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import faiss
+import numpy as np
+
+from indexer.resume import RowFile
+from indexer.search import build_faiss_index, is_approximate, top_k
+
+BLOCK_ROWS = 65536  # rows read (and added) at a time
+
+
+class RowSource:
+    """Float32 [count, dim] vectors stored in one or more `.npy` row files ("parts", each a contiguous
+    range of rows in order), read by blocks with pread: nothing is memory-mapped, so reading all of it
+    keeps only a block in process memory. Slicing (`source[a:b]`, `source[sorted int rows]`) returns a
+    float32 array; `blocks()` iterates (start, rows) over everything."""
+
+    def __init__(self, parts: Sequence[Path | str], dim: int):
+        self.dim = int(dim)
+        self.parts: list[tuple[int, int, Path]] = []
+        start = 0
+        for part in parts:
+            rows = _npy_rows(Path(part), self.dim)
+            self.parts.append((start, start + rows, Path(part)))
+            start += rows
+        self.shape = (start, self.dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((max(0, stop - start), self.dim), dtype=np.float32)
+        for lo, hi, path in self.parts:
+            a, b = max(start, lo), min(stop, hi)
+            if a >= b:
+                continue
+            part = RowFile.open(path, hi - lo, self.dim)
+            try:
+                out[a - start:b - start] = part.read(a - lo, b - lo)
+            finally:
+                part.close()
+        return out
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("RowSource: slices must have step 1")
+            return self._read(start, stop)
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.size, self.dim), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        for lo, hi, path in self.parts:
+            a, b = np.searchsorted(sorted_rows, [lo, hi])
+            if a == b:
+                continue
+            part = RowFile.open(path, hi - lo, self.dim)
+            try:
+                for i in range(a, b):
+                    out[order[i]] = part.read(int(sorted_rows[i]) - lo, int(sorted_rows[i]) - lo + 1)[0]
+            finally:
+                part.close()
+        return out
+
+    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.shape[0], size):
+            yield start, self[start:min(start + size, self.shape[0])]
+
+
+class Normalized:
+    """Vectors / sqrt(self-influence) by row (rows with zero self-influence stay zero): the rows of the
+    normalised twin index, sliced like the `RowSource` it wraps, without a second copy."""
+
+    def __init__(self, vectors, self_influence: np.ndarray):
+        self.vectors = vectors
+        norms = np.sqrt(np.asarray(self_influence, dtype=np.float64))
+        self.inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
+        self.shape = vectors.shape
+
+    def __getitem__(self, rows):
+        return np.asarray(self.vectors[rows], dtype=np.float32) * self.inverse[rows][:, None]
+
+    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.shape[0], size):
+            yield start, self[start:min(start + size, self.shape[0])]
+
+
+class ArrayRows:
+    """An in-memory (or memory-mapped) [N, D] array seen as a row source."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.shape = array, array.shape
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return np.asarray(self.array[rows], dtype=np.float32)
+
+    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.shape[0], size):
+            yield start, np.ascontiguousarray(self.array[start:start + size], dtype=np.float32)
+
+
+def as_rows(vectors):
+    """A row source (`blocks()` and row slicing) for `vectors`: returned as is when it is one, else an
+    `ArrayRows` of the array."""
+    return vectors if hasattr(vectors, "blocks") else ArrayRows(np.asarray(vectors))
+
+
+@dataclass
+class WrittenIndex:
+    """What `write_index` wrote: the files (names in the index's directory), the index (read back from
+    disk for an on-disk IVF), whether it is approximate, and how it holds its codes: "stream" (Flat),
+    "on-disk" (IVF lists in the .ivfdata file) or "in-memory"."""
+
+    files: list[str]
+    index: faiss.Index
+    approximate: bool
+    storage: str
+
+
+def write_index(factory: str, vectors, path: Path, train_sample: int, work: Path,
+                block_rows: int = BLOCK_ROWS, log: Callable[[str], None] | None = None) -> WrittenIndex:
+    """Write the FAISS index (inner product) of `vectors` (a `RowSource` or `Normalized`) to `path`.
+
+    `work` holds the temporary block files of an IVF build (removed here). Raises ValueError naming
+    index.factory for a factory FAISS cannot build, OSError for a full disk, RuntimeError for a FAISS
+    layout this writer does not recognise (Flat)."""
+    vectors = as_rows(vectors)
+    count, dim = vectors.shape
+    index = build_faiss_index(factory, dim)
+    if isinstance(faiss.downcast_index(index), faiss.IndexFlat) and index.metric_type == faiss.METRIC_INNER_PRODUCT:
+        write_flat(vectors, path, block_rows)
+        return WrittenIndex([path.name], read_index(path, mmap=True), False, "stream")
+    if not index.is_trained:
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(count, size=min(count, train_sample), replace=False))
+        if log:
+            log(f"training {factory} on {sample.size:,} of {count:,} vectors")
+        index.train(np.ascontiguousarray(vectors[sample]))
+        del sample
+    if _ondisk_ivf(index) is not None and count:
+        data = path.with_suffix(".ivfdata")
+        _fill_ondisk(index, vectors, data, work, block_rows, log)
+        faiss.write_index(index, str(path))
+        del index
+        written = read_index(path)
+        return WrittenIndex([path.name, data.name], written, is_approximate(written), "on-disk")
+    for start, block in vectors.blocks(block_rows):
+        index.add(block)
+    faiss.write_index(index, str(path))
+    return WrittenIndex([path.name], index, is_approximate(index), "in-memory")
+
+
+def _ondisk_ivf(index) -> faiss.IndexIVF | None:
+    """The IndexIVF whose inverted lists can go on disk: the index itself, or the last stage of a
+    pre-transform chain (OPQ, PCA). None for a refine stage, HNSW, PQ alone and others."""
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexPreTransform):
+        base = faiss.downcast_index(base.index)
+    if isinstance(base, faiss.IndexIVF) and not isinstance(base, faiss.IndexIVFPQR):
+        return base
+    return None
+
+
+def _fill_ondisk(index, vectors, data: Path, work: Path, block_rows: int, log) -> None:
+    from faiss.contrib.ondisk import merge_ondisk
+
+    work.mkdir(parents=True, exist_ok=True)
+    trained = faiss.serialize_index(index)
+    blocks = []
+    try:
+        for start, block in vectors.blocks(block_rows):
+            part = faiss.deserialize_index(trained)
+            part.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+            name = work / f"block-{len(blocks):05d}.index"
+            faiss.write_index(part, str(name))
+            blocks.append(str(name))
+            del part
+        if log:
+            log(f"merging {len(blocks)} blocks into on-disk inverted lists ({data.name})")
+        if data.exists():
+            data.unlink()
+        merge_ondisk(index, blocks, str(data))
+    finally:
+        for name in blocks:
+            Path(name).unlink(missing_ok=True)
+
+
+def read_index(path: Path, mmap: bool = False) -> faiss.Index:
+    """Read an index written by `write_index`: an on-disk IVF's .ivfdata is taken from `path`'s directory
+    (FAISS maps that file itself); with `mmap`, Flat / IVF storage is mapped in place (IO_FLAG_MMAP_IFC)
+    where FAISS can, and other formats are read into memory."""
+    base = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY  # .ivfdata mapped read-only
+    if mmap:
+        try:
+            return faiss.read_index(str(path), base | faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError:  # on-disk IVF lists, HNSW, PQ... (IO_FLAG_MMAP on on-disk lists crashes FAISS 1.15)
+            pass
+    return faiss.read_index(str(path), base)
+
+
+def write_flat(vectors, path: Path, block_rows: int = BLOCK_ROWS) -> None:
+    """Stream an IndexFlatIP file of `vectors` [N, D] to `path`, one block of rows in memory at a time."""
+    count, dim = vectors.shape
+    with open(path, "wb") as handle:
+        handle.write(_flat_header(dim, count))
+        for _, block in vectors.blocks(block_rows):
+            handle.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _flat_header(dim: int, count: int) -> bytes:
+    """The bytes FAISS writes before the rows of an IndexFlatIP of `count` x `dim`, checked against
+    FAISS's own serialisation of a 2-row index (RuntimeError if the layout differs)."""
+    def header(d: int, n: int) -> bytes:
+        empty = bytes(faiss.serialize_index(faiss.IndexFlatIP(d)))
+        if len(empty) < 16 or empty[:4] != b"IxFI" or empty[-8:] != bytes(8):
+            raise RuntimeError("this FAISS writes IndexFlatIP files in a layout the streaming writer does not know")
+        return empty[:8] + struct.pack("<q", n) + empty[16:-8] + struct.pack("<Q", n * d)
+
+    probe = np.arange(6, dtype=np.float32).reshape(2, 3)
+    reference = faiss.IndexFlatIP(3)
+    reference.add(probe)
+    if bytes(faiss.serialize_index(reference)) != header(3, 2) + probe.tobytes():
+        raise RuntimeError("this FAISS writes IndexFlatIP files in a layout the streaming writer does not know")
+    return header(dim, count)
+
+
+def exact_ends(vectors, queries: np.ndarray, k: int, block_rows: int = BLOCK_ROWS) -> tuple[list, list]:
+    """Exact top-k rows of every query [Q, D] by e . q (proponents) and by -e . q (opponents), rows with
+    score <= 0 left out, in one pass over `vectors` (a `RowSource`): ([Q] arrays of rows, [Q] arrays)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best = [np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.float32)]
+    rows = [np.empty((len(q), 0), np.int64), np.empty((len(q), 0), np.int64)]
+    for start, block in vectors.blocks(block_rows):
+        scores = block @ q.T  # [b, Q]
+        ids = np.arange(start, start + len(block), dtype=np.int64)
+        for end, sign in enumerate((1.0, -1.0)):
+            s = np.concatenate([best[end], sign * scores.T], axis=1)
+            r = np.concatenate([rows[end], np.broadcast_to(ids, (len(q), len(ids)))], axis=1)
+            keep = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            best[end], rows[end] = np.take_along_axis(s, keep, 1), np.take_along_axis(r, keep, 1)
+    out = ([], [])
+    for end in range(2):
+        for i in range(len(q)):
+            out[end].append(rows[end][i][best[end][i] > 0])
+    return out
+
+
+def measure_recall(index: faiss.Index, vectors, queries: np.ndarray, params: dict, k: int = 10) -> dict:
+    """Recall@k of the approximate `index` against exact inner-product search over `vectors` (one pass),
+    for proponents (q) and opponents (-q) of each query vector [Q, D]."""
+    queries = np.asarray(queries, dtype=np.float32)
+    truth = exact_ends(as_rows(vectors), queries, k)
+    recalls = {"proponents": [], "opponents": []}
+    for i, q in enumerate(queries):
+        for end, (name, sign) in enumerate((("proponents", 1), ("opponents", -1))):
+            gold = set(truth[end][i].tolist())
+            if not gold:
+                continue
+            got = set(top_k(index, q, k, sign, params=params).rows.tolist())
+            recalls[name].append(len(gold & got) / len(gold))
+    return {name: round(float(np.mean(v)), 4) if v else None for name, v in recalls.items()} | {
+        "k": k, "queries": int(len(queries))}
+
+
+def _npy_rows(path: Path, dim: int) -> int:
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(handle)
+    if dtype != np.float32 or fortran or len(shape) != 2 or shape[1] != dim:
+        raise ValueError(f"{path} is not a float32 [rows, {dim}] array (found {dtype} {shape})")
+    return int(shape[0])
+
