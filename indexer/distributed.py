@@ -36,9 +36,10 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from indexer.checkpoints import CheckpointError
 from indexer.config import ConfigError, IndexConfig
@@ -255,7 +256,7 @@ def _cancel(ray, refs: list) -> None:
     for ref in refs:
         try:
             ray.cancel(ref)
-        except Exception:  # noqa: BLE001 - already finished or gone
+        except Exception:  # noqa: BLE001, S110 - already finished or gone: nothing to stop
             pass
 
 

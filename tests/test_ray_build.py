@@ -101,13 +101,13 @@ def test_killed_shard_task_is_retried_and_resumes(ray_session, setup):
     (report,) = resumed
     assert report["resumed_from"] == ["state-0000"] and report["pid"] != killed_pid
     assert report["batches_total"] == 9 and report["batches_embedded"] == 6  # checkpoints 1 and 2 only
-    other = [r for r in result.shards if r is not report][0]
+    other = next(r for r in result.shards if r is not report)
     assert other["batches_embedded"] == 9 and not other["resumed_from"]
     _assert_same_index(tmp / "ray-killed", tmp / "reference")
 
 
 def test_config_error_in_a_shard_is_one_line_and_not_retried(ray_session, setup, tmp_path, capsys):
-    tmp, _, config = setup
+    _, _, config = setup
     attempts = tmp_path / "attempts"
     broken = _with_task(config, "tests.tasks:BrokenTask", {"attempts": str(attempts)}, "broken.toml")
     rc = main(["index", str(broken), "--out", str(tmp_path / "index"), "--ray", "--shards", "2", "--quiet"])
@@ -163,8 +163,8 @@ def test_cli_ray_usage_errors(setup, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError: Ray not installed
     assert main(["index", str(config), "--out", out, "--ray"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["tracin index: error: --ray needs Ray, which is not installed here: "
-                   "pip install 'tracin-service[ray]'"]
+    assert err == [("tracin index: error: --ray needs Ray, which is not installed here: "
+                    "pip install 'tracin-service[ray]'")]
     with pytest.raises(ConfigError, match=r"pip install 'tracin-service\[ray\]'"):
         from indexer.distributed import build_with_ray
 
