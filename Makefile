@@ -10,9 +10,10 @@
 PY ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
-# Extras of `make setup` / `make test` (the test suite, the text example, the training-loop callbacks)
+# Extras of `make setup` / `make test` (the test suite, the text example, the training-loop callbacks,
+# Ray for distributed indexing)
 # and of `make demo` (none: serving the digits demo needs only the core dependencies).
-EXTRAS ?= test,text,huggingface,lightning
+EXTRAS ?= test,text,huggingface,lightning,ray
 DEMO_EXTRAS ?=
 TORCH_INDEX ?=
 HOST ?= 127.0.0.1

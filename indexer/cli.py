@@ -22,13 +22,30 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from indexer.config import load_config
     from indexer.pipeline import build_index, build_shard, merge_shards
 
+    if args.shard and args.merge:
+        raise UsageError("--shard and --merge are separate steps")
+    if args.ray is not None and (args.shard or args.merge):
+        raise UsageError("--ray runs every shard and the merge itself: leave out --shard / --merge")
+    if args.shards is not None and args.ray is None:
+        raise UsageError("--shards goes with --ray (one job per shard: --shard I/N, then --merge N)")
+    if args.ray is not None:
+        from indexer.distributed import _import_ray
+
+        _import_ray()  # before any work: "pip install 'tracin-service[ray]'" in one line
     config = load_config(args.config)
     if args.batch_size:
         from dataclasses import replace
 
         config = replace(config, index=replace(config.index, batch_size=args.batch_size))
-    if args.shard and args.merge:
-        raise UsageError("--shard and --merge are separate steps")
+    if args.ray is not None:
+        from indexer.distributed import build_with_ray
+
+        result = build_with_ray(config, args.out, shards=args.shards, overwrite=args.force,
+                                address=None if args.ray == LOCAL_RAY else args.ray,
+                                log=None if args.quiet else _say)
+        print(f"indexed {result.count} examples into {result.path} (dim {result.dim}) with {len(result.shards)} "
+              f"Ray shard tasks in {result.seconds:.1f}s")
+        return 0
     if args.shard:
         shard, _, shards = args.shard.partition("/")
         if not (shard.isdigit() and shards.isdigit()):
@@ -42,6 +59,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
         result = build_index(config, args.out, overwrite=args.force, show_progress=not args.quiet)
     print(f"indexed {result.count} examples into {result.path} (dim {result.dim}) in {result.seconds:.1f}s")
     return 0
+
+
+LOCAL_RAY = "local"  # `--ray` without an address: a local Ray cluster on this machine
+
+
+def _say(line: str) -> None:
+    print(f"tracin index: {line}", file=sys.stderr, flush=True)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -174,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="embed only shard I of N (e.g. $SLURM_ARRAY_TASK_ID/8)")
     p.add_argument("--merge", metavar="N", type=int, help="build the index from N finished shards")
+    p.add_argument("--ray", metavar="ADDRESS", nargs="?", const=LOCAL_RAY, default=None,
+                   help="run one Ray task per shard, then merge: ADDRESS of a running cluster (auto, "
+                        "ray://host:10001), or none for a local cluster; needs tracin-service[ray]")
+    p.add_argument("--shards", metavar="N", type=int, default=None,
+                   help="with --ray: number of shard tasks (default: the cluster's GPUs, else its CPUs)")
     p.set_defaults(fn=_cmd_index)
 
     p = sub.add_parser("check", help="check the capture of a config's model against per-example autograd",

@@ -180,10 +180,11 @@ def shard_rows(count: int, shard: int, shards: int) -> tuple[int, int]:
 
 
 def build_shard(config: IndexConfig, out: str | Path, shard: int, shards: int,
-                show_progress: bool = False) -> Path:
+                show_progress: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
     """Embed one contiguous range of examples (run one per job-array task / torchrun rank), into
     `<out>.shards/shard-i-of-n/`; `merge_shards` then builds the index directory `out`. Each shard
-    holds its own lock and resume state."""
+    holds its own lock and resume state. `progress(done, total)` is called after each batch embedded by
+    this run (batches of checkpoints resumed from the state are not counted)."""
     if not 0 <= shard < shards:
         raise ConfigError(f"--shard: expected i/n with 0 <= i < n, got {shard}/{shards}")
     out = Path(out).resolve()
@@ -198,7 +199,7 @@ def build_shard(config: IndexConfig, out: str | Path, shard: int, shards: int,
                             extras=(REVIEW_STATE,))
         _check_disk(job, final.parent, resumable=state, rows=stop - start, final_index=False)
         with _failure_cleanup(job, [work, staging]):
-            vectors_file, self_influence, review, seconds = _embed_rows(job, state, start, None, show_progress)
+            vectors_file, self_influence, review, seconds = _embed_rows(job, state, start, progress, show_progress)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
             vectors_file.replace(staging / "vectors.npy")

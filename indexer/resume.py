@@ -19,7 +19,9 @@ blocks were allocated by writing zeros), never through a writable memory map, so
 `OSError` (ENOSPC) instead of a SIGBUS.
 
 `TRACIN_TEST_KILL_AT=<step>[:<n>]` (tests only) SIGKILLs the process the n-th time (default first) a
-build reaches `<step>`; the steps are listed in KILL_STEPS.
+build reaches `<step>`; the steps are listed in KILL_STEPS. With `TRACIN_TEST_KILL_ONCE_FILE=<path>` as
+well, the kill fires only in the one process that creates `<path>` (it holds that pid): of several
+processes (shard tasks, and a task's retries) given the same environment, exactly one is killed.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from indexer.checkpoints import sha256_file
 from indexer.store import fsync_path
 
 KILL_ENV = "TRACIN_TEST_KILL_AT"
+KILL_ONCE_ENV = "TRACIN_TEST_KILL_ONCE_FILE"
 KILL_STEPS = ("prepared", "state-started", "batch", "checkpoint-embedded", "state-written", "state-committed",
               "index-staged", "manifest-written", "index-committed")
 _kill_counts: dict[str, int] = {}
@@ -59,6 +62,14 @@ def kill_point(step: str) -> None:
         return
     _kill_counts[step] = _kill_counts.get(step, 0) + 1
     if _kill_counts[step] == int(nth or 1):
+        once = os.environ.get(KILL_ONCE_ENV)
+        if once:
+            try:
+                fd = os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return  # another process (or an earlier attempt) was killed already
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)

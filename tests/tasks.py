@@ -1,6 +1,8 @@
 """Tiny seeded float64 tasks for the oracle tests (importable as tests.tasks:Name)."""
 from __future__ import annotations
 
+import errno
+import os
 from typing import Sequence
 
 import torch
@@ -107,3 +109,29 @@ class TokenTask(Task):
         tokens[torch.arange(6).unsqueeze(0) >= lengths.unsqueeze(1)] = 0  # right padding
         tokens[0, 1] = tokens[0, 0]  # a repeated token in one sequence
         return ExampleSet(tokens, torch.randint(0, 3, (self.n,), generator=g))
+
+
+class BrokenTask(MLPTask):
+    """Appends its pid to the file `attempts` each time it is constructed, then fails (a ConfigError of
+    the build): the distributed-build tests count how often a shard task ran."""
+
+    def __init__(self, attempts: str, n: int = 40, seed: int = 0):
+        with open(attempts, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        raise ValueError("no training data on this worker")
+
+
+class FlakyTask(MLPTask):
+    """MLPTask whose training_set() fails once with EIO (a network file system hiccup) in the one process
+    that creates the file `flaky`; everywhere else it is MLPTask."""
+
+    def __init__(self, flaky: str, n: int = 40, seed: int = 0):
+        super().__init__(n, seed)
+        self.flaky = flaky
+
+    def training_set(self) -> ExampleSet:
+        try:
+            os.close(os.open(self.flaky, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return super().training_set()
+        raise OSError(errno.EIO, "Input/output error (simulated)", self.flaky)
