@@ -147,12 +147,13 @@ class WrittenIndex:
 
 
 def write_index(factory: str, vectors, path: Path, train_sample: int, work: Path,
-                block_rows: int = BLOCK_ROWS, log: Callable[[str], None] | None = None) -> WrittenIndex:
+                block_rows: int | None = None, log: Callable[[str], None] | None = None) -> WrittenIndex:
     """Write the FAISS index (inner product) of `vectors` (a `RowSource` or `Normalized`) to `path`.
 
     `work` holds the temporary block files of an IVF build (removed here). Raises ValueError naming
     index.factory for a factory FAISS cannot build, OSError for a full disk, RuntimeError for a FAISS
     layout this writer does not recognise (Flat)."""
+    block_rows = block_rows or BLOCK_ROWS
     vectors = as_rows(vectors)
     count, dim = vectors.shape
     index = build_faiss_index(factory, dim)

@@ -1,0 +1,305 @@
+"""A million-example index, built in shards and served (issue 13).
+
+    .venv/bin/python bench/bench_million.py                          # everything (about an hour on 2 cores)
+    .venv/bin/python bench/bench_million.py --size 100000 --nlist 1024 --workdir /tmp/m100k   # a smaller run
+
+Data: real embeddings of real training examples. The Fashion-MNIST CNN is trained (1 epoch, SGD, 5
+checkpoints) on an augmented set of `--size` rows: the 60k images, then shifted (-2..2 px) and
+mirrored copies (`indexer.demo.fashion_mnist.augment_images`), so every row is an example the model
+was trained on and the service can re-rank any of them exactly. Nothing is replicated with noise.
+
+Steps, each timed (a finished step is reused on a re-run):
+  1. train (skipped when <workdir>/run/fashion_mnist.toml exists);
+  2. `tracin index --shard i/N` for N shards, `--parallel` at a time (1 torch thread each), as a job
+     array would run them;
+  3. `tracin index --merge N` with the `--factory` IVF index (on-disk inverted lists): wall time and the
+     merge process's peak RSS (wait4 ru_maxrss);
+  4. two `tracin serve` replicas on the same index directory with TRACIN_MMAP=true: start-up time
+     (process start to /readyz), POST /influence p50 / p99 for held-out images with `rerank: 0` and
+     with the default re-ranking (K' = 50), requests alternating between the replicas; each replica's
+     RSS (anonymous and file-backed) and PSS (what the shared page cache costs each);
+  5. in process, with the service's own engine (the same code as a request): recall@10 of the first
+     stage against exact inner-product search over all rows (the IVF searched with nprobe = nlist);
+     the final answer (first stage K' = 50 + exact TracIn re-ranking) at full size against Flat + the
+     same re-ranking; and the final answer against exact TracIn on a random --subset of rows (the first
+     stage searched inside the subset with an ID selector, gold = exact TracIn of every subset row).
+Prints a markdown summary and writes every figure to <workdir>/million.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_service import _status_kb, percentiles, start  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_timed(cmd: list[str], env: dict, log_file: Path) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS bytes (ru_maxrss), exit code) of a child process."""
+    t0 = time.perf_counter()
+    with open(log_file, "wb") as handle:
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, int(usage.ru_maxrss) * 1024, proc.returncode
+
+
+def set_index_table(config: Path, factory: str, nprobe: int) -> None:
+    """Rewrite the [index] table (the FAISS stage only: shards built under another factory still merge)."""
+    text = config.read_text()
+    head = text.split("[index]")[0]
+    config.write_text(head + f'[index]\nfactory = "{factory}"\nbatch_size = 256\ntrain_sample = 200000\n'
+                             f"search_params = {{ nprobe = {nprobe} }}\n")
+
+
+def smaps(pid: int) -> dict[str, int]:
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    out = {}
+    for key in ("Rss", "Pss", "Pss_Anon", "Pss_File"):
+        match = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+        out[key] = int(match.group(1)) * 1024 if match else -1
+    return out
+
+
+def serve_replicas(index: Path, bodies: list[dict], requests: int) -> dict:
+    import httpx
+
+    env = {"TRACIN_MMAP": "true"}
+    replicas, out = [], {"replicas": []}
+    try:
+        for _ in range(2):
+            proc, base, seconds, _log = start(index, env, timeout=900)
+            replicas.append((proc, base))
+            out["replicas"].append({"startup_s": round(seconds, 2)})
+            log(f"replica at {base} ready in {seconds:.1f} s")
+        clients = [httpx.Client(base_url=base, timeout=120) for _, base in replicas]
+        for name, extra in (("rerank off", {"rerank": 0}), ("rerank K'=50", {})):
+            for c in clients:  # warm each replica
+                c.post("/influence", json={**bodies[0], **extra}).raise_for_status()
+            client_ms, server_ms = [], []
+            for i in range(requests):
+                t0 = time.perf_counter()
+                r = clients[i % 2].post("/influence", json={**bodies[i % len(bodies)], **extra})
+                client_ms.append((time.perf_counter() - t0) * 1000)
+                r.raise_for_status()
+                server_ms.append(r.json()["took_ms"])
+            out[name] = {"client": percentiles(client_ms), "server": percentiles(server_ms), "n": requests}
+            log(f"{name}: p50 {out[name]['client']['p50']:.1f} ms, p99 {out[name]['client']['p99']:.1f} ms")
+        for (proc, _), info in zip(replicas, out["replicas"]):
+            info.update({"rss": _status_kb(proc.pid, "VmRSS") * 1024, "rss_anon": _status_kb(proc.pid, "RssAnon") * 1024,
+                         "rss_file": _status_kb(proc.pid, "RssFile") * 1024, "peak_rss": _status_kb(proc.pid, "VmHWM") * 1024,
+                         **{k.lower(): v for k, v in smaps(proc.pid).items()}})
+        for c in clients:
+            c.close()
+    finally:
+        for proc, _ in replicas:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return out
+
+
+def recall_in_process(index: Path, examples: list[dict], subset: int, depth: int = 50, k: int = 10) -> dict:
+    """First-stage and final recall with the service's engine (see the module docstring, step 5)."""
+    import faiss
+
+    from indexer.search import top_k
+    from service.loading import load_engine
+    from service.settings import Settings
+
+    engine = load_engine(Settings(index_dir=index, mmap=True))
+    ivf = faiss.extract_index_ivf(engine.first_stage.index)
+    exhaustive = {"nprobe": int(ivf.nlist)}
+    rows_subset = np.sort(np.random.default_rng(7).choice(engine.count, size=min(subset, engine.count), replace=False))
+    figures = {"first_stage_vs_flat": {"proponents": [], "opponents": []},
+               "first_stage_candidates_hold_flat_top10": {"proponents": [], "opponents": []},
+               "final_vs_flat_rerank": {"proponents": [], "opponents": []},
+               "final_vs_exact_on_subset": {"proponents": [], "opponents": []}}
+    schema = engine.task.example_schema
+    t0 = time.perf_counter()
+    batch = engine.embed_examples([schema(**e) for e in examples], None, keep_grads=True)
+    gold_subset = exact_matrix(engine.scorer, batch["grads"], rows_subset)  # [Q, subset] exact TracIn
+    t_exact = time.perf_counter() - t0
+    log(f"exact TracIn of {len(examples)} queries x {rows_subset.size:,} subset rows in {t_exact:.0f} s")
+    for n, example in enumerate(examples):
+        out = engine.embed_examples([schema(**example)], None, keep_grads=True)
+        q = out["vectors"][0].float().numpy()
+        grads = out["grads"]
+        (pr, _), (orow, _) = engine.first_stage.search(q, depth, depth)
+        for side, cand, sign in (("proponents", pr, 1), ("opponents", orow, -1)):
+            flat = top_k(engine.first_stage.index, q, depth, sign, params=exhaustive).rows
+            figures["first_stage_vs_flat"][side].append(len(set(cand[:k]) & set(flat[:k])) / max(1, min(k, flat.size)))
+            figures["first_stage_candidates_hold_flat_top10"][side].append(
+                len(set(cand) & set(flat[:k])) / max(1, min(k, flat.size)))
+            ours = engine.scorer.scores(grads, cand)
+            ref = engine.scorer.scores(grads, flat)
+            mine = set(ours.rows[_top(ours.total, k, sign)].tolist())
+            gold = set(ref.rows[_top(ref.total, k, sign)].tolist())
+            figures["final_vs_flat_rerank"][side].append(len(mine & gold) / max(1, len(gold)))
+            # inside the subset: the first stage with an ID selector, then exact re-ranking of its K'
+            sub = top_k(engine.first_stage.index, q, depth, sign, rows=rows_subset, params=engine.first_stage.params).rows
+            ours_sub = engine.scorer.scores(grads, sub)
+            mine_sub = set(ours_sub.rows[_top(ours_sub.total, k, sign)].tolist())
+            gold_sub = set(rows_subset[_top(gold_subset[n], k, sign)].tolist())
+            figures["final_vs_exact_on_subset"][side].append(len(mine_sub & gold_sub) / max(1, len(gold_sub)))
+        if n % 10 == 9:
+            log(f"recall: {n + 1}/{len(examples)} queries; " + ", ".join(
+                f"{name} {np.mean(v['proponents']):.3f}/{np.mean(v['opponents']):.3f}" for name, v in figures.items()))
+    result = {name: {side: round(float(np.mean(v)), 4) for side, v in sides.items()} for name, sides in figures.items()}
+    result.update({"queries": len(examples), "depth": depth, "subset_rows": int(rows_subset.size),
+                   "nprobe": engine.first_stage.params.get("nprobe"), "nlist": int(ivf.nlist),
+                   "exact_subset_seconds": round(t_exact, 1)})
+    return result
+
+
+def exact_matrix(scorer, query_grads, rows: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Exact TracIn [Q, K] of Q queries (block gradients with Q rows per checkpoint) against training
+    `rows`: sum_c lr_c sum_blocks <G_c(q), G_c(z)>, each row's gradients computed once for every query
+    (the loop of `indexer.exact.ExactScorer.scores`, kept whole instead of its first query row)."""
+    import torch
+
+    totals = []
+    for lo in range(0, rows.size, batch):
+        inputs, labels = scorer.rows_of(rows[lo:lo + batch])
+        part = None
+        for c, embedder in enumerate(scorer.embedder.per_checkpoint):
+            captured = embedder.grads(inputs, labels)
+            term = None
+            for q, g in zip(query_grads[c], captured.grads):
+                t = q.inner(g)
+                term = t if term is None else term + t
+            term = embedder.checkpoint.lr * term.to("cpu", torch.float64).numpy()
+            part = term if part is None else part + term
+        totals.append(part)
+    return np.concatenate(totals, axis=1)
+
+
+def _top(scores: np.ndarray, k: int, sign: int) -> np.ndarray:
+    signed = sign * np.asarray(scores)
+    order = np.argsort(-signed, kind="stable")[:k]
+    return order[signed[order] > 0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / ".tracin/bench/million")
+    parser.add_argument("--size", type=int, default=1_000_000)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--parallel", type=int, default=2, help="shards embedded at once (1 torch thread each)")
+    parser.add_argument("--nlist", type=int, default=4096)
+    parser.add_argument("--nprobe", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--recall-queries", type=int, default=100)
+    parser.add_argument("--subset", type=int, default=10_000)
+    parser.add_argument("--skip-serve", action="store_true")
+    args = parser.parse_args()
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results_file = work / "million.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    config = work / "run" / "fashion_mnist.toml"
+    index = work / "idx"
+    factory = f"IVF{args.nlist},Flat"
+
+    if not config.is_file():
+        log(f"training on {args.size:,} augmented rows")
+        wall, rss, rc = run_timed([sys.executable, "-m", "indexer.demo.fashion_mnist", "train", "--out", str(work / "run"),
+                                   "--epochs", "1", "--size", str(args.size), "--threads", str(os.cpu_count())],
+                                  env, work / "train.log")
+        if rc:
+            raise SystemExit(f"training failed: {(work / 'train.log').read_text()[-2000:]}")
+        results["train"] = {"seconds": round(wall, 1), "log": (work / "train.log").read_text().strip().splitlines()[-1]}
+    set_index_table(config, factory, args.nprobe)
+
+    if not (index / "manifest.json").is_file():
+        shard_root = work / "idx.shards"
+        todo = [i for i in range(args.shards)
+                if not (shard_root / f"shard-{i:05d}-of-{args.shards:05d}" / "shard.json").is_file()]
+        if todo:
+            log(f"embedding shards {todo} of {args.shards}, {args.parallel} at a time")
+            shard_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            t0 = time.perf_counter()
+            for batch in range(0, len(todo), args.parallel):
+                procs = [subprocess.Popen([sys.executable, "-m", "indexer.cli", "index", str(config), "--out", str(index),
+                                           "--shard", f"{i}/{args.shards}", "--quiet"], env=shard_env, cwd=REPO,
+                                          stdout=subprocess.DEVNULL, stderr=open(work / f"shard{i}.log", "wb"))
+                         for i in todo[batch:batch + args.parallel]]
+                if any(p.wait() for p in procs):
+                    raise SystemExit("a shard failed: see shard*.log in " + str(work))
+            results["shards"] = {"count": args.shards, "parallel": args.parallel,
+                                 "wall_seconds": round(time.perf_counter() - t0, 1)}
+        infos = [json.loads((shard_root / f"shard-{i:05d}-of-{args.shards:05d}" / "shard.json").read_text())
+                 for i in range(args.shards)]
+        results.setdefault("shards", {})["embed_seconds"] = [round(i["embed_seconds"], 1) for i in infos]
+        shard_bytes = sum(p.stat().st_size for p in shard_root.rglob("vectors.npy"))
+        log(f"merging {args.shards} shards ({shard_bytes / 1e9:.2f} GB of vectors) into {factory}")
+        wall, rss, rc = run_timed([sys.executable, "-m", "indexer.cli", "index", str(config), "--out", str(index),
+                                   "--merge", str(args.shards)], env, work / "merge.log")
+        if rc:
+            raise SystemExit(f"merge failed: {(work / 'merge.log').read_text()[-3000:]}")
+        results["merge"] = {"seconds": round(wall, 1), "peak_rss_bytes": rss, "shard_vector_bytes": shard_bytes}
+        log(f"merged in {wall:.0f} s, peak RSS {rss / 2**30:.2f} GiB (the shards' vectors: {shard_bytes / 2**30:.2f} GiB)")
+        results_file.write_text(json.dumps(results, indent=2))
+    manifest = json.loads((index / "manifest.json").read_text())
+    results["index"] = {"count": manifest["count"], "embedding_dim": manifest["embedding_dim"],
+                        "faiss": manifest["faiss"], "bytes": {name: (index / name).stat().st_size for name in manifest["files"]}}
+    queries = [json.loads(line) for line in (index / "queries.jsonl").read_text().splitlines()]
+    bodies = [{"example": q["example"], "k": 10} for q in queries]
+
+    if not args.skip_serve:
+        results["serve"] = serve_replicas(index, bodies, args.requests)
+        results_file.write_text(json.dumps(results, indent=2))
+    results["recall"] = recall_in_process(index, [q["example"] for q in queries[:args.recall_queries]], args.subset)
+    results_file.write_text(json.dumps(results, indent=2))
+    print(summary(results))
+    return 0
+
+
+def summary(r: dict) -> str:
+    gib = 2 ** 30
+    lines = [f"## {r['index']['count']:,} rows x {r['index']['embedding_dim']} ({r['index']['faiss']['factory']}, "
+             f"nprobe {r['recall']['nprobe']})", ""]
+    if "train" in r:
+        lines.append(f"- train: {r['train']['seconds']} s ({r['train']['log']})")
+    if "shards" in r:
+        lines.append(f"- shards: {r['shards']}")
+    if "merge" in r:
+        m = r["merge"]
+        lines.append(f"- merge: {m['seconds']} s, peak RSS {m['peak_rss_bytes'] / gib:.2f} GiB for "
+                     f"{m['shard_vector_bytes'] / gib:.2f} GiB of shard vectors")
+    lines.append("- files: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in r["index"]["bytes"].items() if v > 2**24))
+    if "serve" in r:
+        s = r["serve"]
+        for name in ("rerank off", "rerank K'=50"):
+            c = s[name]["client"]
+            lines.append(f"- POST /influence {name}: p50 {c['p50']:.1f} ms, p99 {c['p99']:.1f} ms "
+                         f"(server p50 {s[name]['server']['p50']:.1f} ms), {s[name]['n']} requests over 2 replicas")
+        for i, rep in enumerate(s["replicas"]):
+            lines.append(f"- replica {i}: ready in {rep['startup_s']} s, RSS {rep['rss'] / gib:.2f} GiB (anon "
+                         f"{rep['rss_anon'] / gib:.2f}, file {rep['rss_file'] / gib:.2f}), PSS {rep['pss'] / gib:.2f} GiB, "
+                         f"peak RSS {rep['peak_rss'] / gib:.2f} GiB")
+    rc = r["recall"]
+    for name in ("first_stage_vs_flat", "first_stage_candidates_hold_flat_top10", "final_vs_flat_rerank",
+                 "final_vs_exact_on_subset"):
+        lines.append(f"- recall@10 {name}: proponents {rc[name]['proponents']}, opponents {rc[name]['opponents']}")
+    lines.append(f"- ({rc['queries']} held-out queries, K' = {rc['depth']}, subset {rc['subset_rows']:,} rows)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The FAISS stage in bounded memory (issue 13): streamed Flat files, IVF indexes filled block by block into
+on-disk inverted lists, merges that read the shards in place, and the examples table read on demand."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer import faiss_build
+from indexer.config import load_config
+from indexer.faiss_build import ArrayRows, RowSource, exact_ends, read_index, write_index
+from indexer.pipeline import build_index, build_shard, merge_shards
+from indexer.store import IndexDirectory, IndexDirectoryError, JsonlRows, read_jsonl
+from tests.conftest import make_checkpoints, write_config
+from tests.tasks import MLPTask
+
+REF = "tests.tasks:MLPTask"
+IVF_FACTORIES = ["IVF8,Flat", "IVF8,PQ4", "OPQ4,IVF8,PQ4", "IVF8,SQ8"]
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    return np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+
+
+@pytest.fixture
+def parts(tmp_path, vectors):
+    """The vectors as three row files of unequal length (as shards hold them)."""
+    paths = []
+    for i, (a, b) in enumerate([(0, 1234), (1234, 1900), (1900, 3000)]):
+        paths.append(tmp_path / f"part{i}.npy")
+        np.save(paths[-1], vectors[a:b])
+    return paths
+
+
+def _reference(factory: str, vectors: np.ndarray, train_sample: int) -> faiss.Index:
+    """What FAISS builds in memory from all vectors at once, with the sample `write_index` draws."""
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = np.sort(np.random.default_rng(0).choice(len(vectors), size=min(len(vectors), train_sample), replace=False))
+        index.train(vectors[sample])
+    index.add(vectors)
+    return index
+
+
+def test_row_source_reads_across_parts(parts, vectors):
+    source = RowSource(parts, 16)
+    assert source.shape == (3000, 16)
+    np.testing.assert_array_equal(source[1200:1950], vectors[1200:1950])
+    rows = np.array([2999, 0, 1233, 1234, 1899, 1900, 5, 5])
+    np.testing.assert_array_equal(source[rows], vectors[rows])
+    np.testing.assert_array_equal(np.concatenate([b for _, b in source.blocks(701)]), vectors)
+    with pytest.raises(ValueError, match="float32"):
+        np.save(parts[0], vectors[:10].astype(np.float64))
+        RowSource(parts, 16)
+
+
+def test_flat_is_streamed_byte_identical_to_faiss(tmp_path, parts, vectors):
+    written = write_index("Flat", RowSource(parts, 16), tmp_path / "index.faiss", 1000, tmp_path / "work", block_rows=333)
+    reference = faiss.IndexFlatIP(16)
+    reference.add(vectors)
+    assert written.storage == "stream" and written.files == ["index.faiss"] and not written.approximate
+    assert (tmp_path / "index.faiss").read_bytes() == bytes(faiss.serialize_index(reference))
+    assert read_index(tmp_path / "index.faiss", mmap=True).ntotal == 3000
+
+
+@pytest.mark.parametrize("factory", IVF_FACTORIES)
+def test_ivf_on_disk_equals_the_in_memory_index_after_a_move(tmp_path, parts, vectors, factory):
+    out = tmp_path / "built"
+    out.mkdir()
+    written = write_index(factory, RowSource(parts, 16), out / "index.faiss", 2000, tmp_path / "work", block_rows=500)
+    assert written.storage == "on-disk" and written.files == ["index.faiss", "index.ivfdata"]
+    assert not (tmp_path / "work").exists() or not list((tmp_path / "work").iterdir()), "block files are removed"
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out)  # the recorded build path is gone: the .ivfdata beside the index is read
+    index = read_index(moved / "index.faiss", mmap=True)
+    reference = _reference(factory, vectors, 2000)
+    faiss.extract_index_ivf(index).nprobe = faiss.extract_index_ivf(reference).nprobe = 4
+    queries = np.random.default_rng(1).standard_normal((25, 16)).astype(np.float32)
+    d1, i1 = index.search(queries, 10)
+    d2, i2 = reference.search(queries, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(d1, d2)
+
+
+def test_on_disk_ivf_is_read_from_a_read_only_directory(tmp_path, parts, vectors):
+    """A service replica mounts the index read-only: FAISS must map the .ivfdata without write access
+    (as root, the read runs as `nobody`, for whom the files are read-only)."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="tracin-ro-"))  # under /tmp: traversable by another user
+    os.chmod(base, 0o755)
+    out = base / "ro"
+    out.mkdir()
+    write_index("IVF8,Flat", RowSource(parts, 16), out / "index.faiss", 2000, tmp_path / "work")
+    for name in os.listdir(out):
+        os.chmod(out / name, 0o444)
+    os.chmod(out, 0o555)
+    code = ("import os, sys, numpy as np; from indexer.faiss_build import read_index\n"
+            "if os.getuid() == 0: os.setgid(65534); os.setuid(65534)\n"
+            "index = read_index(sys.argv[1] + '/index.faiss', mmap=True)\n"
+            "d, i = index.search(np.ones((1, 16), np.float32), 3); print(index.ntotal, i.min() >= 0)")
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    os.chmod(out, 0o755)
+    shutil.rmtree(base)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["3000", "True"]
+
+
+def test_the_faiss_stage_reads_one_block_at_a_time(tmp_path, parts, monkeypatch):
+    """Bounded memory: besides the training sample (gathered row by row), no read holds more than a block."""
+    from indexer import resume
+
+    largest = []
+    original = resume.RowFile.read
+
+    def spy(self, start, stop):
+        largest.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(resume.RowFile, "read", spy)
+    for factory in ("Flat", "IVF8,Flat"):
+        out = tmp_path / factory.replace(",", "_")
+        out.mkdir()
+        write_index(factory, RowSource(parts, 16), out / "index.faiss", 2000, tmp_path / "work", block_rows=256)
+    assert largest and max(largest) <= 256
+
+
+def test_exact_ends_equal_argsort(vectors):
+    queries = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
+    pro, opp = exact_ends(ArrayRows(vectors), queries, 7, block_rows=400)
+    scores = vectors @ queries.T
+    for i in range(4):
+        assert pro[i].tolist() == np.argsort(-scores[:, i], kind="stable")[:7].tolist()
+        assert opp[i].tolist() == np.argsort(scores[:, i], kind="stable")[:7].tolist()
+
+
+# -- through the pipeline: shards merged into an on-disk IVF = one build ---------------------------------
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return make_checkpoints(MLPTask(), tmp_path_factory.mktemp("ckpts"))
+
+
+def test_shards_merge_into_an_on_disk_ivf_equal_to_one_build(tmp_path, ckpts, monkeypatch):
+    monkeypatch.setattr(faiss_build, "BLOCK_ROWS", 9)  # several blocks even for 40 rows
+    factory_line = 'search_params = { nprobe = 2 }'
+    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="IVF4,Flat",
+                                      extra=factory_line))
+    build_index(config, tmp_path / "single")
+    # the shards were embedded under a Flat config: the FAISS stage is not an input of the vectors
+    flat = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="Flat"))
+    for shard in (2, 0, 1):
+        build_shard(flat, tmp_path / "merged", shard, 3)
+    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="IVF4,Flat",
+                                      extra=factory_line))
+    merge_shards(config, tmp_path / "merged", 3)
+    assert not (tmp_path / "merged.shards").exists()
+    shutil.move(tmp_path / "merged", tmp_path / "moved")  # directories move (replicas copy them)
+    single, merged = IndexDirectory.open(tmp_path / "single"), IndexDirectory.open(tmp_path / "moved")
+    for directory in (single, merged):
+        files = directory.manifest["files"]
+        assert {"index.ivfdata", "index_normalized.ivfdata"} <= set(files)
+        assert directory.manifest["faiss"]["storage"] == "on-disk"
+    for name in ("index.ivfdata", "index_normalized.ivfdata", "self_influence.npy", "examples.jsonl",
+                 "label_review.npy"):
+        assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "moved" / name).read_bytes(), name
+    for index in (single.index, merged.index):
+        faiss.extract_index_ivf(index).make_direct_map()
+    np.testing.assert_allclose(merged.index.reconstruct_n(0, 40), single.index.reconstruct_n(0, 40), rtol=0, atol=0)
+    assert merged.manifest["faiss"]["recall_at_10"] == single.manifest["faiss"]["recall_at_10"]
+
+
+def test_a_tampered_ivfdata_file_is_refused(tmp_path, ckpts):
+    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="IVF4,Flat"))
+    build_index(config, tmp_path / "index")
+    data = tmp_path / "index" / "index.ivfdata"
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    with pytest.raises(IndexDirectoryError, match="index.ivfdata does not match the sha256"):
+        IndexDirectory.open(tmp_path / "index")
+    data.unlink()
+    with pytest.raises(IndexDirectoryError, match="index.ivfdata"):
+        IndexDirectory.open(tmp_path / "index")
+
+
+def test_served_answers_from_merged_on_disk_ivf_equal_one_build(tmp_path, ckpts):
+    from types import SimpleNamespace
+
+    from service.loading import load_engine
+    from service.settings import Settings
+
+    extra = 'search_params = { nprobe = 4 }'
+    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="IVF4,Flat", extra=extra))
+    build_index(config, tmp_path / "single")
+    for shard in range(2):
+        build_shard(config, tmp_path / "merged", shard, 2)
+    merge_shards(config, tmp_path / "merged", 2)
+    answers = []
+    for name in ("single", "merged"):
+        engine = load_engine(Settings(index_dir=tmp_path / name, mmap=True))
+        req = SimpleNamespace(example=None, train_id="ex5", label=None, filter_label=None, k=5, exclude_self=False,
+                              include_embedding=False, rerank=10, metric=None, normalize=None)
+        body = engine.influence(req)
+        answers.append([(h["id"], round(h["score"], 9)) for side in ("proponents", "opponents") for h in body[side]])
+    assert answers[0] == answers[1] and answers[0]
+
+
+# -- the examples table, read on demand -----------------------------------------------------------------
+def test_jsonl_rows_equal_the_parsed_file(tmp_path):
+    rows = [{"id": f"r{i}", "label": i % 3, "display": {"flipped": i % 2 == 0, "text": "é" * i}} for i in range(50)]
+    path = tmp_path / "examples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    table = JsonlRows(path)
+    assert len(table) == 50 and table[7] == rows[7] and table[-1] == rows[-1] and table[3:6] == rows[3:6]
+    assert list(table) == read_jsonl(path) == rows
+    assert table.ids == [r["id"] for r in rows] and table.labels == [r["label"] for r in rows]
+    np.testing.assert_array_equal(table.flags["flipped"], [r["display"]["flipped"] for r in rows])
+    assert "text" not in table.flags
+    with pytest.raises(IndexError):
+        table[50]
+
+
+@pytest.mark.parametrize("bad, message", [("\n", "row 1 is empty"), ("[1, 2]\n", "row 1 is not an object"),
+                                          ('{"id": 1}\n', "row 1 is not an object with an id and a label"),
+                                          ("{nope\n", "not valid JSON lines: row 1")])
+def test_jsonl_rows_refuse_a_bad_row_naming_it(tmp_path, bad, message):
+    path = tmp_path / "examples.jsonl"
+    path.write_text('{"id": "a", "label": 0}\n' + bad)
+    with pytest.raises(IndexDirectoryError, match=message):
+        JsonlRows(path)
