@@ -54,7 +54,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         print(f"shard {shard}/{shards} written to {path}")
         return 0
     if args.merge:
-        result = merge_shards(config, args.out, args.merge, overwrite=args.force)
+        result = merge_shards(config, args.out, args.merge, overwrite=args.force, keep_shards=args.keep_shards)
     else:
         result = build_index(config, args.out, overwrite=args.force, show_progress=not args.quiet)
     print(f"indexed {result.count} examples into {result.path} (dim {result.dim}) in {result.seconds:.1f}s")
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shard", metavar="I/N", help="embed only shard I of N (e.g. $SLURM_ARRAY_TASK_ID/8)")
     p.add_argument("--merge", metavar="N", type=int, help="build the index from N finished shards")
+    p.add_argument("--keep-shards", action="store_true",
+                   help="with --merge: keep <out>.shards/ (merge again, e.g. under another index.factory, "
+                        "without embedding again)")
     p.add_argument("--ray", metavar="ADDRESS", nargs="?", const=LOCAL_RAY, default=None,
                    help="run one Ray task per shard, then merge: ADDRESS of a running cluster (auto, "
                         "ray://host:10001), or none for a local cluster; needs tracin-service[ray]")

@@ -124,7 +124,8 @@ def training_set_digest(examples: ExampleSet, max_bytes: int = 1 << 30, sample: 
     return digest
 
 
-def _bytes(t: torch.Tensor) -> bytes:
-    """The raw bytes of a tensor of any dtype (bfloat16 and bool included)."""
+def _bytes(t: torch.Tensor) -> memoryview | bytes:
+    """The raw bytes of a tensor of any dtype (bfloat16 and bool included), as a view (no copy of a
+    contiguous CPU tensor: hashing a large training set does not double it in memory)."""
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""

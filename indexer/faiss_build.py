@@ -14,8 +14,17 @@ build, read in row blocks (`RowSource`), never as one array:
   `<index>.ivfdata` beside the index file, which only holds the quantizer. The service memory-maps that
   file (page cache, shared by replicas on one machine); `IO_FLAG_ONDISK_SAME_DIR` makes FAISS read it
   from the index's own directory, never from the path recorded at build time.
-- Anything else (HNSW, PQ without IVF, `Refine(...)`): built in memory as FAISS does, which holds every
-  code in memory (a refine stage holds every float vector): `memory` in the result says so.
+- **A low-dimensional exhaustive scan with a refine stage** (`PCA32,Flat,RFlat`, the scale default:
+  every row is scanned in 32 numbers, the best k x k_factor are re-scored with the stored float32
+  vectors): streamed like Flat, in two passes (the projected rows, then the full rows), the file
+  FAISS writes for an `IndexRefineFlat`, checked against FAISS's own serialisation of the same trained
+  index holding a few rows on every write. No clustering: unlike IVF's probes (which miss proponents of
+  large gradient norm in clusters of other directions), nothing is skipped.
+- Anything else (HNSW, PQ without IVF, other refine stages): built in memory as FAISS does, which holds
+  every code in memory: `storage` = "in-memory" says so.
+
+PCA in an inner-product index is applied without its centring (x -> A x, not A (x - mean)): a mean
+offset adds -<A x, A mean> to each row's score and changes the ranking (`_uncentre`).
 
 Peak memory of the stage: one block of rows ([block, D] float32), the training sample
 ([train_sample, D] float32), the trained index, and for in-memory factories the whole index.
@@ -167,6 +176,10 @@ def write_index(factory: str, vectors, path: Path, train_sample: int, work: Path
             log(f"training {factory} on {sample.size:,} of {count:,} vectors")
         index.train(np.ascontiguousarray(vectors[sample]))
         del sample
+    _uncentre(index)
+    if _streamable_refine(index) is not None:
+        write_refine_flat(index, vectors, path, block_rows)
+        return WrittenIndex([path.name], read_index(path, mmap=True), True, "stream")
     if _ondisk_ivf(index) is not None and count:
         data = path.with_suffix(".ivfdata")
         _fill_ondisk(index, vectors, data, work, block_rows, log)
@@ -213,6 +226,97 @@ def _fill_ondisk(index, vectors, data: Path, work: Path, block_rows: int, log) -
     finally:
         for name in blocks:
             Path(name).unlink(missing_ok=True)
+
+
+def _transforms(index) -> list:
+    """The vector transforms of every pre-transform in `index` (itself, a refine stage's base, IVF's)."""
+    out, base = [], faiss.downcast_index(index)
+    while True:
+        if isinstance(base, faiss.IndexRefine):
+            base = faiss.downcast_index(base.base_index)
+        elif isinstance(base, faiss.IndexPreTransform):
+            out += [faiss.downcast_VectorTransform(base.chain.at(i)) for i in range(base.chain.size())]
+            base = faiss.downcast_index(base.index)
+        else:
+            return out
+
+
+def _uncentre(index) -> None:
+    """PCA without its mean offset (see the module docstring): x -> A x."""
+    for transform in _transforms(index):
+        if isinstance(transform, faiss.PCAMatrix):
+            transform.have_bias = False
+
+
+def _streamable_refine(index):
+    """(base pre-transform chain or None, base Flat dim) when `index` is an IndexRefineFlat whose base is an
+    exhaustive inner-product Flat (maybe behind pre-transforms) and whose refine index is a Flat; else None."""
+    top = faiss.downcast_index(index)
+    if not isinstance(top, faiss.IndexRefineFlat):
+        return None
+    refine = faiss.downcast_index(top.refine_index)
+    base = faiss.downcast_index(top.base_index)
+    chain = None
+    if isinstance(base, faiss.IndexPreTransform):
+        chain, base = base, faiss.downcast_index(base.index)
+    flat = (faiss.IndexFlat,)
+    if not (isinstance(base, flat) and isinstance(refine, flat) and base.metric_type == faiss.METRIC_INNER_PRODUCT
+            and refine.metric_type == faiss.METRIC_INNER_PRODUCT):
+        return None
+    return chain, base.d
+
+
+def write_refine_flat(index, vectors, path: Path, block_rows: int | None = None) -> None:
+    """Stream the FAISS file of the trained, empty IndexRefineFlat `index` holding `vectors` [N, D]: its
+    serialisation with both Flat parts spliced in (the base's rows through its pre-transforms, then the
+    full rows), one block in memory at a time. The bytes are checked against FAISS's serialisation of
+    the same index holding the first rows (RuntimeError if they differ)."""
+    block_rows = block_rows or BLOCK_ROWS
+    count = vectors.shape[0]
+
+    def pieces(rows) -> Iterator[bytes]:
+        yield from _refine_bytes(index, rows, count_of=lambda: rows.shape[0], block_rows=block_rows)
+
+    probe = ArrayRows(np.asarray(vectors[0:min(3, count)], dtype=np.float32))
+    reference = faiss.deserialize_index(faiss.serialize_index(index))
+    reference.add(probe.array)
+    if b"".join(pieces(probe)) != bytes(faiss.serialize_index(reference)):
+        raise RuntimeError("this FAISS writes IndexRefineFlat files in a layout the streaming writer does not know")
+    with open(path, "wb") as handle:
+        for piece in pieces(vectors):
+            handle.write(piece)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _refine_bytes(index, rows, count_of, block_rows: int) -> Iterator[bytes]:
+    chain, base_dim = _streamable_refine(index)
+    dim = index.d
+    blob = bytes(faiss.serialize_index(index))
+    empty_base = bytes(faiss.serialize_index(faiss.IndexFlatIP(base_dim)))
+    empty_refine = bytes(faiss.serialize_index(faiss.IndexFlatIP(dim)))
+    tail = len(empty_base) + len(empty_refine) + 4  # the two empty Flats, then k_factor (float32)
+    if blob[-tail:-4] != empty_base + empty_refine or blob[:4] != b"IxRF":
+        raise RuntimeError("this FAISS writes IndexRefineFlat files in a layout the streaming writer does not know")
+    count = count_of()
+    prefix = bytearray(blob[:-tail])
+    prefix[8:16] = struct.pack("<q", count)  # IndexRefineFlat's header: fourcc, d int32, ntotal int64
+    if chain is not None:
+        at = 4 + 4 + 8 + 8 + 8 + 1 + 4  # the base's header follows the refine index's (no metric_arg for IP)
+        if prefix[at:at + 4] != b"IxPT":
+            raise RuntimeError("unexpected IndexRefineFlat layout: no IndexPreTransform after its header")
+        prefix[at + 8:at + 16] = struct.pack("<q", count)
+    yield bytes(prefix)
+    yield _flat_header(base_dim, count)
+    for _, block in rows.blocks(block_rows):
+        if chain is not None:
+            for i in range(chain.chain.size()):
+                block = faiss.downcast_VectorTransform(chain.chain.at(i)).apply_py(np.ascontiguousarray(block))
+        yield np.ascontiguousarray(block, dtype="<f4").tobytes()
+    yield _flat_header(dim, count)
+    for _, block in rows.blocks(block_rows):
+        yield np.ascontiguousarray(block, dtype="<f4").tobytes()
+    yield blob[-4:]
 
 
 def read_index(path: Path, mmap: bool = False) -> faiss.Index:

@@ -214,8 +214,12 @@ def build_shard(config: IndexConfig, out: str | Path, shard: int, shards: int,
     return final
 
 
-def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: bool = False) -> BuildResult:
-    """Build the index directory from `shards` finished shards of the same config."""
+def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: bool = False,
+                 keep_shards: bool = False) -> BuildResult:
+    """Build the index directory from `shards` finished shards of the same config (the same embedding:
+    `index.factory`, `search_params` and `train_sample` may differ from the shards' config). The shards'
+    vectors are read in place by row blocks (`indexer.faiss_build`); they are removed afterwards unless
+    `keep_shards` (to merge again, e.g. under another factory, without embedding again)."""
     started = time.perf_counter()
     out = Path(out).resolve()
     with OutputLock(out.parent / f".{out.name}.lock", out):
@@ -257,7 +261,8 @@ def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: b
                 raise ConfigError(f"the shards hold {vectors.shape[0]} rows, the training set {job.count}")
             result = _finalize(job, vectors, self_influence, started, seconds, review)
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(out.parent / f"{out.name}.shards", ignore_errors=True)
+        if not keep_shards:
+            shutil.rmtree(out.parent / f"{out.name}.shards", ignore_errors=True)
     return result
 
 

@@ -20,9 +20,21 @@ class Hits:
 
 
 def _search_params(index: faiss.Index, selector, params: dict) -> faiss.SearchParameters | None:
+    """FAISS search parameters of the index's own type: IVF (nprobe, ...), HNSW (efSearch, ...), a refine
+    stage (k_factor; the rest and the selector go to its base index), through pre-transforms (OPQ, PCA)."""
     if selector is None and not params:
         return None
     base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexPreTransform):
+        return _search_params(base.index, selector, params)
+    if isinstance(base, faiss.IndexRefine):
+        sp = faiss.IndexRefineSearchParameters()
+        sp.k_factor = float(params.get("k_factor", base.k_factor))
+        inner = _search_params(base.base_index, selector, {k: v for k, v in params.items() if k != "k_factor"})
+        if inner is not None:
+            sp.base_index_params = inner
+            sp.keep_alive = inner  # the SWIG field does not own it
+        return sp
     if isinstance(base, faiss.IndexIVF):
         sp = faiss.SearchParametersIVF()
     elif isinstance(base, faiss.IndexHNSW):
@@ -34,6 +46,18 @@ def _search_params(index: faiss.Index, selector, params: dict) -> faiss.SearchPa
     if selector is not None:
         sp.sel = selector
     return sp
+
+
+def search_param_names(index: faiss.Index) -> set[str]:
+    """The FAISS search parameters `index` takes (`index.search_params` / TRACIN_FAISS_PARAMS), `sel` aside."""
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexPreTransform):
+        return search_param_names(base.index)
+    if isinstance(base, faiss.IndexRefine):
+        return {"k_factor"} | search_param_names(base.base_index)
+    kind = (faiss.SearchParametersIVF if isinstance(base, faiss.IndexIVF) else
+            faiss.SearchParametersHNSW if isinstance(base, faiss.IndexHNSW) else faiss.SearchParameters)
+    return {name for name in dir(kind) if not name.startswith("_") and name not in ("sel", "this", "thisown", "original_init")}
 
 
 def row_selector(rows: np.ndarray):

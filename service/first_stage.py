@@ -47,11 +47,10 @@ class FirstStage:
         params = dict(manifest.get("faiss", {}).get("search_params") or {})
         params.update(settings.faiss_params)
         if params:
+            from indexer.search import search_param_names
+
             base = faiss.downcast_index(index)
-            kind = ("IVF" if isinstance(base, faiss.IndexIVF) else "HNSW" if isinstance(base, faiss.IndexHNSW) else "")
-            probe_type = {"IVF": faiss.SearchParametersIVF, "HNSW": faiss.SearchParametersHNSW}.get(
-                kind, faiss.SearchParameters)
-            unknown = sorted(name for name in params if name == "sel" or not hasattr(probe_type, name))
+            unknown = sorted(set(params) - search_param_names(index))
             if unknown:
                 raise ServiceStartupError(f"{path}: FAISS search parameters {unknown} do not apply to this "
                                           f"{type(base).__name__} index (TRACIN_FAISS_PARAMS / index.search_params)")

@@ -17,6 +17,7 @@ from indexer import faiss_build
 from indexer.config import load_config
 from indexer.faiss_build import ArrayRows, RowSource, exact_ends, read_index, write_index
 from indexer.pipeline import build_index, build_shard, merge_shards
+from indexer.search import top_k
 from indexer.store import IndexDirectory, IndexDirectoryError, JsonlRows, read_jsonl
 from tests.conftest import make_checkpoints, write_config
 from tests.tasks import MLPTask
@@ -91,6 +92,57 @@ def test_ivf_on_disk_equals_the_in_memory_index_after_a_move(tmp_path, parts, ve
     np.testing.assert_array_equal(d1, d2)
 
 
+@pytest.mark.parametrize("factory", ["PCA4,Flat,RFlat", "Flat,RFlat"])
+def test_refine_flat_is_streamed_equal_to_faiss(tmp_path, parts, vectors, factory):
+    """The scale default: an exhaustive scan of a few projected numbers, the best k x k_factor re-scored
+    with the stored vectors; streamed in two passes, searched as FAISS's own index (PCA uncentred)."""
+    from indexer.faiss_build import _uncentre
+
+    written = write_index(factory, RowSource(parts, 16), tmp_path / "index.faiss", 2000, tmp_path / "work",
+                          block_rows=333)
+    assert written.storage == "stream" and written.files == ["index.faiss"] and written.approximate
+    reference = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+    sample = np.sort(np.random.default_rng(0).choice(3000, size=2000, replace=False))
+    reference.train(vectors[sample])
+    _uncentre(reference)
+    reference.add(vectors)
+    index = read_index(tmp_path / "index.faiss", mmap=True)
+    assert index.ntotal == 3000
+    np.testing.assert_array_equal(index.reconstruct_n(0, 3000), vectors)
+    queries = np.random.default_rng(1).standard_normal((10, 16)).astype(np.float32)
+    subset = np.arange(0, 3000, 7)
+    for q in queries:
+        for sign in (1, -1):
+            for params in ({"k_factor": 1.0}, {"k_factor": 8.0}):
+                a = top_k(index, q, 10, sign, params=params)
+                b = top_k(reference, q, 10, sign, params=params)
+                assert a.rows.tolist() == b.rows.tolist()
+                np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+            hits = top_k(index, q, 5, sign, rows=subset, params={"k_factor": 600.0})  # every subset row refined
+            exact = np.argsort(-sign * (vectors[subset] @ q), kind="stable")[:5]
+            assert hits.rows.tolist() == subset[exact].tolist()
+
+
+def test_pca_in_an_inner_product_index_is_not_centred(tmp_path, vectors):
+    """With a large mean, a centred PCA would shift each row's score by -<A x, A mean> and change the
+    ranking: the written index ranks by (A x) . (A q), as read back from its file."""
+    shifted = vectors + 3.0
+    write_index("PCA4,Flat,RFlat", ArrayRows(shifted), tmp_path / "index.faiss", 2000, tmp_path / "work")
+    index = read_index(tmp_path / "index.faiss", mmap=True)
+    top = faiss.downcast_index(index)
+    base = faiss.downcast_index(top.base_index)
+    pca = faiss.downcast_VectorTransform(base.chain.at(0))
+    assert pca.have_bias is False
+    matrix = faiss.vector_to_array(pca.A).reshape(4, 16)
+    q = np.random.default_rng(3).standard_normal(16).astype(np.float32)
+    hits = top_k(index, q, 10, 1, params={"k_factor": 1.0})  # the base stage's order, re-scored exactly
+    base_top = np.argsort(-((shifted @ matrix.T) @ (matrix @ q)), kind="stable")[:10]
+    exact = shifted[base_top] @ q
+    expected = base_top[np.argsort(-exact, kind="stable")]
+    assert hits.rows.tolist() == expected[shifted[expected] @ q > 0].tolist()
+    np.testing.assert_allclose(hits.scores, shifted[hits.rows] @ q, rtol=1e-5)
+
+
 def test_on_disk_ivf_is_read_from_a_read_only_directory(tmp_path, parts, vectors):
     """A service replica mounts the index read-only: FAISS must map the .ivfdata without write access
     (as root, the read runs as `nobody`, for whom the files are read-only)."""
@@ -150,31 +202,34 @@ def ckpts(tmp_path_factory):
     return make_checkpoints(MLPTask(), tmp_path_factory.mktemp("ckpts"))
 
 
-def test_shards_merge_into_an_on_disk_ivf_equal_to_one_build(tmp_path, ckpts, monkeypatch):
+@pytest.mark.parametrize("factory, factory_line, files, storage", [
+    ("IVF4,Flat", "search_params = { nprobe = 2 }", {"index.ivfdata", "index_normalized.ivfdata"}, "on-disk"),
+    ("PCA4,Flat,RFlat", "search_params = { k_factor = 4 }", set(), "stream")])
+def test_shards_merge_into_an_approximate_index_equal_to_one_build(tmp_path, ckpts, monkeypatch, factory,
+                                                                   factory_line, files, storage):
     monkeypatch.setattr(faiss_build, "BLOCK_ROWS", 9)  # several blocks even for 40 rows
-    factory_line = 'search_params = { nprobe = 2 }'
-    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="IVF4,Flat",
+    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory=factory,
                                       extra=factory_line))
     build_index(config, tmp_path / "single")
     # the shards were embedded under a Flat config: the FAISS stage is not an input of the vectors
     flat = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="Flat"))
     for shard in (2, 0, 1):
         build_shard(flat, tmp_path / "merged", shard, 3)
-    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="IVF4,Flat",
+    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory=factory,
                                       extra=factory_line))
     merge_shards(config, tmp_path / "merged", 3)
     assert not (tmp_path / "merged.shards").exists()
     shutil.move(tmp_path / "merged", tmp_path / "moved")  # directories move (replicas copy them)
     single, merged = IndexDirectory.open(tmp_path / "single"), IndexDirectory.open(tmp_path / "moved")
     for directory in (single, merged):
-        files = directory.manifest["files"]
-        assert {"index.ivfdata", "index_normalized.ivfdata"} <= set(files)
-        assert directory.manifest["faiss"]["storage"] == "on-disk"
-    for name in ("index.ivfdata", "index_normalized.ivfdata", "self_influence.npy", "examples.jsonl",
-                 "label_review.npy"):
+        assert files <= set(directory.manifest["files"])
+        assert directory.manifest["faiss"]["storage"] == storage
+    same_bytes = ["index.faiss"] if storage == "stream" else []  # an on-disk IVF records its build path
+    for name in (*files, *same_bytes, "self_influence.npy", "examples.jsonl", "label_review.npy"):
         assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "moved" / name).read_bytes(), name
     for index in (single.index, merged.index):
-        faiss.extract_index_ivf(index).make_direct_map()
+        if storage == "on-disk":
+            faiss.extract_index_ivf(index).make_direct_map()
     np.testing.assert_allclose(merged.index.reconstruct_n(0, 40), single.index.reconstruct_n(0, 40), rtol=0, atol=0)
     assert merged.manifest["faiss"]["recall_at_10"] == single.manifest["faiss"]["recall_at_10"]
 
@@ -193,14 +248,15 @@ def test_a_tampered_ivfdata_file_is_refused(tmp_path, ckpts):
         IndexDirectory.open(tmp_path / "index")
 
 
-def test_served_answers_from_merged_on_disk_ivf_equal_one_build(tmp_path, ckpts):
+@pytest.mark.parametrize("factory, extra", [("IVF4,Flat", "search_params = { nprobe = 4 }"),
+                                            ("PCA4,Flat,RFlat", "search_params = { k_factor = 10 }")])
+def test_served_answers_from_a_merged_approximate_index_equal_one_build(tmp_path, ckpts, factory, extra):
     from types import SimpleNamespace
 
     from service.loading import load_engine
     from service.settings import Settings
 
-    extra = 'search_params = { nprobe = 4 }'
-    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="IVF4,Flat", extra=extra))
+    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory=factory, extra=extra))
     build_index(config, tmp_path / "single")
     for shard in range(2):
         build_shard(config, tmp_path / "merged", shard, 2)
@@ -212,6 +268,10 @@ def test_served_answers_from_merged_on_disk_ivf_equal_one_build(tmp_path, ckpts)
                               include_embedding=False, rerank=10, metric=None, normalize=None)
         body = engine.influence(req)
         answers.append([(h["id"], round(h["score"], 9)) for side in ("proponents", "opponents") for h in body[side]])
+        for normalize in ("train", "cosine"):  # the normalised twin answers too
+            req.normalize = normalize
+            assert engine.influence(req)["proponents"]
+        req.normalize = None
     assert answers[0] == answers[1] and answers[0]
 
 
