@@ -300,7 +300,7 @@ class Engine:
             brief = None
         proponents = self._hits(pro_rows, pro_scores, k, skip, contributions, losses, raw)
         opponents = self._hits(opp_rows, opp_scores, k, None, contributions, losses, raw)
-        if losses is None and self.scorer is not None and (proponents or opponents):
+        if losses is None and (self.scorer is not None or self.index_dir.label_review is not None) and (proponents or opponents):
             self._add_losses(proponents + opponents)
         return {
             "prediction": prediction,
@@ -325,10 +325,16 @@ class Engine:
                 "probabilities": probabilities[0].tolist() if probabilities is not None else None}
 
     def _add_losses(self, hits: list[dict[str, Any]]) -> None:
-        """Each hit's training loss at every checkpoint (a forward pass over the hits only)."""
+        """Each hit's training loss at every checkpoint: recorded at index time (label_review.npy, the
+        indexer's forward pass of every checkpoint) or, for an index without it, a forward pass over the
+        hits only."""
         rows = np.asarray([self.id_to_row[h["id"]] for h in hits])
+        table = self.index_dir.label_review
         with self.stage("losses"):
-            losses = self.scorer.losses(rows)
+            if table is not None and "loss" in (table.dtype.names or ()):
+                losses = np.asarray(table["loss"][rows], dtype=np.float64).reshape(rows.size, -1).T
+            else:
+                losses = self.scorer.losses(rows)
         for i, hit in enumerate(hits):
             hit["losses"] = [float(x) for x in losses[:, i]]
 

@@ -204,7 +204,11 @@ def test_losses_at_each_checkpoint_and_train_id_predictions(server):
         assert hit["losses"] == pytest.approx(losses(x, y), rel=1e-9)
         assert hit["self_influence_rank"] >= 1
     plain = _post(server, example={"x": QUERY}, label=1, k=3, rerank=0)
-    assert plain["proponents"][0]["losses"] is not None and plain["proponents"][0].get("checkpoints") is None
+    assert plain["proponents"][0].get("checkpoints") is None
+    for hit in plain["proponents"] + plain["opponents"]:  # from label_review.npy, recorded at index time
+        row = [ts.id_of(i) for i in range(40)].index(hit["id"])
+        x, y = ts.batch(row, row + 1)
+        assert hit["losses"] == pytest.approx(losses(x, y), rel=1e-9)
     by_id = _post(server, train_id="ex5", k=3)
     x, _ = ts.batch(5, 6)
     model = task.build_model()
