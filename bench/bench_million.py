@@ -149,7 +149,7 @@ def serve_replicas(index: Path, bodies: list[dict], requests: int) -> dict:
 
 
 def recall_in_process(index: Path, examples: list[dict], subset: int, depth: int = 50, k: int = 10,
-                      sweep: list[float] = (), sweep_param: str = "nprobe") -> dict:
+                      sweep: list[float] = (), sweep_param: str = "nprobe", subset_depths: list[int] = ()) -> dict:
     """First-stage and final recall with the service's engine (see the module docstring, step 5)."""
 
     from indexer.search import top_k
@@ -160,6 +160,7 @@ def recall_in_process(index: Path, examples: list[dict], subset: int, depth: int
     exact_index, exhaustive = flat_index(engine.first_stage.index)
     rows_subset = np.sort(np.random.default_rng(7).choice(engine.count, size=min(subset, engine.count), replace=False))
     swept = {n: {"proponents": [], "opponents": [], "ms": []} for n in sweep}
+    deeper = {n: {"proponents": [], "opponents": []} for n in subset_depths}
     figures = {"first_stage_vs_flat": {"proponents": [], "opponents": []},
                "first_stage_candidates_hold_flat_top10": {"proponents": [], "opponents": []},
                "final_vs_flat_rerank": {"proponents": [], "opponents": []},
@@ -191,6 +192,12 @@ def recall_in_process(index: Path, examples: list[dict], subset: int, depth: int
             mine_sub = set(ours_sub.rows[_top(ours_sub.total, k, sign)].tolist())
             gold_sub = set(rows_subset[_top(gold_subset[n], k, sign)].tolist())
             figures["final_vs_exact_on_subset"][side].append(len(mine_sub & gold_sub) / max(1, len(gold_sub)))
+            for n_deep, got in deeper.items():  # the same inside the subset with K' = n_deep
+                rows = top_k(engine.first_stage.index, q, n_deep, sign, rows=rows_subset,
+                             params=engine.first_stage.params).rows
+                scored = engine.scorer.scores(grads, rows)
+                got[side].append(len(set(scored.rows[_top(scored.total, k, sign)].tolist()) & gold_sub)
+                                 / max(1, len(gold_sub)))
             for value, got in swept.items():  # the K' candidates at another setting hold the Flat top-10?
                 t0 = time.perf_counter()
                 rows = top_k(engine.first_stage.index, q, depth, sign, params={sweep_param: value}).rows
@@ -203,6 +210,8 @@ def recall_in_process(index: Path, examples: list[dict], subset: int, depth: int
     result.update({"queries": len(examples), "depth": depth, "subset_rows": int(rows_subset.size),
                    "search_params": engine.first_stage.params, "sweep_param": sweep_param,
                    "exact_subset_seconds": round(t_exact, 1),
+                   "final_vs_exact_on_subset_by_depth": {n: {side: round(float(np.mean(v[side])), 4) for side in v}
+                                                         for n, v in deeper.items()},
                    "sweep": {n: {"candidates_hold_flat_top10": {side: round(float(np.mean(v[side])), 4)
                                                                        for side in ("proponents", "opponents")},
                                         "search_ms_per_end_p50": round(float(np.median(v["ms"])), 2)}
@@ -255,6 +264,7 @@ def main() -> int:
     parser.add_argument("--sweep", default="5,10,20,40",
                         help="values of --sweep-param whose K' candidates are checked against Flat (comma-separated)")
     parser.add_argument("--sweep-param", default="k_factor")
+    parser.add_argument("--subset-depths", default="100,200", help="more K' for the recall inside the subset")
     args = parser.parse_args()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -319,7 +329,8 @@ def main() -> int:
         results_file.write_text(json.dumps(results, indent=2))
     sweep = [float(n) if args.sweep_param == "k_factor" else int(n) for n in args.sweep.split(",") if n.strip()]
     results["recall"] = recall_in_process(index, [q["example"] for q in queries[:args.recall_queries]], args.subset,
-                                          sweep=sweep, sweep_param=args.sweep_param)
+                                          sweep=sweep, sweep_param=args.sweep_param,
+                                          subset_depths=[int(n) for n in args.subset_depths.split(",") if n.strip()])
     results_file.write_text(json.dumps(results, indent=2))
     print(summary(results))
     return 0
@@ -354,6 +365,9 @@ def summary(r: dict) -> str:
                  "final_vs_exact_on_subset"):
         lines.append(f"- recall@10 {name}: proponents {rc[name]['proponents']}, opponents {rc[name]['opponents']}")
     lines.append(f"- ({rc['queries']} held-out queries, K' = {rc['depth']}, subset {rc['subset_rows']:,} rows)")
+    for depth, v in rc.get("final_vs_exact_on_subset_by_depth", {}).items():
+        lines.append(f"- recall@10 final_vs_exact_on_subset with K' = {depth}: proponents {v['proponents']}, "
+                     f"opponents {v['opponents']}")
     for value, v in rc.get("sweep", {}).items():
         hold = v["candidates_hold_flat_top10"]
         lines.append(f"- {rc['sweep_param']} {value}: K' candidates hold the Flat top-10 {hold['proponents']} / {hold['opponents']}, "

@@ -64,11 +64,11 @@ def derive_index(src: Path, factory: str, search_params: dict, out: Path) -> Pat
     vectors = index.reconstruct_n(0, index.ntotal)
     del index
     config = SimpleNamespace(index=SimpleNamespace(factory=factory, train_sample=50_000, search_params=search_params))
-    info = _write_faiss(config, vectors, out / INDEX_FILE)
+    info = _write_faiss(config, vectors, out / INDEX_FILE, work=out.parent / f".{out.name}-blocks")
     manifest = json.loads((out / MANIFEST).read_text())
+    for name in info.pop("files"):  # index.faiss, and an on-disk IVF's .ivfdata
+        manifest["files"][name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
     manifest["faiss"] = info
-    digest = hashlib.sha256((out / INDEX_FILE).read_bytes()).hexdigest()
-    manifest["files"][INDEX_FILE] = digest
     write_manifest(out, manifest)  # manifest.json and its digest manifest.sha256
     print(f"derived {factory} index at {out}: recall {info.get('recall_at_10')}", file=sys.stderr)
     return out

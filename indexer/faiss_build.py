@@ -23,8 +23,9 @@ build, read in row blocks (`RowSource`), never as one array:
 - Anything else (HNSW, PQ without IVF, other refine stages): built in memory as FAISS does, which holds
   every code in memory: `storage` = "in-memory" says so.
 
-PCA in an inner-product index is applied without its centring (x -> A x, not A (x - mean)): a mean
-offset adds -<A x, A mean> to each row's score and changes the ranking (`_uncentre`).
+PCA in front of the refine stage's Flat is applied without its centring (x -> A x, not A (x - mean)):
+a mean offset adds -<A x, A mean> to each row's score and changes the ranking (`_uncentre`). (Other
+factories keep FAISS's centred PCA: an IVF behind it was trained on centred vectors.)
 
 Peak memory of the stage: one block of rows ([block, D] float32), the training sample
 ([train_sample, D] float32), the trained index, and for in-memory factories the whole index.
@@ -176,8 +177,8 @@ def write_index(factory: str, vectors, path: Path, train_sample: int, work: Path
             log(f"training {factory} on {sample.size:,} of {count:,} vectors")
         index.train(np.ascontiguousarray(vectors[sample]))
         del sample
-    _uncentre(index)
     if _streamable_refine(index) is not None:
+        _uncentre(index)  # its base is an untrained Flat: nothing downstream was fitted to centred vectors
         write_refine_flat(index, vectors, path, block_rows)
         return WrittenIndex([path.name], read_index(path, mmap=True), True, "stream")
     if _ondisk_ivf(index) is not None and count:

@@ -312,7 +312,7 @@ def _remove_stale(out: Path, keep: Path) -> None:
         name = entry.name[len(out.name) + 2:]
         if entry == keep or not entry.is_dir() or entry.is_symlink():
             continue
-        if name.startswith(("tmp-", "old-", "merge-")):
+        if name.startswith(("tmp-", "old-", "merge-", "faiss-")):  # faiss-: IVF block files of a killed build
             shutil.rmtree(entry, ignore_errors=True)
         elif name.startswith("partial-"):
             say(f"removed {entry.name}: the resume state of a build with another config or other checkpoints")
