@@ -28,6 +28,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         raise UsageError("--ray runs every shard and the merge itself: leave out --shard / --merge")
     if args.shards is not None and args.ray is None:
         raise UsageError("--shards goes with --ray (one job per shard: --shard I/N, then --merge N)")
+    if args.keep_shards and not args.merge:
+        raise UsageError("--keep-shards goes with --merge N")
     if args.ray is not None:
         from indexer.distributed import _import_ray
 

@@ -23,15 +23,17 @@ build, read in row blocks (`RowSource`), never as one array:
 - Anything else (HNSW, PQ without IVF, other refine stages): built in memory as FAISS does, which holds
   every code in memory: `storage` = "in-memory" says so.
 
-PCA in front of the refine stage's Flat is applied without its centring (x -> A x, not A (x - mean)):
-a mean offset adds -<A x, A mean> to each row's score and changes the ranking (`_uncentre`). (Other
-factories keep FAISS's centred PCA: an IVF behind it was trained on centred vectors.)
+PCA directly in front of an exhaustive Flat (`PCA32,Flat,RFlat`, `PCA64,Flat`) is applied without its
+centring (x -> A x, not A (x - mean)): a mean offset adds -<A x, A mean> to each row's score and changes
+the ranking (`_uncentre`). (A PCA in front of an IVF keeps FAISS's centring: the IVF was trained on
+centred vectors.)
 
 Peak memory of the stage: one block of rows ([block, D] float32), the training sample
 ([train_sample, D] float32), the trained index, and for in-memory factories the whole index.
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from dataclasses import dataclass
@@ -41,7 +43,6 @@ from typing import Callable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from indexer.resume import RowFile
 from indexer.search import build_faiss_index, is_approximate, top_k
 
 BLOCK_ROWS = 65536  # rows read (and added) at a time
@@ -55,28 +56,48 @@ class RowSource:
 
     def __init__(self, parts: Sequence[Path | str], dim: int):
         self.dim = int(dim)
-        self.parts: list[tuple[int, int, Path]] = []
+        self.parts: list[tuple[int, int, Path, int]] = []  # (first row, end row, file, byte offset of row 0)
         start = 0
         for part in parts:
-            rows = _npy_rows(Path(part), self.dim)
-            self.parts.append((start, start + rows, Path(part)))
+            rows, offset = _npy_rows(Path(part), self.dim)
+            self.parts.append((start, start + rows, Path(part), offset))
             start += rows
         self.shape = (start, self.dim)
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def part_rows(self) -> list[int]:
+        """Rows of each part, in order."""
+        return [hi - lo for lo, hi, _, _ in self.parts]
+
+    def _read_into(self, out: np.ndarray, part: tuple, first: int, rows: np.ndarray | None, at: int,
+                   count: int) -> None:
+        """Rows first..first+count of `part` (or its sorted `rows`) into out[at:], read-only (O_RDONLY)."""
+        lo, _, path, offset = part
+        row_bytes = self.dim * 4
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if rows is None:
+                data = os.pread(fd, count * row_bytes, offset + (first - lo) * row_bytes)
+                if len(data) != count * row_bytes:
+                    raise OSError(errno.EIO, f"short read from {path}")
+                out[at:at + count] = np.frombuffer(data, dtype="<f4").reshape(count, self.dim)
+            else:
+                for i, row in enumerate(rows):
+                    data = os.pread(fd, row_bytes, offset + (int(row) - lo) * row_bytes)
+                    if len(data) != row_bytes:
+                        raise OSError(errno.EIO, f"short read from {path}")
+                    out[at + i] = np.frombuffer(data, dtype="<f4")
+        finally:
+            os.close(fd)
+
     def _read(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((max(0, stop - start), self.dim), dtype=np.float32)
-        for lo, hi, path in self.parts:
-            a, b = max(start, lo), min(stop, hi)
-            if a >= b:
-                continue
-            part = RowFile.open(path, hi - lo, self.dim)
-            try:
-                out[a - start:b - start] = part.read(a - lo, b - lo)
-            finally:
-                part.close()
+        for part in self.parts:
+            a, b = max(start, part[0]), min(stop, part[1])
+            if a < b:
+                self._read_into(out, part, a, None, a - start, b - a)
         return out
 
     def __getitem__(self, rows) -> np.ndarray:
@@ -86,19 +107,17 @@ class RowSource:
                 raise IndexError("RowSource: slices must have step 1")
             return self._read(start, stop)
         rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"RowSource: rows must be in 0..{self.shape[0] - 1}")
         out = np.empty((rows.size, self.dim), dtype=np.float32)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        for lo, hi, path in self.parts:
-            a, b = np.searchsorted(sorted_rows, [lo, hi])
-            if a == b:
-                continue
-            part = RowFile.open(path, hi - lo, self.dim)
-            try:
-                for i in range(a, b):
-                    out[order[i]] = part.read(int(sorted_rows[i]) - lo, int(sorted_rows[i]) - lo + 1)[0]
-            finally:
-                part.close()
+        gathered = np.empty_like(out)
+        for part in self.parts:
+            a, b = np.searchsorted(sorted_rows, [part[0], part[1]])
+            if a < b:
+                self._read_into(gathered, part, 0, sorted_rows[a:b], int(a), int(b - a))
+        out[order] = gathered
         return out
 
     def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
@@ -177,8 +196,8 @@ def write_index(factory: str, vectors, path: Path, train_sample: int, work: Path
             log(f"training {factory} on {sample.size:,} of {count:,} vectors")
         index.train(np.ascontiguousarray(vectors[sample]))
         del sample
+    _uncentre(index)
     if _streamable_refine(index) is not None:
-        _uncentre(index)  # its base is an untrained Flat: nothing downstream was fitted to centred vectors
         write_refine_flat(index, vectors, path, block_rows)
         return WrittenIndex([path.name], read_index(path, mmap=True), True, "stream")
     if _ondisk_ivf(index) is not None and count:
@@ -206,47 +225,58 @@ def _ondisk_ivf(index) -> faiss.IndexIVF | None:
 
 
 def _fill_ondisk(index, vectors, data: Path, work: Path, block_rows: int, log) -> None:
-    from faiss.contrib.ondisk import merge_ondisk
-
+    """Add `vectors` block by block (each block into a copy of the trained index, written to `work`),
+    then merge the blocks' inverted lists into FAISS OnDiskInvertedLists in `data` (what
+    `faiss.contrib.ondisk.merge_ondisk` does, but the block indexes stay owned here and are freed after
+    the merge, so their memory maps are not kept for the life of the process)."""
     work.mkdir(parents=True, exist_ok=True)
     trained = faiss.serialize_index(index)
-    blocks = []
+    names: list[str] = []
+    opened: list = []
     try:
         for start, block in vectors.blocks(block_rows):
             part = faiss.deserialize_index(trained)
             part.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
-            name = work / f"block-{len(blocks):05d}.index"
-            faiss.write_index(part, str(name))
-            blocks.append(str(name))
+            names.append(str(work / f"block-{len(names):05d}.index"))
+            faiss.write_index(part, names[-1])
             del part
         if log:
-            log(f"merging {len(blocks)} blocks into on-disk inverted lists ({data.name})")
+            log(f"merging {len(names)} blocks into on-disk inverted lists ({data.name})")
         if data.exists():
             data.unlink()
-        merge_ondisk(index, blocks, str(data))
+        opened = [faiss.read_index(name, faiss.IO_FLAG_MMAP) for name in names]  # mapped, not loaded
+        lists = faiss.InvertedListsPtrVector()
+        for block_index in opened:
+            lists.push_back(faiss.extract_index_ivf(block_index).invlists)
+        target = faiss.extract_index_ivf(index)
+        ondisk = faiss.OnDiskInvertedLists(target.nlist, target.code_size, str(data))
+        ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False)
+        index.ntotal = target.ntotal = ntotal
+        target.replace_invlists(ondisk, True)
+        ondisk.this.disown()  # owned by the index now
+        del lists
     finally:
-        for name in blocks:
+        opened.clear()  # frees the block indexes and unmaps their files
+        for name in names:
             Path(name).unlink(missing_ok=True)
 
 
-def _transforms(index) -> list:
-    """The vector transforms of every pre-transform in `index` (itself, a refine stage's base, IVF's)."""
-    out, base = [], faiss.downcast_index(index)
-    while True:
-        if isinstance(base, faiss.IndexRefine):
-            base = faiss.downcast_index(base.base_index)
-        elif isinstance(base, faiss.IndexPreTransform):
-            out += [faiss.downcast_VectorTransform(base.chain.at(i)) for i in range(base.chain.size())]
-            base = faiss.downcast_index(base.index)
-        else:
-            return out
-
-
 def _uncentre(index) -> None:
-    """PCA without its mean offset (see the module docstring): x -> A x."""
-    for transform in _transforms(index):
-        if isinstance(transform, faiss.PCAMatrix):
-            transform.have_bias = False
+    """PCA without its mean offset (x -> A x, see the module docstring) in every pre-transform chain that
+    feeds an exhaustive Flat directly (nothing behind it was trained on centred vectors)."""
+    stage = faiss.downcast_index(index)
+    while True:
+        if isinstance(stage, faiss.IndexRefine):
+            stage = faiss.downcast_index(stage.base_index)
+        elif isinstance(stage, faiss.IndexPreTransform):
+            if isinstance(faiss.downcast_index(stage.index), faiss.IndexFlat):
+                for i in range(stage.chain.size()):
+                    transform = faiss.downcast_VectorTransform(stage.chain.at(i))
+                    if isinstance(transform, faiss.PCAMatrix):
+                        transform.have_bias = False
+            stage = faiss.downcast_index(stage.index)
+        else:
+            return
 
 
 def _streamable_refine(index):
@@ -399,12 +429,19 @@ def measure_recall(index: faiss.Index, vectors, queries: np.ndarray, params: dic
         "k": k, "queries": int(len(queries))}
 
 
-def _npy_rows(path: Path, dim: int) -> int:
+def _npy_rows(path: Path, dim: int) -> tuple[int, int]:
+    """(rows, byte offset of row 0) of a float32 [rows, dim] .npy file; ValueError naming the file when
+    it is another array or shorter / longer than its header says."""
     with open(path, "rb") as handle:
         version = np.lib.format.read_magic(handle)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(handle)
-    if dtype != np.float32 or fortran or len(shape) != 2 or shape[1] != dim:
+        offset = handle.tell()
+    if dtype != np.dtype("<f4") or fortran or len(shape) != 2 or shape[1] != dim:
         raise ValueError(f"{path} is not a float32 [rows, {dim}] array (found {dtype} {shape})")
-    return int(shape[0])
+    size = os.path.getsize(path)
+    if size != offset + int(shape[0]) * dim * 4:
+        raise ValueError(f"{path} holds {size} bytes, not the {offset + int(shape[0]) * dim * 4} its header says "
+                         "(truncated or appended to)")
+    return int(shape[0]), offset
 

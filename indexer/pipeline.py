@@ -257,8 +257,11 @@ def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: b
                 vectors = RowSource([directory / "vectors.npy" for directory, _ in infos], job.plan.total_dim)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"a shard's vectors.npy is unreadable or of the wrong shape: {exc}") from None
-            if vectors.shape[0] != job.count:
-                raise ConfigError(f"the shards hold {vectors.shape[0]} rows, the training set {job.count}")
+            for (directory, info), rows in zip(infos, vectors.part_rows()):
+                if rows != info["stop"] - info["start"]:
+                    raise ConfigError(f"shard {directory.name}: vectors.npy holds {rows} rows, its shard.json "
+                                      f"{info['stop'] - info['start']} (rows {info['start']}..{info['stop']}); "
+                                      "build that shard again")
             result = _finalize(job, vectors, self_influence, started, seconds, review)
         shutil.rmtree(work, ignore_errors=True)
         if not keep_shards:
@@ -350,22 +353,45 @@ class _Job:
 
 
 def _check_faiss_training(config: IndexConfig, dim: int, count: int) -> None:
-    """An IVF / PQ factory needs at least as many training vectors as it has lists / centroids: refuse
-    before the embedding work, not after it."""
-    index = build_faiss_index(config.index.factory, dim)
+    """Refuse before the embedding work, not after it: an IVF / PQ factory needs at least as many training
+    vectors as it has lists / centroids, a PCA at most as many outputs as the embedding has numbers and
+    the sample has vectors, and every `index.search_params` must be one this index takes (`k_factor` >= 1)."""
+    from indexer.search import search_param_names
+
+    factory = config.index.factory
+    index = build_faiss_index(factory, dim)
     sample = min(count, config.index.train_sample)
-    base = faiss.downcast_index(index)
-    if isinstance(base, faiss.IndexPreTransform):
-        base = faiss.downcast_index(base.index)
+    unknown = sorted(set(config.index.search_params) - search_param_names(index))
+    if unknown:
+        raise ConfigError(f"index.search_params: {unknown} do not apply to {factory!r} (it takes "
+                          f"{sorted(search_param_names(index)) or 'none'})")
+    k_factor = config.index.search_params.get("k_factor")
+    if k_factor is not None and not k_factor >= 1:
+        raise ConfigError(f"index.search_params.k_factor: must be >= 1 (candidates re-scored = k x k_factor), "
+                          f"got {k_factor!r}")
     needs = []
-    if isinstance(base, faiss.IndexIVF):
-        needs.append(("lists", int(base.nlist)))
-    pq = getattr(base, "pq", None)
+    stage = faiss.downcast_index(index)
+    while True:
+        if isinstance(stage, faiss.IndexRefine):
+            stage = faiss.downcast_index(stage.base_index)
+        elif isinstance(stage, faiss.IndexPreTransform):
+            for i in range(stage.chain.size()):
+                transform = faiss.downcast_VectorTransform(stage.chain.at(i))
+                if isinstance(transform, faiss.PCAMatrix) and transform.d_out > min(transform.d_in, sample):
+                    raise ConfigError(f"index.factory: {factory!r} asks a PCA for {transform.d_out} numbers from "
+                                      f"{transform.d_in}-number embeddings and {sample} training vectors; use at "
+                                      f"most {min(transform.d_in, sample)}")
+            stage = faiss.downcast_index(stage.index)
+        else:
+            break
+    if isinstance(stage, faiss.IndexIVF):
+        needs.append(("lists", int(stage.nlist)))
+    pq = getattr(stage, "pq", None)
     if pq is not None:
         needs.append(("PQ centroids per sub-quantizer", int(pq.ksub)))
     for what, n in needs:
         if n > sample:
-            raise ConfigError(f"index.factory: {config.index.factory!r} has {n} {what} but only {sample} vectors "
+            raise ConfigError(f"index.factory: {factory!r} has {n} {what} but only {sample} vectors "
                               f"to train on ({count} examples, index.train_sample {config.index.train_sample}); use "
                               f"at most {sample} (e.g. IVF{max(1, int(sample ** 0.5))},Flat) or \"Flat\"")
 

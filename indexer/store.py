@@ -194,10 +194,13 @@ class JsonlRows:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        # one descriptor for the table's life: a rebuild that replaces the file (tracin index --force) leaves
+        # this server reading the file it verified, never new bytes through old offsets
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
         offsets, ids, labels = [0], [], []
         flag_values: dict[str, list] | None = None
         position = 0
-        with open(self.path, "rb") as handle:
+        with os.fdopen(os.dup(self._fd), "rb") as handle:
             for row, line in enumerate(handle):
                 position += len(line)
                 if not line.strip():
@@ -225,7 +228,6 @@ class JsonlRows:
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.ids, self.labels = ids, labels
         self.flags = {name: np.asarray(v, dtype=bool) for name, v in sorted((flag_values or {}).items())}
-        self._fd: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -234,8 +236,6 @@ class JsonlRows:
         return len(self.ids) > 0
 
     def _line(self, row: int) -> bytes:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
         start, stop = int(self.offsets[row]), int(self.offsets[row + 1])
         return os.pread(self._fd, stop - start, start)
 
@@ -250,13 +250,13 @@ class JsonlRows:
         return json.loads(self._line(row))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        with open(self.path, "rb") as handle:
-            for line in handle:
-                yield json.loads(line)
+        for row in range(len(self)):
+            yield self[row]
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
+            self._fd = None
 
 
 def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
@@ -266,7 +266,7 @@ def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
 def _read_faiss(file: Path, mmap: bool) -> faiss.Index:
     """Read the FAISS file (`indexer.faiss_build.read_index`): an on-disk IVF's .ivfdata is read from this
     directory only; with mmap the vectors stay in the (shared, read-only) page cache (IO_FLAG_MMAP_IFC maps
-    Flat and IVF storage in place; formats it cannot map fall back to IO_FLAG_MMAP)."""
+    Flat, refine and IVF storage in place; formats it cannot map, e.g. HNSW or PQ, are read into memory)."""
     from indexer.faiss_build import read_index
 
     return read_index(file, mmap)

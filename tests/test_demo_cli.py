@@ -111,4 +111,4 @@ def test_make_demo_installs_no_extras_and_takes_port_and_host():
     assert lines[-1] == ".venv/bin/tracin demo --out .tracin/demo --host 0.0.0.0 --port 8001"
     assert _make_n("demo")[-1].endswith("--host 127.0.0.1 --port 8000")
     installs = [line for line in _make_n("test") if "constraints.txt -e" in line]
-    assert installs == [".venv/bin/pip install -q -c constraints.txt -e '.[test,text,huggingface,lightning]'"]
+    assert installs == [".venv/bin/pip install -q -c constraints.txt -e '.[test,text,huggingface,lightning,ray]'"]

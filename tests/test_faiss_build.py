@@ -79,6 +79,7 @@ def test_ivf_on_disk_equals_the_in_memory_index_after_a_move(tmp_path, parts, ve
     written = write_index(factory, RowSource(parts, 16), out / "index.faiss", 2000, tmp_path / "work", block_rows=500)
     assert written.storage == "on-disk" and written.files == ["index.faiss", "index.ivfdata"]
     assert not (tmp_path / "work").exists() or not list((tmp_path / "work").iterdir()), "block files are removed"
+    assert "block-" not in Path("/proc/self/maps").read_text(), "the block files stay mapped after the merge"
     moved = tmp_path / "elsewhere" / "copy"
     shutil.copytree(out, moved)
     shutil.rmtree(out)  # the recorded build path is gone: the .ivfdata beside the index is read
@@ -170,21 +171,41 @@ def test_on_disk_ivf_is_read_from_a_read_only_directory(tmp_path, parts, vectors
 
 def test_the_faiss_stage_reads_one_block_at_a_time(tmp_path, parts, monkeypatch):
     """Bounded memory: besides the training sample (gathered row by row), no read holds more than a block."""
-    from indexer import resume
-
     largest = []
-    original = resume.RowFile.read
+    original = RowSource._read_into
 
-    def spy(self, start, stop):
-        largest.append(stop - start)
-        return original(self, start, stop)
+    def spy(self, out, part, first, rows, at, count):
+        if rows is None:
+            largest.append(count)
+        return original(self, out, part, first, rows, at, count)
 
-    monkeypatch.setattr(resume.RowFile, "read", spy)
-    for factory in ("Flat", "IVF8,Flat"):
+    monkeypatch.setattr(RowSource, "_read_into", spy)
+    for factory in ("Flat", "IVF8,Flat", "PCA4,Flat,RFlat"):
         out = tmp_path / factory.replace(",", "_")
         out.mkdir()
         write_index(factory, RowSource(parts, 16), out / "index.faiss", 2000, tmp_path / "work", block_rows=256)
     assert largest and max(largest) <= 256
+
+
+def test_row_source_refuses_a_truncated_file_and_reads_read_only_files(tmp_path, parts, vectors):
+    """Shards on a read-only mount or owned by another user are read in place: never opened for writing
+    (as root the file is made immutable, which stops root's writable open too; else it is made 0444)."""
+    os.chmod(parts[1], 0o444)
+    immutable = os.getuid() == 0 and subprocess.run(["chattr", "+i", str(parts[1])], capture_output=True).returncode == 0
+    try:
+        np.testing.assert_array_equal(RowSource(parts, 16)[0:3000], vectors)
+        np.testing.assert_array_equal(RowSource(parts, 16)[np.array([2999, 1300, 0])], vectors[[2999, 1300, 0]])
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(parts[1])], check=True)
+        os.chmod(parts[1], 0o644)
+    # (as root without chattr support the reads above prove nothing about the open mode; the rest still runs)
+    with open(parts[1], "r+b") as handle:
+        handle.truncate(os.path.getsize(parts[1]) - 40)
+    with pytest.raises(ValueError, match="truncated or appended"):
+        RowSource(parts, 16)
+    with pytest.raises(IndexError):
+        RowSource(parts[:1], 16)[np.array([5, 1234])]
 
 
 def test_exact_ends_equal_argsort(vectors):
@@ -298,3 +319,35 @@ def test_jsonl_rows_refuse_a_bad_row_naming_it(tmp_path, bad, message):
     path.write_text('{"id": "a", "label": 0}\n' + bad)
     with pytest.raises(IndexDirectoryError, match=message):
         JsonlRows(path)
+
+
+@pytest.mark.parametrize("factory, extra, message", [
+    ("PCA32,Flat,RFlat", "", "asks a PCA for 32 numbers from 16-number embeddings"),
+    ("IVF4,Flat", "search_params = { k_factor = 4 }", "\\['k_factor'\\] do not apply to 'IVF4,Flat'"),
+    ("PCA4,Flat,RFlat", "search_params = { nprobe = 4 }", "\\['nprobe'\\] do not apply"),
+    ("PCA4,Flat,RFlat", "search_params = { k_factor = 0.5 }", "k_factor: must be >= 1"),
+    ("IVF64,Flat,RFlat", "", "has 64 lists but only 40 vectors"),
+])
+def test_faiss_settings_that_cannot_work_are_refused_before_embedding(tmp_path, ckpts, factory, extra, message):
+    from indexer.config import ConfigError
+
+    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory=factory, extra=extra))
+    with pytest.raises(ConfigError, match=message):
+        build_index(config, tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+
+
+def test_merge_refuses_a_shard_whose_rows_do_not_match_its_range(tmp_path, ckpts):
+    from indexer.config import ConfigError
+
+    config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16))
+    for shard in range(2):
+        build_shard(config, tmp_path / "index", shard, 2)
+    first = tmp_path / "index.shards" / "shard-00000-of-00002" / "vectors.npy"
+    second = tmp_path / "index.shards" / "shard-00001-of-00002" / "vectors.npy"
+    a, b = np.load(first), np.load(second)
+    np.save(first, np.concatenate([a, b[:1]]))  # one row moved across the boundary: same total
+    np.save(second, b[1:])
+    with pytest.raises(ConfigError, match="shard-00000-of-00002: vectors.npy holds 21 rows, its shard.json 20"):
+        merge_shards(config, tmp_path / "index", 2)
+    assert not (tmp_path / "index").exists()
