@@ -168,7 +168,7 @@ def recall_in_process(index: Path, examples: list[dict], subset: int, depth: int
     schema = engine.task.example_schema
     t0 = time.perf_counter()
     batch = engine.embed_examples([schema(**e) for e in examples], None, keep_grads=True)
-    gold_subset = exact_matrix(engine.scorer, batch["grads"], rows_subset)  # [Q, subset] exact TracIn
+    gold_subset = engine.scorer.matrix(batch["grads"], rows_subset)  # [Q, subset] exact TracIn
     t_exact = time.perf_counter() - t0
     log(f"exact TracIn of {len(examples)} queries x {rows_subset.size:,} subset rows in {t_exact:.0f} s")
     for n, example in enumerate(examples):
@@ -217,28 +217,6 @@ def recall_in_process(index: Path, examples: list[dict], subset: int, depth: int
                                         "search_ms_per_end_p50": round(float(np.median(v["ms"])), 2)}
                                     for n, v in swept.items()}})
     return result
-
-
-def exact_matrix(scorer, query_grads, rows: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Exact TracIn [Q, K] of Q queries (block gradients with Q rows per checkpoint) against training
-    `rows`: sum_c lr_c sum_blocks <G_c(q), G_c(z)>, each row's gradients computed once for every query
-    (the loop of `indexer.exact.ExactScorer.scores`, kept whole instead of its first query row)."""
-    import torch
-
-    totals = []
-    for lo in range(0, rows.size, batch):
-        inputs, labels = scorer.rows_of(rows[lo:lo + batch])
-        part = None
-        for c, embedder in enumerate(scorer.embedder.per_checkpoint):
-            captured = embedder.grads(inputs, labels)
-            term = None
-            for q, g in zip(query_grads[c], captured.grads):
-                t = q.inner(g)
-                term = t if term is None else term + t
-            term = embedder.checkpoint.lr * term.to("cpu", torch.float64).numpy()
-            part = term if part is None else part + term
-        totals.append(part)
-    return np.concatenate(totals, axis=1)
 
 
 def _top(scores: np.ndarray, k: int, sign: int) -> np.ndarray:

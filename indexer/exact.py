@@ -58,6 +58,18 @@ class ExactScorer:
         C = len(self.embedder.per_checkpoint)
         if rows.size == 0:
             return ExactScores(rows, np.zeros(0), np.zeros((C, 0)), np.zeros((C, 0)))
+        per_checkpoint, losses = self._terms(query, rows)
+        per_checkpoint = per_checkpoint[:, 0, :]
+        return ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint, losses)
+
+    def matrix(self, query: Sequence[Sequence[BlockGrad]], rows: np.ndarray) -> np.ndarray:
+        """Exact TracIn float64 [Q, K] of Q queries (block gradients with Q rows at each checkpoint)
+        against training `rows`: each row's gradients are computed once for every query."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._terms(query, rows)[0].sum(axis=0)
+
+    def _terms(self, query: Sequence[Sequence[BlockGrad]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lr-weighted per-checkpoint inner products [C, Q, K] float64, the rows' losses [C, K])."""
         batches = [rows[s:s + self.batch_size] for s in range(0, rows.size, self.batch_size)]
         data = [self.rows_of(b) for b in batches]
 
@@ -68,18 +80,18 @@ class ExactScorer:
                 captured = embedder.grads(inputs, labels)
                 total = None
                 for q, g in zip(query[c], captured.grads):
-                    term = q.inner(g)[0]
+                    term = q.inner(g)
                     total = term if total is None else total + term
                 parts.append(total.to("cpu", torch.float64).numpy())
                 losses.append(captured.losses.detach().to("cpu", torch.float64).numpy())
-            return embedder.checkpoint.lr * np.concatenate(parts), np.concatenate(losses)
+            return embedder.checkpoint.lr * np.concatenate(parts, axis=1), np.concatenate(losses)
 
+        C = len(self.embedder.per_checkpoint)
         if self.pool is not None and C > 1:
             per = list(self.pool.map(one_checkpoint, range(C)))
         else:
             per = [one_checkpoint(c) for c in range(C)]
-        per_checkpoint = np.stack([p[0] for p in per])
-        return ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint, np.stack([p[1] for p in per]))
+        return np.stack([p[0] for p in per]), np.stack([p[1] for p in per])
 
     def losses(self, rows: np.ndarray) -> np.ndarray:
         """The training loss of `rows` at every checkpoint [C, K] (a forward pass only)."""

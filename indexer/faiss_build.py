@@ -10,7 +10,7 @@ build, read in row blocks (`RowSource`), never as one array:
   changed it makes the build fail, never write a file FAISS would misread.
 - **IVF** (`IVFn,Flat`, `IVFn,PQm`, `IVFn,SQ8`, with or without a pre-transform such as `OPQ`): trained on a
   sample of `index.train_sample` rows, filled block by block into block files of `block_rows` rows that
-  are then merged into FAISS on-disk inverted lists (`faiss.contrib.ondisk.merge_ondisk`): the codes go to
+  are then merged into FAISS on-disk inverted lists (`_fill_ondisk`, as `faiss.contrib.ondisk` does): the codes go to
   `<index>.ivfdata` beside the index file, which only holds the quantizer. The service memory-maps that
   file (page cache, shared by replicas on one machine); `IO_FLAG_ONDISK_SAME_DIR` makes FAISS read it
   from the index's own directory, never from the path recorded at build time.
@@ -43,12 +43,22 @@ from typing import Callable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from indexer.search import build_faiss_index, is_approximate, top_k
+from indexer.search import build_faiss_index, index_stages, is_approximate, pca_transforms, top_k
 
 BLOCK_ROWS = 65536  # rows read (and added) at a time
 
 
-class RowSource:
+class _Blocks:
+    """`blocks()` for a row source that slices: (start, float32 rows) of every block, in order."""
+
+    shape: tuple[int, int]
+
+    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        for start in range(0, self.shape[0], size):
+            yield start, self[start:min(start + size, self.shape[0])]
+
+
+class RowSource(_Blocks):
     """Float32 [count, dim] vectors stored in one or more `.npy` row files ("parts", each a contiguous
     range of rows in order), read by blocks with pread: nothing is memory-mapped, so reading all of it
     keeps only a block in process memory. Slicing (`source[a:b]`, `source[sorted int rows]`) returns a
@@ -120,12 +130,8 @@ class RowSource:
         out[order] = gathered
         return out
 
-    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, self.shape[0], size):
-            yield start, self[start:min(start + size, self.shape[0])]
 
-
-class Normalized:
+class Normalized(_Blocks):
     """Vectors / sqrt(self-influence) by row (rows with zero self-influence stay zero): the rows of the
     normalised twin index, sliced like the `RowSource` it wraps, without a second copy."""
 
@@ -138,23 +144,15 @@ class Normalized:
     def __getitem__(self, rows):
         return np.asarray(self.vectors[rows], dtype=np.float32) * self.inverse[rows][:, None]
 
-    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, self.shape[0], size):
-            yield start, self[start:min(start + size, self.shape[0])]
 
-
-class ArrayRows:
+class ArrayRows(_Blocks):
     """An in-memory (or memory-mapped) [N, D] array seen as a row source."""
 
     def __init__(self, array: np.ndarray):
         self.array, self.shape = array, array.shape
 
     def __getitem__(self, rows) -> np.ndarray:
-        return np.asarray(self.array[rows], dtype=np.float32)
-
-    def blocks(self, size: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, self.shape[0], size):
-            yield start, np.ascontiguousarray(self.array[start:start + size], dtype=np.float32)
+        return np.ascontiguousarray(self.array[rows], dtype=np.float32)
 
 
 def as_rows(vectors):
@@ -264,19 +262,10 @@ def _fill_ondisk(index, vectors, data: Path, work: Path, block_rows: int, log) -
 def _uncentre(index) -> None:
     """PCA without its mean offset (x -> A x, see the module docstring) in every pre-transform chain that
     feeds an exhaustive Flat directly (nothing behind it was trained on centred vectors)."""
-    stage = faiss.downcast_index(index)
-    while True:
-        if isinstance(stage, faiss.IndexRefine):
-            stage = faiss.downcast_index(stage.base_index)
-        elif isinstance(stage, faiss.IndexPreTransform):
-            if isinstance(faiss.downcast_index(stage.index), faiss.IndexFlat):
-                for i in range(stage.chain.size()):
-                    transform = faiss.downcast_VectorTransform(stage.chain.at(i))
-                    if isinstance(transform, faiss.PCAMatrix):
-                        transform.have_bias = False
-            stage = faiss.downcast_index(stage.index)
-        else:
-            return
+    for stage in index_stages(index):
+        if isinstance(stage, faiss.IndexPreTransform) and isinstance(faiss.downcast_index(stage.index), faiss.IndexFlat):
+            for transform in pca_transforms(stage):
+                transform.have_bias = False
 
 
 def _streamable_refine(index):

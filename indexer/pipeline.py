@@ -356,34 +356,22 @@ def _check_faiss_training(config: IndexConfig, dim: int, count: int) -> None:
     """Refuse before the embedding work, not after it: an IVF / PQ factory needs at least as many training
     vectors as it has lists / centroids, a PCA at most as many outputs as the embedding has numbers and
     the sample has vectors, and every `index.search_params` must be one this index takes (`k_factor` >= 1)."""
-    from indexer.search import search_param_names
+    from indexer.search import check_search_params, index_stages, pca_transforms
 
     factory = config.index.factory
     index = build_faiss_index(factory, dim)
     sample = min(count, config.index.train_sample)
-    unknown = sorted(set(config.index.search_params) - search_param_names(index))
-    if unknown:
-        raise ConfigError(f"index.search_params: {unknown} do not apply to {factory!r} (it takes "
-                          f"{sorted(search_param_names(index)) or 'none'})")
-    k_factor = config.index.search_params.get("k_factor")
-    if k_factor is not None and not k_factor >= 1:
-        raise ConfigError(f"index.search_params.k_factor: must be >= 1 (candidates re-scored = k x k_factor), "
-                          f"got {k_factor!r}")
+    problem = check_search_params(index, config.index.search_params, repr(factory))
+    if problem:
+        raise ConfigError(f"index.search_params{problem}")
     needs = []
-    stage = faiss.downcast_index(index)
-    while True:
-        if isinstance(stage, faiss.IndexRefine):
-            stage = faiss.downcast_index(stage.base_index)
-        elif isinstance(stage, faiss.IndexPreTransform):
-            for i in range(stage.chain.size()):
-                transform = faiss.downcast_VectorTransform(stage.chain.at(i))
-                if isinstance(transform, faiss.PCAMatrix) and transform.d_out > min(transform.d_in, sample):
+    for stage in index_stages(index):
+        if isinstance(stage, faiss.IndexPreTransform):
+            for transform in pca_transforms(stage):
+                if transform.d_out > min(transform.d_in, sample):
                     raise ConfigError(f"index.factory: {factory!r} asks a PCA for {transform.d_out} numbers from "
                                       f"{transform.d_in}-number embeddings and {sample} training vectors; use at "
                                       f"most {min(transform.d_in, sample)}")
-            stage = faiss.downcast_index(stage.index)
-        else:
-            break
     if isinstance(stage, faiss.IndexIVF):
         needs.append(("lists", int(stage.nlist)))
     pq = getattr(stage, "pq", None)

@@ -48,6 +48,39 @@ def _search_params(index: faiss.Index, selector, params: dict) -> faiss.SearchPa
     return sp
 
 
+def index_stages(index: faiss.Index):
+    """The index and every index inside it, outermost first, downcast: a refine stage's base, a
+    pre-transform's sub-index (the owner stays alive while the caller holds `index`)."""
+    stage = faiss.downcast_index(index)
+    while True:
+        yield stage
+        if isinstance(stage, faiss.IndexRefine):
+            stage = faiss.downcast_index(stage.base_index)
+        elif isinstance(stage, faiss.IndexPreTransform):
+            stage = faiss.downcast_index(stage.index)
+        else:
+            return
+
+
+def pca_transforms(pretransform: faiss.IndexPreTransform) -> list:
+    """The PCAMatrix transforms of a pre-transform's chain."""
+    chain = [faiss.downcast_VectorTransform(pretransform.chain.at(i)) for i in range(pretransform.chain.size())]
+    return [t for t in chain if isinstance(t, faiss.PCAMatrix)]
+
+
+def check_search_params(index: faiss.Index, params: dict, what: str) -> str | None:
+    """Why `params` (index.search_params / TRACIN_FAISS_PARAMS) cannot be used with `index` (called
+    `what` in the message), or None: names the index does not take, or a refine `k_factor` below 1
+    (fewer candidates than answers). The message starts with ": " or ".k_factor: " (after a field name)."""
+    unknown = sorted(set(params) - search_param_names(index))
+    if unknown:
+        return f": {unknown} do not apply to {what} (it takes {sorted(search_param_names(index)) or 'none'})"
+    k_factor = params.get("k_factor")
+    if k_factor is not None and not k_factor >= 1:
+        return f".k_factor: must be >= 1 (candidates re-scored = k x k_factor), got {k_factor!r}"
+    return None
+
+
 def search_param_names(index: faiss.Index) -> set[str]:
     """The FAISS search parameters `index` takes (`index.search_params` / TRACIN_FAISS_PARAMS), `sel` aside."""
     base = faiss.downcast_index(index)

@@ -47,13 +47,12 @@ class FirstStage:
         params = dict(manifest.get("faiss", {}).get("search_params") or {})
         params.update(settings.faiss_params)
         if params:
-            from indexer.search import search_param_names
+            from indexer.search import check_search_params
 
-            base = faiss.downcast_index(index)
-            unknown = sorted(set(params) - search_param_names(index))
-            if unknown:
-                raise ServiceStartupError(f"{path}: FAISS search parameters {unknown} do not apply to this "
-                                          f"{type(base).__name__} index (TRACIN_FAISS_PARAMS / index.search_params)")
+            problem = check_search_params(index, params, f"this {type(faiss.downcast_index(index)).__name__} index")
+            if problem:
+                raise ServiceStartupError(f"{path}: FAISS search parameters{problem} "
+                                          "(TRACIN_FAISS_PARAMS / index.search_params)")
         threads = settings.effective_search_threads
         stage = cls(index, params, threads,
                     flat_vectors=_flat_vectors(index) if settings.search == "auto" else None,

@@ -35,6 +35,24 @@ def test_exact_scores_equal_bruteforce(tmp_path, name):
     assert np.abs(got.per_checkpoint[1] - single).max() <= 1e-6 * np.abs(single).max()
 
 
+@pytest.mark.parametrize("name", ["CNN", "LSTM", "BatchStatsNorm"])
+def test_exact_matrix_of_several_queries_equals_bruteforce(tmp_path, name):
+    """ExactScorer.matrix: Q queries against K rows at once (each row's gradients computed once)."""
+    task = zoo.EXACT[name]()
+    ckpts = make_checkpoints(task, tmp_path, count=3)
+    ts, held = task.training_set(), task.held_out_set()
+    plan = plan_embedding(task, ckpts, None, "sketch", 8, 0, ts.batch(0, 3))
+    embedder = Embedder(task, ckpts, plan)
+    qx, qy = held.batch(0, 3)
+    query = embedder.embed(qx, qy, keep_grads=True)
+    rows = np.array([5, 0, 11, 3])
+    got = ExactScorer.for_examples(embedder, ts, batch_size=3, threads=2).matrix(
+        [p.grads for p in query.per_checkpoint], rows)
+    oracle = tracin_matrix(task, ckpts, qx, qy, *ts.rows(rows)).numpy()
+    assert got.shape == (3, rows.size)
+    assert np.abs(got - oracle).max() <= 1e-6 * np.abs(oracle).max()
+
+
 def test_training_set_digest_sees_order_and_content():
     task = zoo.MLP()
     ts = task.training_set()
