@@ -300,7 +300,8 @@ class Engine:
             brief = None
         proponents = self._hits(pro_rows, pro_scores, k, skip, contributions, losses, raw)
         opponents = self._hits(opp_rows, opp_scores, k, None, contributions, losses, raw)
-        if losses is None and (self.scorer is not None or self.index_dir.label_review is not None) and (proponents or opponents):
+        can_add = self.scorer is not None or self.index_dir.label_review is not None
+        if losses is None and can_add and (proponents or opponents):
             self._add_losses(proponents + opponents)
         return {
             "prediction": prediction,
