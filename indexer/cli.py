@@ -22,6 +22,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from indexer.config import load_config
     from indexer.pipeline import build_index, build_shard, merge_shards
 
+    if args.merge is not None and args.merge < 1:
+        raise UsageError(f"--merge N: N is the number of shards (>= 1), got {args.merge}")
     if args.shard and args.merge:
         raise UsageError("--shard and --merge are separate steps")
     if args.ray is not None and (args.shard or args.merge):
@@ -55,7 +57,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         path = build_shard(config, args.out, int(shard), int(shards), show_progress=not args.quiet)
         print(f"shard {shard}/{shards} written to {path}")
         return 0
-    if args.merge:
+    if args.merge is not None:
         result = merge_shards(config, args.out, args.merge, overwrite=args.force, keep_shards=args.keep_shards)
     else:
         result = build_index(config, args.out, overwrite=args.force, show_progress=not args.quiet)

@@ -21,7 +21,9 @@ import faiss
 import numpy as np
 import torch
 
-from indexer.checkpoints import CheckpointError, checkpoint_digest, load_checkpoint, load_state_into, recorded_lr
+from indexer.checkpoints import (
+    CheckpointError, checkpoint_digest, load_checkpoint, load_state_into, recorded_lr, sha256_file,
+)
 from indexer.config import ConfigError, IndexConfig
 from indexer.capture import PROBE_ROWS, SUM_CHECK_EVERY
 from indexer.exact import training_set_digest
@@ -206,7 +208,8 @@ def build_shard(config: IndexConfig, out: str | Path, shard: int, shards: int,
             save_npy(staging / SELF_INFLUENCE_FILE, self_influence)
             save_npy(staging / f"{REVIEW_STATE}.npy", review.data)
             (staging / "shard.json").write_text(json.dumps({"config_hash": job.config_hash, "start": start,
-                                                            "stop": stop, "embed_seconds": seconds}))
+                                                            "stop": stop, "embed_seconds": seconds,
+                                                            "files": file_hashes(staging, list(SHARD_FILES))}))
             if final.exists():
                 shutil.rmtree(final)
             staging.rename(final)
@@ -226,27 +229,20 @@ def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: b
         _check_out(out, overwrite, config)
         job = _Job.prepare(config, out, overwrite)
         work = out.parent / f".{out.name}.merge-{job.config_hash}"
+        _remove_stale(out, keep=work, resume_states=False)  # a killed merge's staging directory
         with _failure_cleanup(job, [work]):
-            infos = []
-            for shard in range(shards):
-                directory = shard_dir(out, shard, shards)
-                info_file = directory / "shard.json"
-                if not info_file.is_file():
-                    raise ConfigError(f"shard {shard}/{shards} is missing or unfinished ({directory})")
-                info = json.loads(info_file.read_text())
-                if info["config_hash"] != job.config_hash:
-                    raise ConfigError(f"shard {shard}/{shards} was built from another config or other checkpoints")
-                if (info["start"], info["stop"]) != shard_rows(job.count, shard, shards):
-                    raise ConfigError(f"shard {shard}/{shards} covers rows {info['start']}..{info['stop']}, "
-                                      "not its own range")
-                infos.append((directory, info))
+            infos = [(shard_dir(out, shard, shards), _shard_info(job, out, shard, shards)) for shard in range(shards)]
             _check_disk(job, out.parent, resumable=None, merge=True)
             self_influence = np.zeros(job.count, dtype=np.float64)
             review = _review_accumulator(job, job.count)
             seconds = 0.0
             for directory, info in infos:
                 start, stop = info["start"], info["stop"]
-                self_influence[start:stop] = np.load(directory / SELF_INFLUENCE_FILE, allow_pickle=False)
+                part_influence = np.load(directory / SELF_INFLUENCE_FILE, allow_pickle=False)
+                if part_influence.shape != (stop - start,) or part_influence.dtype != np.float64:
+                    raise ConfigError(f"shard {directory.name}: {SELF_INFLUENCE_FILE} is {part_influence.dtype} "
+                                      f"{part_influence.shape}, not float64 ({stop - start},); build that shard again")
+                self_influence[start:stop] = part_influence
                 part_review = _review_accumulator(job, stop - start)
                 if not part_review.restore(_load_or_none(directory / f"{REVIEW_STATE}.npy")):
                     raise ConfigError(f"shard {directory.name} has no label-review data of this build; build "
@@ -267,6 +263,31 @@ def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: b
         if not keep_shards:
             shutil.rmtree(out.parent / f"{out.name}.shards", ignore_errors=True)
     return result
+
+
+def _shard_info(job: "_Job", out: Path, shard: int, shards: int) -> dict:
+    """shard.json of a finished shard, checked: same config, its own row range, every file's sha256 (an
+    edited or damaged shard would merge into wrong answers). ConfigError in one line otherwise."""
+    directory = shard_dir(out, shard, shards)
+    try:
+        info = json.loads((directory / "shard.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"shard {shard}/{shards} is missing or unfinished ({directory})") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"shard {shard}/{shards}: shard.json is unreadable ({exc}); build that shard again") from None
+    if not isinstance(info, dict) or not {"config_hash", "start", "stop", "embed_seconds", "files"} <= set(info):
+        raise ConfigError(f"shard {shard}/{shards}: shard.json lacks the fields this version writes (config_hash, "
+                          "start, stop, embed_seconds, files); build that shard again")
+    if info["config_hash"] != job.config_hash:
+        raise ConfigError(f"shard {shard}/{shards} was built from another config or other checkpoints")
+    if (info["start"], info["stop"]) != shard_rows(job.count, shard, shards):
+        raise ConfigError(f"shard {shard}/{shards} covers rows {info['start']}..{info['stop']}, not its own range")
+    for name in SHARD_FILES:
+        path = directory / name
+        if not path.is_file() or not isinstance(info["files"], dict) or sha256_file(path) != info["files"].get(name):
+            raise ConfigError(f"shard {shard}/{shards}: {name} is missing or does not match the sha256 its "
+                              "shard.json recorded; build that shard again")
+    return info
 
 
 class _failure_cleanup:
@@ -308,16 +329,16 @@ def _protected(config: IndexConfig) -> list[Path]:
     return paths
 
 
-def _remove_stale(out: Path, keep: Path) -> None:
-    """Leftovers of killed builds into `out` (we hold its lock): staging and old directories, and the
-    resume state of another config (it can never be resumed)."""
+def _remove_stale(out: Path, keep: Path, resume_states: bool = True) -> None:
+    """Leftovers of killed builds into `out` (we hold its lock): staging and old directories, FAISS block
+    files, and (`resume_states`) the resume state of another config (it can never be resumed)."""
     for entry in out.parent.glob(f".{out.name}.*"):
         name = entry.name[len(out.name) + 2:]
         if entry == keep or not entry.is_dir() or entry.is_symlink():
             continue
         if name.startswith(("tmp-", "old-", "merge-", "faiss-")):  # faiss-: IVF block files of a killed build
             shutil.rmtree(entry, ignore_errors=True)
-        elif name.startswith("partial-"):
+        elif resume_states and name.startswith("partial-"):
             say(f"removed {entry.name}: the resume state of a build with another config or other checkpoints")
             shutil.rmtree(entry, ignore_errors=True)
 
@@ -504,6 +525,8 @@ def _embed_rows(job: _Job, state: ResumeState, start_row: int,
 
 #: the name of the label-review matrix in the resume state and in a shard (`indexer.review`)
 REVIEW_STATE = "review"
+#: the files of a finished shard, with their sha256 in its shard.json
+SHARD_FILES = ("vectors.npy", SELF_INFLUENCE_FILE, f"{REVIEW_STATE}.npy")
 
 
 def _review_accumulator(job: _Job, rows: int) -> ReviewAccumulator:

@@ -348,6 +348,65 @@ def test_merge_refuses_a_shard_whose_rows_do_not_match_its_range(tmp_path, ckpts
     a, b = np.load(first), np.load(second)
     np.save(first, np.concatenate([a, b[:1]]))  # one row moved across the boundary: same total
     np.save(second, b[1:])
+    from indexer.checkpoints import sha256_file
+
+    for path in (first, second):  # digests that match the moved rows: only the row count can tell
+        info_file = path.parent / "shard.json"
+        info = json.loads(info_file.read_text())
+        info["files"]["vectors.npy"] = sha256_file(path)
+        info_file.write_text(json.dumps(info))
     with pytest.raises(ConfigError, match="shard-00000-of-00002: vectors.npy holds 21 rows, its shard.json 20"):
         merge_shards(config, tmp_path / "index", 2)
     assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.parametrize("damage", ["vectors", "self_influence", "review", "shard_json", "no_digests"])
+def test_merge_refuses_a_damaged_or_edited_shard_in_one_line(tmp_path, ckpts, damage):
+    from tests.test_demo_cli import tracin
+
+    config_path = write_config(tmp_path, REF, ckpts, kind="sketch", dim=16)
+    config = load_config(config_path)
+    for shard in range(2):
+        build_shard(config, tmp_path / "index", shard, 2)
+    directory = tmp_path / "index.shards" / "shard-00001-of-00002"
+    target = {"vectors": "vectors.npy", "self_influence": "self_influence.npy", "review": "review.npy"}.get(damage)
+    if target is not None:  # one byte of the values flipped
+        blob = bytearray((directory / target).read_bytes())
+        blob[-3] ^= 0x40
+        (directory / target).write_bytes(bytes(blob))
+    elif damage == "shard_json":
+        (directory / "shard.json").write_text("{bad")
+    else:
+        info = json.loads((directory / "shard.json").read_text())
+        del info["files"]
+        (directory / "shard.json").write_text(json.dumps(info))
+    proc = tracin("index", str(config_path), "--out", str(tmp_path / "index"), "--merge", "2", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "shard 1/2" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "index").exists()
+
+
+def test_merge_argument_must_be_a_shard_count(tmp_path, ckpts):
+    from tests.test_demo_cli import tracin
+
+    config_path = write_config(tmp_path, REF, ckpts, kind="sketch", dim=16)
+    for n in ("0", "-1"):
+        proc = tracin("index", str(config_path), "--out", str(tmp_path / "index"), "--merge", n, check=False)
+        assert proc.returncode == 2 and "--merge N" in proc.stderr and not (tmp_path / "index").exists()
+
+
+def test_a_killed_merge_leaves_nothing_after_the_rerun(tmp_path, ckpts, monkeypatch):
+    from tests.test_demo_cli import tracin
+
+    config_path = write_config(tmp_path, REF, ckpts, kind="sketch", dim=16, factory="IVF4,Flat")
+    config = load_config(config_path)
+    for shard in range(2):
+        build_shard(config, tmp_path / "index", shard, 2)
+    monkeypatch.setenv("TRACIN_TEST_KILL_AT", "index-staged")
+    killed = tracin("index", str(config_path), "--out", str(tmp_path / "index"), "--merge", "2", "--keep-shards",
+                    check=False)
+    monkeypatch.delenv("TRACIN_TEST_KILL_AT")
+    assert killed.returncode != 0 and list(tmp_path.glob(".index.tmp-*"))
+    tracin("index", str(config_path), "--out", str(tmp_path / "index"), "--merge", "2")
+    assert sorted(p.name for p in tmp_path.glob(".index.*") if p.is_dir()) == []
+    assert (tmp_path / "index" / "manifest.json").is_file()
