@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from indexer.checkpoints import load_checkpoint, load_state_into  # noqa: E402
 from indexer.config import IndexConfig, TaskRef, load_config  # noqa: E402
-from indexer.embedding import Checkpoint, CheckpointEmbedder, plan_embedding, resolve_checkpoints  # noqa: E402
+from indexer.sketch.embedding import Checkpoint, CheckpointEmbedder, plan_embedding, resolve_checkpoints  # noqa: E402
 
 DEFAULT_RUN = REPO / ".tracin/bench/fmnist-run"
 DEFAULT_INDEX = REPO / ".tracin/bench/fmnist-index"
@@ -179,7 +179,7 @@ def embed_pass(task, ckpts, plan, examples, count: int, batch_size: int) -> dict
 
 # -- (b) build_index in a subprocess, with its peak memory ---------------------------------------------
 def build_child(config_path: str, limit: int | None, out: str, threads: int) -> dict:
-    from indexer.pipeline import build_index
+    from indexer.build.pipeline import build_index
 
     torch.set_num_threads(threads)
     config = config_with_limit(load_config(config_path), limit)
@@ -254,9 +254,9 @@ def captum_one_query(task, ckpts, examples, count: int, batch_size: int, qx: tor
 
 # -- exact scores of one query (checks Captum's answer) ------------------------------------------------
 def exact_one_query(task, ckpts, examples, count: int, qx, qy) -> np.ndarray:
-    """Exact TracIn of one query against the first `count` training examples (indexer.exact)."""
-    from indexer.embedding import Embedder
-    from indexer.exact import ExactScorer
+    """Exact TracIn of one query against the first `count` training examples (indexer.score.exact)."""
+    from indexer.sketch.embedding import Embedder
+    from indexer.score.exact import ExactScorer
 
     plan = plan_embedding(task, ckpts, None, "exact", 1, 0, examples.batch(0, 3))
     embedder = Embedder(task, ckpts, plan)
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     index_out = args.index_out or DEFAULT_INDEX.with_name(DEFAULT_INDEX.name + suffix)
     json_out = args.json or REPO / f".tracin/bench/bench_indexer{suffix}.json"
     torch.set_num_threads(args.threads)
-    from indexer.capture import tune_allocator
+    from indexer.capture.routes import tune_allocator
 
     tuned = tune_allocator()  # what GradientCapture does: plain and ours run under the same allocator settings
     r: dict = {"args": {k: str(v) for k, v in vars(args).items()},
@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     if not args.skip_captum:
         log("Captum TracInCP: one query, top-10 proponents")
         c = captum_one_query(task, ckpts, examples, count, bs, qx[:1], qy[:1])
-        log("our exact scores of the same query (indexer.exact) to check Captum's answer")
+        log("our exact scores of the same query (indexer.score.exact) to check Captum's answer")
         exact = exact_one_query(task, ckpts, examples, count, qx[:1], qy[:1])
         truth = np.argsort(-exact)[:10]
         c["overlap_with_exact"] = len(set(truth.tolist()) & set(c["indices"]))

@@ -152,7 +152,7 @@ def recall_in_process(index: Path, examples: list[dict], subset: int, depth: int
                       sweep: list[float] = (), sweep_param: str = "nprobe", subset_depths: list[int] = ()) -> dict:
     """First-stage and final recall with the service's engine (see the module docstring, step 5)."""
 
-    from indexer.search import top_k
+    from indexer.store.search import top_k
     from service.loading import load_engine
     from service.settings import Settings
 

@@ -6,7 +6,7 @@
 Trains the small CNN of `indexer/demo/fashion_mnist.py` with plain SGD and a decaying lr on the
 training images with `--flip-fraction` of the labels replaced by another class (seeded), saves 5
 checkpoints with their lr (`indexer.checkpoints.save_checkpoint`), builds the index directory with
-`indexer.pipeline.build_index` (default projection: self-influence is computed exactly whatever the
+`indexer.build.pipeline.build_index` (default projection: self-influence is computed exactly whatever the
 projection), then ranks the training examples, most suspicious first, by
   * self-influence: TracInCP(z, z) = sum_i lr_i ||grad loss(w_i, z)||^2 over the 5 checkpoints (the index's
     `self_influence`, what `GET /self-influence/top` serves);
@@ -38,10 +38,10 @@ from indexer.config import load_config  # noqa: E402
 from indexer.demo.fashion_mnist import (  # noqa: E402
     DEFAULT_DATA_DIR, FashionMNISTTask, data_available, evaluate_accuracy, fit_sgd, train_fashion_mnist,
 )
-from indexer.embedding import load_embedder  # noqa: E402
-from indexer.pipeline import build_index  # noqa: E402
-from indexer.review import DEFAULT_RANKING, ranking_scores, suspicion  # noqa: E402
-from indexer.store import IndexDirectory  # noqa: E402
+from indexer.sketch.embedding import load_embedder  # noqa: E402
+from indexer.build.pipeline import build_index  # noqa: E402
+from indexer.build.review import DEFAULT_RANKING, ranking_scores, suspicion  # noqa: E402
+from indexer.store.directory import IndexDirectory  # noqa: E402
 
 CHECKED = (0.05, 0.10, 0.20, 0.30)
 RANKINGS_SHOWN = {  # key -> label in the table and the plot, in table order

@@ -31,7 +31,7 @@ def log(msg: str) -> None:
 
 def ensure_index(dataset: str, work: Path) -> Path:
     from indexer.config import load_config
-    from indexer.pipeline import build_index
+    from indexer.build.pipeline import build_index
 
     index = work / "index"
     if (index / "manifest.json").is_file():

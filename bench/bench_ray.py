@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from indexer.config import load_config  # noqa: E402
-from indexer.pipeline import build_index  # noqa: E402
+from indexer.build.pipeline import build_index  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
     except ImportError:
         sys.exit("bench_ray: needs Ray: pip install 'tracin-service[ray]'")
-    from indexer.distributed import build_with_ray
+    from indexer.build.distributed import build_with_ray
 
     cores = os.cpu_count() or 1
     run_dir = args.run_dir or REPO / f".tracin/bench/ray-fmnist-{args.rows}"

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from indexer.config import load_config  # noqa: E402
-from indexer.embedding import CheckpointEmbedder, plan_embedding, resolve_checkpoints  # noqa: E402
-from indexer.projection import make_projector  # noqa: E402
+from indexer.sketch.embedding import CheckpointEmbedder, plan_embedding, resolve_checkpoints  # noqa: E402
+from indexer.sketch.projection import make_projector  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -142,7 +142,7 @@ def recall_table(ref: dict, depths: list[int], k: int = 10) -> dict:
 # -- (c) build vs plain -------------------------------------------------------------------------------------
 def plain_pass(task, checkpoints, batch_size: int, threads: int) -> float:
     """Seconds of a plain batched forward + loss.sum().backward() over the training set at every checkpoint."""
-    from indexer.embedding import load_model
+    from indexer.sketch.embedding import load_model
 
     torch.set_num_threads(threads)
     train = task.training_set()
@@ -235,8 +235,8 @@ def serve_and_query(index: Path, examples: list[dict], exact: np.ndarray, ids: l
 def float64_check(task, checkpoints, queries, hits: list[list[tuple[int, float]]], count: int) -> dict:
     """Served (re-ranked, float32 model) scores against exact TracIn of the same pairs computed with the
     whole model in float64 (compute_dtype float64), for the first `count` queries."""
-    from indexer.embedding import Embedder
-    from indexer.exact import ExactScorer
+    from indexer.sketch.embedding import Embedder
+    from indexer.score.exact import ExactScorer
 
     train = task.training_set()
     qx, qy = queries
@@ -283,7 +283,7 @@ def main() -> int:
         config_path.write_text(text.replace("task_args = { ", f"task_args = {{ limit = {limit}, "))
     held = task.held_out_set()
     qx, _ = held.batch(0, queries_n)
-    from indexer.embedding import load_model
+    from indexer.sketch.embedding import load_model
 
     with torch.no_grad():
         last = load_model(task, checkpoints[-1], "cpu", torch.float32)

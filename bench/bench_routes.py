@@ -57,10 +57,10 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from indexer.capture import ROUTES  # noqa: E402
+from indexer.capture.routes import ROUTES  # noqa: E402
 from indexer.checkpoints import save_checkpoint  # noqa: E402
-from indexer.embedding import Checkpoint, CheckpointEmbedder, load_model, plan_embedding  # noqa: E402
-from indexer.selfcheck import self_check  # noqa: E402
+from indexer.sketch.embedding import Checkpoint, CheckpointEmbedder, load_model, plan_embedding  # noqa: E402
+from indexer.capture.selfcheck import self_check  # noqa: E402
 from indexer.task import ExampleSet, Task, batch_size_of, take_rows  # noqa: E402
 
 BUILD_EXAMPLES = 10_000  # the index build the self-check is compared with
@@ -298,7 +298,7 @@ def bench_model(spec: Spec, workdir: Path, reps: int, dim: int, min_seconds: flo
 def bench_digits(workdir: Path, reps: int) -> dict:
     from indexer.config import load_config
     from indexer.demo.digits import train_digits
-    from indexer.pipeline import build_index
+    from indexer.build.pipeline import build_index
 
     t0 = time.perf_counter()
     config = train_digits(workdir / "digits", epochs=5, checkpoints=5)

@@ -53,9 +53,9 @@ def derive_index(src: Path, factory: str, search_params: dict, out: Path) -> Pat
 
     import faiss
 
-    from indexer.manifest import write_manifest
-    from indexer.pipeline import _write_faiss
-    from indexer.store import INDEX_FILE, MANIFEST
+    from indexer.store.manifest import write_manifest
+    from indexer.build.pipeline import _write_faiss
+    from indexer.store.directory import INDEX_FILE, MANIFEST
 
     if out.exists():
         shutil.rmtree(out)
@@ -76,7 +76,7 @@ def derive_index(src: Path, factory: str, search_params: dict, out: Path) -> Pat
 
 def baseline_rss_mb() -> float:
     """RSS of a Python process that only imports what the server imports (no index loaded)."""
-    code = ("import torch, faiss, numpy, fastapi, uvicorn, indexer.embedding, service.app, re, pathlib; "
+    code = ("import torch, faiss, numpy, fastapi, uvicorn, indexer.sketch.embedding, service.app, re, pathlib; "
             "print(re.search(r'VmRSS:\\s+(\\d+)', pathlib.Path('/proc/self/status').read_text()).group(1))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)

@@ -20,7 +20,7 @@ class UsageError(Exception):
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from indexer.config import load_config
-    from indexer.pipeline import build_index, build_shard, merge_shards
+    from indexer.build.pipeline import build_index, build_shard, merge_shards
 
     if args.merge is not None and args.merge < 1:
         raise UsageError(f"--merge N: N is the number of shards (>= 1), got {args.merge}")
@@ -33,7 +33,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if args.keep_shards and not args.merge:
         raise UsageError("--keep-shards goes with --merge N")
     if args.ray is not None:
-        from indexer.distributed import _import_ray
+        from indexer.build.distributed import _import_ray
 
         _import_ray()  # before any work: "pip install 'tracin-service[ray]'" in one line
     config = load_config(args.config)
@@ -42,7 +42,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
         config = replace(config, index=replace(config.index, batch_size=args.batch_size))
     if args.ray is not None:
-        from indexer.distributed import build_with_ray
+        from indexer.build.distributed import build_with_ray
 
         result = build_with_ray(config, args.out, shards=args.shards, overwrite=args.force,
                                 address=None if args.ray == LOCAL_RAY else args.ray,
@@ -75,7 +75,7 @@ def _say(line: str) -> None:
 def _cmd_check(args: argparse.Namespace) -> int:
     """Calibrate the capture, run the self-check and the query path, print every traced block."""
     from indexer.config import load_config
-    from indexer.pipeline import prepare
+    from indexer.build.pipeline import prepare
 
     config = load_config(args.config)
     ready = prepare(config, strict=False)
@@ -99,7 +99,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from indexer.store import IndexDirectory
+    from indexer.store.directory import IndexDirectory
 
     index = IndexDirectory.open(args.dir, verify=not args.no_verify)
     m = index.manifest
@@ -148,7 +148,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from indexer.config import load_config
     from indexer.demo.digits import train_digits
-    from indexer.pipeline import build_index
+    from indexer.build.pipeline import build_index
 
     if args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001
-        from indexer.manifest import ManifestError
-        from indexer.store import IndexBuildError, IndexDirectoryError
+        from indexer.store.manifest import ManifestError
+        from indexer.store.directory import IndexBuildError, IndexDirectoryError
 
         if isinstance(exc, (IndexDirectoryError, IndexBuildError, ManifestError)):
             print(f"tracin {args.command}: error: {exc}", file=sys.stderr)

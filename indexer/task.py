@@ -150,7 +150,7 @@ class Task:
         raise NotImplementedError
 
     def metrics(self) -> list:
-        """Task-defined query metrics (`indexer.metrics.Metric`), besides the built-in loss / logit /
+        """Task-defined query metrics (`indexer.score.metrics.Metric`), besides the built-in loss / logit /
         log_probability / margin: influence can be taken on any differentiable function of the output."""
         return []
 

@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     task = engine.task if engine is not None else open_task(settings)
     metrics = Metrics()
-    from indexer.metrics import task_metrics
+    from indexer.score.metrics import task_metrics
 
     request_model = make_influence_request(task.example_schema, settings.max_k, settings.default_k,
                                            settings.max_rerank, settings.rerank, task_metrics(task))

@@ -1,9 +1,9 @@
 """The loaded index and the query logic, without HTTP: what the routes call (in a worker thread).
 
 `Engine.influence` answers POST /influence in two stages: the query is embedded with the indexer's own
-embedding function (`indexer.embedding.Embedder`), the FAISS index proposes candidates
+embedding function (`indexer.sketch.embedding.Embedder`), the FAISS index proposes candidates
 (`service.first_stage`), and, unless re-ranking is off, their exact TracIn scores are recomputed from
-the training examples (`indexer.exact.ExactScorer`) and decide the answer. No gradient or projection
+the training examples (`indexer.score.exact.ExactScorer`) and decide the answer. No gradient or projection
 math lives here. Loading and verification are in `service.loading`, labels in `service.labels`.
 """
 from __future__ import annotations
@@ -38,21 +38,21 @@ def _float32():
 @dataclass
 class Engine:
     settings: Settings
-    index_dir: Any  # indexer.store.IndexDirectory
+    index_dir: Any  # indexer.store.directory.IndexDirectory
     task: Any  # indexer.task.Task
-    embedder: Any  # indexer.embedding.Embedder
+    embedder: Any  # indexer.sketch.embedding.Embedder
     labels: Labels
     first_stage: FirstStage
-    scorer: Any  # indexer.exact.ExactScorer, or None when exact re-ranking is unavailable
+    scorer: Any  # indexer.score.exact.ExactScorer, or None when exact re-ranking is unavailable
     rerank_error: str | None  # why re-ranking is unavailable
     id_to_row: dict[str, int]
     si_order: np.ndarray  # rows by descending self-influence
     si_rank: np.ndarray  # 1-based rank of each row
     load_seconds: float = 0.0
-    metrics: dict[str, Any] = field(default_factory=dict)  # query metrics by name (indexer.metrics.Metric)
+    metrics: dict[str, Any] = field(default_factory=dict)  # query metrics by name (indexer.score.metrics.Metric)
     stats: Any = None  # service.metrics.Metrics (Prometheus), set by the app
     review: Any = None  # service.review.LabelReview: the label-review rankings
-    input_ranges: Any = None  # indexer.input_ranges.InputRanges, or None (an index built before them)
+    input_ranges: Any = None  # indexer.build.input_ranges.InputRanges, or None (an index built before them)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -133,7 +133,7 @@ class Engine:
 
         The vectors come from the indexer's `Embedder.embed`, the function that built the index; with
         `keep_grads` the per-checkpoint block gradients come back too (for exact re-ranking); `objective`
-        replaces the task's loss on the query side (a metric, `indexer.metrics`)."""
+        replaces the task's loss on the query side (a metric, `indexer.score.metrics`)."""
 
         try:
             inputs = self.task.encode(examples)
@@ -169,7 +169,7 @@ class Engine:
     def _embed(self, inputs, labels, keep_grads: bool, objective) -> dict[str, Any]:
         import torch
 
-        from indexer.capture import CaptureError
+        from indexer.capture.routes import CaptureError
 
         try:
             embedding = self.embedder.embed(inputs, labels, keep_grads=keep_grads, objective=objective)

@@ -1,10 +1,10 @@
 """The first stage of retrieval: candidate proponents and opponents from the FAISS index.
 
 Proponents are the largest e(train) . q, opponents the most negative (FAISS searches -q and the scores
-are negated back). A label subset is searched inside FAISS with an ID selector (`indexer.search.top_k`),
+are negated back). A label subset is searched inside FAISS with an ID selector (`indexer.store.search.top_k`),
 as is every approximate index. An exact inner-product `Flat` index without a subset takes one pass over
 the stored vectors for both ends (same exact top-k as two FAISS scans), in parallel row blocks when it
-is large. Exact re-ranking (`indexer.exact`) then decides the answer from these candidates.
+is large. Exact re-ranking (`indexer.score.exact`) then decides the answer from these candidates.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class FirstStage:
         params = dict(manifest.get("faiss", {}).get("search_params") or {})
         params.update(settings.faiss_params)
         if params:
-            from indexer.search import check_search_params
+            from indexer.store.search import check_search_params
 
             problem = check_search_params(index, params, f"this {type(faiss.downcast_index(index)).__name__} index")
             if problem:
@@ -81,7 +81,7 @@ class FirstStage:
         """((rows, scores) of the proponents, (rows, scores) of the opponents) for a float32 query; with
         `normalized`, ranked by e(z) . q / ||g(z)|| over the whole index (or the row subset) and those
         normalised scores returned."""
-        from indexer.search import top_k
+        from indexer.store.search import top_k
 
         if normalized:
             if self.flat_vectors is not None:

@@ -47,11 +47,11 @@ def configure_threads(settings: Settings) -> None:
 def open_task(settings: Settings):
     """Rebuild only the Task from the manifest (light: for the request schema at app creation).
 
-    The manifest is checked against manifest.sha256 and validated (`indexer.manifest`) before its task
+    The manifest is checked against manifest.sha256 and validated (`indexer.store.manifest`) before its task
     reference is used; the reference must resolve to a Task subclass (type-checked before the one call
     that constructs it) from a module outside the index directory."""
     from indexer.config import ConfigError, TaskRef
-    from indexer.manifest import ManifestError, read_manifest
+    from indexer.store.manifest import ManifestError, read_manifest
 
     path = _index_path(settings)
     try:
@@ -91,8 +91,8 @@ def load_engine(settings: Settings) -> Engine:
     """Open, verify and load the index directory; refuse with ServiceStartupError on any problem."""
     from indexer.checkpoints import CheckpointError
     from indexer.config import ConfigError, TaskRef
-    from indexer.embedding import load_embedder
-    from indexer.store import IndexDirectory, IndexDirectoryError
+    from indexer.sketch.embedding import load_embedder
+    from indexer.store.directory import IndexDirectory, IndexDirectoryError
 
     t0 = time.perf_counter()
     path = _index_path(settings)
@@ -138,7 +138,7 @@ def load_engine(settings: Settings) -> Engine:
     labels = Labels.build(task, manifest["task"].get("label_kind") or task.kind,
                           int(manifest["task"].get("label_width") or 0), index_dir.examples.labels, si_order, path)
     scorer, rerank_error = _exact_scorer(task, embedder, manifest, settings, path)
-    from indexer.metrics import task_metrics
+    from indexer.score.metrics import task_metrics
 
     try:
         metrics = task_metrics(task)
@@ -162,7 +162,7 @@ def load_engine(settings: Settings) -> Engine:
 def _exact_scorer(task, embedder, manifest: dict, settings: Settings, path):
     """(ExactScorer, None) when re-ranking is on and the task reads the indexed training set, else
     (None, why not). A training set that differs from the recorded digest is refused."""
-    from indexer.exact import ExactScorer, training_set_digest
+    from indexer.score.exact import ExactScorer, training_set_digest
 
     if settings.max_rerank == 0:
         return None, "exact re-ranking is off on this server (TRACIN_MAX_RERANK=0)"

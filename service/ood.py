@@ -1,5 +1,5 @@
 """Out-of-distribution warnings for POST /influence: a query whose inputs fall far outside the ranges of
-the training inputs recorded at index time (`indexer.input_ranges`) is answered as usual, with a
+the training inputs recorded at index time (`indexer.build.input_ranges`) is answered as usual, with a
 `warnings` list that says in words what is off (another scale, a background unlike the training data,
 ids never seen in training). Advisory: a warning never turns an answer into an error."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Label review in the service: the training set ranked for mislabeled examples (GET /label-review, its
-histogram and its export), from the index's self-influence and label_review.npy (`indexer.review`, which
+histogram and its export), from the index's self-influence and label_review.npy (`indexer.build.review`, which
 defines every ranking; nothing is recomputed here but the orders).
 
 Each row carries the model's prediction at the last checkpoint, its probability, and the suggested label:
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.review import RANKINGS, available_rankings, default_ranking, ranking_scores, suspicious_first
+from indexer.build.review import RANKINGS, available_rankings, default_ranking, ranking_scores, suspicious_first
 from service.errors import ApiError
 
 #: display values that are pictures (data URLs) are left out of exports: a 60k-row CSV stays a few MB

@@ -35,7 +35,7 @@ def _engine(request: Request):
 
 
 def _ranking_help() -> str:
-    from indexer.review import DEFAULT_RANKING, RANKINGS
+    from indexer.build.review import DEFAULT_RANKING, RANKINGS
 
     lines = [f"{name} ({order}{', the default' if name == DEFAULT_RANKING else ''}): {meaning}"
              for name, (order, meaning) in RANKINGS.items()]

@@ -263,7 +263,7 @@ class _InfluenceRequestBase(BaseModel):
 
 
 def metric_field(metrics: dict[str, Any] | None):
-    """The `metric` request field for a task's metrics (indexer.metrics.Metric by name): a name, or an object
+    """The `metric` request field for a task's metrics (indexer.score.metrics.Metric by name): a name, or an object
     {"name": ..., parameters} whose model documents each metric's parameters in OpenAPI."""
     metrics = metrics or {}
     names = tuple(metrics) or ("loss",)

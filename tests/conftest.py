@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from indexer.checkpoints import save_checkpoint
-from indexer.embedding import Checkpoint
+from indexer.sketch.embedding import Checkpoint
 
 
 def make_checkpoints(task, directory: Path, count: int = 3, prefix: str = "ckpt") -> list[Checkpoint]:

@@ -21,9 +21,9 @@ import torch
 
 from indexer.checkpoints import save_checkpoint
 from indexer.config import parse_config
-from indexer.embedding import Checkpoint
-from indexer.pipeline import build_index
-from indexer.store import IndexDirectory
+from indexer.sketch.embedding import Checkpoint
+from indexer.build.pipeline import build_index
+from indexer.store.directory import IndexDirectory
 from indexer.task import ExampleSet
 from tests.tasks import MLPTask
 

@@ -73,7 +73,7 @@ def test_encoder_matches_sentence_transformers_pooling():
 
 
 def test_index_holds_articles_and_inspect_runs(small, capsys):
-    from indexer.store import IndexDirectory
+    from indexer.store.directory import IndexDirectory
 
     index = IndexDirectory.open(small / "index")
     m = index.manifest
@@ -96,8 +96,8 @@ def test_index_holds_articles_and_inspect_runs(small, capsys):
 def test_query_path_reproduces_the_indexed_vector(small):
     """A training article sent as a JSON example gives (up to float32 rounding) its own index row."""
     from indexer.demo.bbc_news import BBCNewsTask
-    from indexer.embedding import load_embedder
-    from indexer.store import IndexDirectory
+    from indexer.sketch.embedding import load_embedder
+    from indexer.store.directory import IndexDirectory
 
     index = IndexDirectory.open(small / "index")
     task, embedder = load_embedder(index)
@@ -146,9 +146,9 @@ def test_block_mode_traces_the_last_encoder_block(tmp_path):
     """`--block`: the last MiniLM block is fine-tuned with the head and all its parameters are traced."""
     from indexer.config import load_config
     from indexer.demo.bbc_news import train_bbc_news
-    from indexer.embedding import load_embedder
-    from indexer.pipeline import build_index
-    from indexer.store import IndexDirectory
+    from indexer.sketch.embedding import load_embedder
+    from indexer.build.pipeline import build_index
+    from indexer.store.directory import IndexDirectory
 
     config = train_bbc_news(tmp_path, epochs=1, checkpoints=1, projection_dim=32, log=lambda *_: None, block=True,
                             max_train=16, max_held_out=2)
@@ -179,9 +179,9 @@ def test_all_encoder_layers_traced_exactly(tmp_path):
     from indexer.cli import main as tracin
     from indexer.config import load_config
     from indexer.demo.bbc_news import train_bbc_news
-    from indexer.embedding import Embedder, plan_embedding, resolve_checkpoints
-    from indexer.pipeline import build_index
-    from indexer.store import IndexDirectory
+    from indexer.sketch.embedding import Embedder, plan_embedding, resolve_checkpoints
+    from indexer.build.pipeline import build_index
+    from indexer.store.directory import IndexDirectory
     from tests.oracle import tracin_matrix
     from tests.service_support import start_server
 

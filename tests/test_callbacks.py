@@ -19,7 +19,7 @@ from torch import nn
 
 from indexer.checkpoints import load_checkpoint
 from indexer.cli import main as tracin
-from indexer.store import IndexDirectory
+from indexer.store.directory import IndexDirectory
 from indexer.task import ExampleSet, Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

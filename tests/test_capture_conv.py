@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from indexer.blocks import select_blocks
-from indexer.capture import CaptureError, CapturePlan, GradientCapture
-from indexer.grads import BlockGrad, ConvCall, ConvOuter, Outer
-from indexer.projection import make_projector
+from indexer.capture.blocks import select_blocks
+from indexer.capture.routes import CaptureError, CapturePlan, GradientCapture
+from indexer.capture.grads import BlockGrad, ConvCall, ConvOuter, Outer
+from indexer.sketch.projection import make_projector
 
 GEOMETRIES = [  # (batch, c_in, side, c_out, kernel, stride, padding, dilation, bias)
     (3, 2, 7, 4, 3, 1, 1, 1, True),
@@ -50,7 +50,7 @@ def test_conv_block_grad_routes_agree_for_every_kind():
     patches project alike, and have the same norm and inner products."""
     call, bias = _call(GEOMETRIES[1], seed=2)
     B, m = call.d.shape[:2]
-    from indexer.blocks import TracedBlock
+    from indexer.capture.blocks import TracedBlock
 
     n = call.x.shape[1] * 9 + 1
     block = TracedBlock("conv", "conv2d", m, n, ("conv.weight", "conv.bias"), ((m, n - 1), (m,)))

@@ -16,8 +16,8 @@ from torch import nn
 
 from indexer.checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
 from indexer.config import ConfigError, parse_config
-from indexer.pipeline import build_index
-from indexer.store import IndexDirectory
+from indexer.build.pipeline import build_index
+from indexer.store.directory import IndexDirectory
 from indexer.task import ExampleSet, Task
 from service.loading import load_engine
 from service.settings import Settings

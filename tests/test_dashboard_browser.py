@@ -609,7 +609,7 @@ def test_bad_inputs_show_visible_errors(browser, server, tmp_path):
 @pytest.fixture(scope="module")
 def text_server(tmp_path_factory):
     from indexer.config import parse_config
-    from indexer.pipeline import build_index
+    from indexer.build.pipeline import build_index
     from tests.dashboard_tasks import TinyTextTask
 
     work = tmp_path_factory.mktemp("text-task")
@@ -670,7 +670,7 @@ def test_index_panel_of_an_approximate_index(browser, text_server):
 
 def _serve_task(tmp_path_factory, name: str, ref: str, task, kind: str = "exact"):
     from indexer.config import parse_config
-    from indexer.pipeline import build_index
+    from indexer.build.pipeline import build_index
 
     work = tmp_path_factory.mktemp(name)
     checkpoints = train_checkpoints(task, work / "run")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.store import IndexDirectory
+from indexer.store.directory import IndexDirectory
 
 ROOT = Path(__file__).parents[1]
 

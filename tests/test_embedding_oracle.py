@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexer.embedding import CheckpointEmbedder, Embedder, plan_embedding
-from indexer.projection import make_projector
+from indexer.sketch.embedding import CheckpointEmbedder, Embedder, plan_embedding
+from indexer.sketch.projection import make_projector
 from tests.conftest import make_checkpoints
 from tests.oracle import tracin_matrix
 from tests.tasks import CNNTask, MLPTask, TokenTask

@@ -1,12 +1,12 @@
-"""Exact re-ranking scores (indexer.exact) against the brute-force float64 oracle, on zoo models whose
+"""Exact re-ranking scores (indexer.score.exact) against the brute-force float64 oracle, on zoo models whose
 blocks take every route (hook, vmap, loop, one example at a time)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from indexer.embedding import Embedder, plan_embedding
-from indexer.exact import ExactScorer, training_set_digest
+from indexer.sketch.embedding import Embedder, plan_embedding
+from indexer.score.exact import ExactScorer, training_set_digest
 from tests import zoo
 from tests.conftest import make_checkpoints
 from tests.oracle import tracin_matrix

@@ -13,12 +13,12 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer import faiss_build
+from indexer.store import faiss_build
 from indexer.config import load_config
-from indexer.faiss_build import ArrayRows, RowSource, exact_ends, read_index, write_index
-from indexer.pipeline import build_index, build_shard, merge_shards
-from indexer.search import top_k
-from indexer.store import IndexDirectory, IndexDirectoryError, JsonlRows, read_jsonl
+from indexer.store.faiss_build import ArrayRows, RowSource, exact_ends, read_index, write_index
+from indexer.build.pipeline import build_index, build_shard, merge_shards
+from indexer.store.search import top_k
+from indexer.store.directory import IndexDirectory, IndexDirectoryError, JsonlRows, read_jsonl
 from tests.conftest import make_checkpoints, write_config
 from tests.tasks import MLPTask
 
@@ -97,7 +97,7 @@ def test_ivf_on_disk_equals_the_in_memory_index_after_a_move(tmp_path, parts, ve
 def test_refine_flat_is_streamed_equal_to_faiss(tmp_path, parts, vectors, factory):
     """The scale default: an exhaustive scan of a few projected numbers, the best k x k_factor re-scored
     with the stored vectors; streamed in two passes, searched as FAISS's own index (PCA uncentred)."""
-    from indexer.faiss_build import _uncentre
+    from indexer.store.faiss_build import _uncentre
 
     written = write_index(factory, RowSource(parts, 16), tmp_path / "index.faiss", 2000, tmp_path / "work",
                           block_rows=333)
@@ -157,7 +157,7 @@ def test_on_disk_ivf_is_read_from_a_read_only_directory(tmp_path, parts, vectors
     for name in os.listdir(out):
         os.chmod(out / name, 0o444)
     os.chmod(out, 0o555)
-    code = ("import os, sys, numpy as np; from indexer.faiss_build import read_index\n"
+    code = ("import os, sys, numpy as np; from indexer.store.faiss_build import read_index\n"
             "if os.getuid() == 0: os.setgid(65534); os.setuid(65534)\n"
             "index = read_index(sys.argv[1] + '/index.faiss', mmap=True)\n"
             "d, i = index.search(np.ones((1, 16), np.float32), 3); print(index.ntotal, i.min() >= 0)")

@@ -116,9 +116,9 @@ def test_training_set_flips_are_recorded_and_deterministic():
 @needs_data
 def test_tiny_train_and_index(tmp_path):
     from indexer.config import load_config
-    from indexer.embedding import load_embedder
-    from indexer.pipeline import build_index
-    from indexer.store import IndexDirectory
+    from indexer.sketch.embedding import load_embedder
+    from indexer.build.pipeline import build_index
+    from indexer.store.directory import IndexDirectory
 
     config_path = train_fashion_mnist(tmp_path / "run", epochs=1, checkpoints=2, limit=256, flip_fraction=0.05,
                                       dim=32)

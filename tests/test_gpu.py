@@ -19,10 +19,10 @@ from pydantic import BaseModel
 from torch import nn
 
 from indexer.config import load_config
-from indexer.embedding import load_embedder
-from indexer.pipeline import build_index
-from indexer.search import top_k
-from indexer.store import IndexDirectory
+from indexer.sketch.embedding import load_embedder
+from indexer.build.pipeline import build_index
+from indexer.store.search import top_k
+from indexer.store.directory import IndexDirectory
 from indexer.task import ExampleSet, Task
 from tests.conftest import make_checkpoints, write_config
 from tests.tasks import CNNTask, MLPTask, TokenTask

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from indexer.config import parse_config
-from indexer.pipeline import build_index
+from indexer.build.pipeline import build_index
 from tests import zoo
 from tests.conftest import make_checkpoints
 from tests.service_support import _TMP, start_server

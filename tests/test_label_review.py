@@ -1,6 +1,6 @@
 """Label review over HTTP (real `tracin serve`) and out-of-distribution warnings on real examples.
 
-* GET /label-review serves every ranking of the index (indexer.review, checked against a float64 brute force
+* GET /label-review serves every ranking of the index (indexer.build.review, checked against a float64 brute force
   in tests/test_zoo.py) in its order, with the prediction, probability and suggested label per row; the
   export carries the same rows; bad or unsupported rankings are 422 naming the field; an index built before
   label review still serves self-influence.
@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from indexer.review import RANKINGS, ranking_scores, suspicious_first
-from indexer.store import IndexDirectory, IndexDirectoryError
+from indexer.build.review import RANKINGS, ranking_scores, suspicious_first
+from indexer.store.directory import IndexDirectory, IndexDirectoryError
 from service.app import create_app
 from service.loading import ServiceStartupError, load_engine
 from service.settings import Settings
@@ -106,7 +106,7 @@ def test_regression_has_no_margins_and_an_old_index_still_serves_self_influence(
     from fastapi.testclient import TestClient
 
     from indexer.config import parse_config
-    from indexer.pipeline import build_index
+    from indexer.build.pipeline import build_index
     from tests import zoo
     from tests.conftest import make_checkpoints
 
@@ -205,7 +205,7 @@ def test_fashion_mnist_scaled_and_white_background_images():
     """Ranges recorded from the Fashion-MNIST training set (uint8 0..255 stored, floats 0..1 encoded: mapped
     by x / 255); real test images pass, the same images scaled to 0..1 or on a white background do not."""
     from indexer.demo.fashion_mnist import FashionMNISTExample, FashionMNISTTask, load_split
-    from indexer.input_ranges import InputRanges, dumps, record_input_ranges
+    from indexer.build.input_ranges import InputRanges, dumps, record_input_ranges
 
     task = FashionMNISTTask(limit=10000)
     doc = json.loads(dumps(record_input_ranges(task, task.training_set())))
@@ -227,7 +227,7 @@ def test_fashion_mnist_scaled_and_white_background_images():
 def test_sharded_build_gives_the_same_label_review_and_ranges(tmp_path):
     """Shards carry their rows' label-review numbers; the merged index has the same bytes as one build."""
     from indexer.config import parse_config
-    from indexer.pipeline import build_index, build_shard, merge_shards
+    from indexer.build.pipeline import build_index, build_shard, merge_shards
     from tests.service_support import ServiceMLPTask, train_checkpoints
 
     ckpts = train_checkpoints(ServiceMLPTask(), tmp_path / "run")

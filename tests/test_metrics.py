@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from indexer.checkpoints import load_checkpoint
 from indexer.config import parse_config
-from indexer.metrics import Metric
-from indexer.pipeline import build_index
+from indexer.score.metrics import Metric
+from indexer.build.pipeline import build_index
 from tests.oracle import per_example_gradients, tracin_matrix
 from tests.service_support import _TMP, ServiceMLPTask, checkpoints_of, start_server, train_checkpoints
 
@@ -174,7 +174,7 @@ def test_first_stage_normalisation_without_reranking_and_on_an_approximate_index
     finally:
         flat.stop()
         ivf.stop()
-    from indexer.store import IndexDirectory
+    from indexer.store.directory import IndexDirectory
 
     assert IndexDirectory.open(built("IVF2,Flat", "exact")).normalized_index is not None
     assert IndexDirectory.open(built("Flat", "exact")).normalized_index is None

@@ -112,7 +112,7 @@ def walkthrough(tmp_path_factory):
 
 
 def test_walkthrough_trains_indexes_and_inspects(walkthrough):
-    from indexer.store import IndexDirectory
+    from indexer.store.directory import IndexDirectory
 
     workdir, _, _, _, out = walkthrough
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["epoch-10.pt", "epoch-20.pt", "epoch-30.pt"]

@@ -12,9 +12,9 @@ import torch
 
 from indexer.checkpoints import save_checkpoint
 from indexer.config import ConfigError, load_config
-from indexer.pipeline import build_index
-from indexer.search import top_k
-from indexer.store import IndexDirectory, IndexDirectoryError
+from indexer.build.pipeline import build_index
+from indexer.store.search import top_k
+from indexer.store.directory import IndexDirectory, IndexDirectoryError
 from tests.conftest import make_checkpoints, write_config
 from tests.oracle import tracin_matrix
 from tests.tasks import MLPTask
@@ -100,15 +100,15 @@ def test_bad_config_names_the_problem_and_leaves_nothing(tmp_path, ckpts, case, 
     kw = {}
     checkpoints = list(ckpts)
     if case == "missing":
-        from indexer.embedding import Checkpoint
+        from indexer.sketch.embedding import Checkpoint
         checkpoints[1] = Checkpoint(tmp_path / "gone.pt", 0.1)
     elif case == "layer":
         kw["layers"] = ["0", "nope"]
     elif case == "lr":
-        from indexer.embedding import Checkpoint
+        from indexer.sketch.embedding import Checkpoint
         checkpoints[0] = Checkpoint(checkpoints[0].path, 0.0)
     elif case == "mismatch":
-        from indexer.embedding import Checkpoint
+        from indexer.sketch.embedding import Checkpoint
         other = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
         checkpoints[2] = Checkpoint(save_checkpoint(tmp_path / "other.pt", other, lr=0.1), 0.1)
     elif case == "factory":
@@ -144,7 +144,7 @@ def test_existing_directory_is_not_replaced_without_force(tmp_path, ckpts):
 
 
 def test_interrupted_build_resumes_and_matches(tmp_path, ckpts, monkeypatch):
-    import indexer.pipeline as pipeline
+    import indexer.build.pipeline as pipeline
 
     config = load_config(write_config(tmp_path, REF, ckpts, kind="sketch", dim=16))
     build_index(config, tmp_path / "reference")

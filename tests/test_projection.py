@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexer.blocks import TracedBlock
-from indexer.grads import BlockGrad, Dense, Outer
-from indexer.projection import BlockProjector, fingerprint, make_projector
+from indexer.capture.blocks import TracedBlock
+from indexer.capture.grads import BlockGrad, Dense, Outer
+from indexer.sketch.projection import BlockProjector, fingerprint, make_projector
 
 
 def _block(m=12, n=9, kind="linear", name="layer"):

@@ -1,4 +1,4 @@
-"""Distributed indexing on a real local Ray cluster (indexer.distributed, `tracin index --ray`).
+"""Distributed indexing on a real local Ray cluster (indexer.build.distributed, `tracin index --ray`).
 
 One Ray session (2 CPUs, no dashboard) for the module; tiny seeded float64 tasks (tests.tasks).
 """
@@ -13,9 +13,9 @@ import pytest
 
 from indexer.cli import main
 from indexer.config import ConfigError, load_config
-from indexer.pipeline import build_index
-from indexer.resume import KILL_ENV, KILL_ONCE_ENV
-from indexer.store import IndexDirectory
+from indexer.build.pipeline import build_index
+from indexer.store.resume import KILL_ENV, KILL_ONCE_ENV
+from indexer.store.directory import IndexDirectory
 from tests.conftest import make_checkpoints, write_config
 from tests.tasks import MLPTask
 
@@ -65,7 +65,7 @@ def _assert_same_index(built: Path, reference: Path) -> None:
 
 
 def test_ray_build_equals_single_process_build(ray_session, setup):
-    from indexer.distributed import build_with_ray
+    from indexer.build.distributed import build_with_ray
 
     tmp, _, config = setup
     lines: list[str] = []
@@ -86,7 +86,7 @@ def test_ray_build_equals_single_process_build(ray_session, setup):
 
 
 def test_killed_shard_task_is_retried_and_resumes(ray_session, setup):
-    from indexer.distributed import build_with_ray
+    from indexer.build.distributed import build_with_ray
 
     tmp, _, config = setup
     killed = tmp / "killed-once"
@@ -122,7 +122,7 @@ def test_config_error_in_a_shard_is_one_line_and_not_retried(ray_session, setup,
 
 
 def test_transient_io_error_is_retried(ray_session, setup, tmp_path):
-    from indexer.distributed import build_with_ray
+    from indexer.build.distributed import build_with_ray
 
     tmp, _, config = setup
     flaky = tmp_path / "flaky"
@@ -135,7 +135,7 @@ def test_transient_io_error_is_retried(ray_session, setup, tmp_path):
 
 
 def test_worker_that_cannot_see_the_shared_files_is_refused(setup, tmp_path):
-    from indexer.distributed import ShardError, _check_visible
+    from indexer.build.distributed import ShardError, _check_visible
 
     _, _, config = setup
     cfg = load_config(config)
@@ -166,7 +166,7 @@ def test_cli_ray_usage_errors(setup, tmp_path, monkeypatch, capsys):
     assert err == [("tracin index: error: --ray needs Ray, which is not installed here: "
                     "pip install 'tracin-service[ray]'")]
     with pytest.raises(ConfigError, match=r"pip install 'tracin-service\[ray\]'"):
-        from indexer.distributed import build_with_ray
+        from indexer.build.distributed import build_with_ray
 
         build_with_ray(load_config(config), out)
     assert not Path(out).exists()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.store import IndexDirectory
+from indexer.store.directory import IndexDirectory
 from service.loading import ServiceStartupError, load_engine
 from service.settings import Settings
 from tests.oracle import tracin_matrix

@@ -12,11 +12,11 @@ from dataclasses import replace
 
 import pytest
 
-from indexer.blocks import TracedBlock, Use, select_blocks
-from indexer.capture import CapturePlan
+from indexer.capture.blocks import TracedBlock, Use, select_blocks
+from indexer.capture.routes import CapturePlan
 from indexer.config import ConfigError, parse_config
-from indexer.embedding import ProjectionPlan, plan_embedding
-from indexer.selfcheck import self_check
+from indexer.sketch.embedding import ProjectionPlan, plan_embedding
+from indexer.capture.selfcheck import self_check
 from tests import zoo
 from tests.conftest import make_checkpoints
 from tests.service_support import REPO
@@ -89,8 +89,8 @@ def test_batch_statistics_captured_batched_are_caught(tmp_path):
 
 def test_a_deliberately_broken_route_is_caught(tmp_path, monkeypatch):
     """A hook route that forgets the bias column: nothing but the self-check can notice."""
-    import indexer.capture as capture_module
-    from indexer.grads import Outer
+    import indexer.capture.routes as capture_module
+    from indexer.capture.grads import Outer
 
     task, ckpts, ts, plan = _setup(zoo.MLP, tmp_path)
     real = capture_module._Recorder.terms
@@ -109,7 +109,7 @@ def test_a_deliberately_broken_route_is_caught(tmp_path, monkeypatch):
 
 
 def test_tracin_index_refuses_a_plan_that_fails_the_self_check(tmp_path, monkeypatch):
-    import indexer.pipeline as pipeline
+    import indexer.build.pipeline as pipeline
 
     task, ckpts, ts, plan = _setup(zoo.MultiheadAttention, tmp_path)
     monkeypatch.setattr(pipeline, "plan_embedding",

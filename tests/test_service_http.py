@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.embedding import load_embedder
-from indexer.store import IndexDirectory
+from indexer.sketch.embedding import load_embedder
+from indexer.store.directory import IndexDirectory
 from service.client import AsyncInfluenceClient, InfluenceAPIError, InfluenceClient
 from tests.oracle import tracin_matrix
 from tests.service_support import ServiceMLPTask, checkpoints_of, digits_index, mlp_index, start_server

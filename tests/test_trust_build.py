@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from indexer.config import ConfigError, load_config
-from indexer.pipeline import build_index
-from indexer.resume import KILL_ENV, KILL_STEPS, OutputLock
-from indexer.store import IndexBuildError, IndexDirectory
+from indexer.build.pipeline import build_index
+from indexer.store.resume import KILL_ENV, KILL_STEPS, OutputLock
+from indexer.store.directory import IndexBuildError, IndexDirectory
 from tests.conftest import make_checkpoints, write_config
 from tests.service_support import REPO, start_server
 from tests.tasks import MLPTask
@@ -130,7 +130,7 @@ def test_damaged_resume_state_is_detected_and_restarted(tmp_path, ckpts, referen
 
 
 def test_a_failed_build_removes_its_partial_directory(tmp_path, ckpts, monkeypatch):
-    import indexer.pipeline as pipeline
+    import indexer.build.pipeline as pipeline
 
     real = pipeline.CheckpointEmbedder
     calls = {"n": 0}
@@ -219,7 +219,7 @@ def test_force_refuses_what_is_not_an_index_directory(tmp_path, ckpts, reference
     shutil.copytree(reference, project)
     for c in ckpts:
         shutil.copy(c.path, project / c.path.name)
-    from indexer.embedding import Checkpoint
+    from indexer.sketch.embedding import Checkpoint
     inner = write_config(project, REF, [Checkpoint(project / c.path.name, c.lr) for c in ckpts], kind="sketch", dim=16)
     proc = _tracin("index", inner, "--out", project, "--force")
     assert proc.returncode == 2 and "contains" in proc.stderr, proc.stderr
@@ -285,7 +285,7 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing(tmp_p
 
     disk = tmpfs("64k")  # the estimate is made to pass: the writes then meet the real ENOSPC
     real = shutil_module.disk_usage
-    monkeypatch.setattr("indexer.pipeline.shutil.disk_usage",
+    monkeypatch.setattr("indexer.build.pipeline.shutil.disk_usage",
                         lambda p: real(p)._replace(free=1 << 40) if str(p).startswith(str(disk)) else real(p))
     config = load_config(write_config(tmp_path, REF, ckpts, kind="exact", dim=16))
     with pytest.raises(IndexBuildError, match="No space left on device while writing") as err:
@@ -322,7 +322,7 @@ class LargeEmbeddingTask(HugeEmbeddingTask):
 
 def test_exact_mode_on_a_large_embedding_table_is_refused_with_the_figure(tmp_path):
     from indexer.checkpoints import save_checkpoint
-    from indexer.embedding import Checkpoint
+    from indexer.sketch.embedding import Checkpoint
 
     path = save_checkpoint(tmp_path / "big.pt", HugeEmbeddingTask().build_model(), lr=0.1)
     config = write_config(tmp_path, "tests.test_trust_build:HugeEmbeddingTask", [Checkpoint(path, 0.1)], kind="exact",
@@ -346,7 +346,7 @@ def test_exact_mode_on_a_large_embedding_table_is_refused_with_the_figure(tmp_pa
 # -- 2 / 8 / issue 8 item 10: figures validated at index time -------------------------------------------
 
 def test_an_lr_that_overflows_the_index_is_refused_naming_the_checkpoint(tmp_path, ckpts):
-    from indexer.embedding import Checkpoint
+    from indexer.sketch.embedding import Checkpoint
     from indexer.checkpoints import save_checkpoint
 
     huge = save_checkpoint(tmp_path / "huge.pt", MLPTask().build_model(), lr=1e300)
@@ -358,7 +358,7 @@ def test_an_lr_that_overflows_the_index_is_refused_naming_the_checkpoint(tmp_pat
 
 
 def test_a_config_lr_that_disagrees_with_the_file_is_refused(tmp_path, ckpts):
-    from indexer.embedding import Checkpoint
+    from indexer.sketch.embedding import Checkpoint
 
     config = load_config(write_config(tmp_path, REF, [Checkpoint(ckpts[0].path, ckpts[0].lr * 10)], kind="exact"))
     with pytest.raises(ConfigError, match=r"checkpoints\[0\].lr: 5.0 in the config but ckpt-0.pt records lr 0.5"):
@@ -379,7 +379,7 @@ def test_a_loss_of_the_wrong_shape_is_one_line(tmp_path, ckpts):
 
 
 def test_an_ivf_factory_with_more_lists_than_rows_fails_before_embedding(tmp_path, ckpts, monkeypatch):
-    import indexer.pipeline as pipeline
+    import indexer.build.pipeline as pipeline
 
     def never(*a, **k):
         raise AssertionError("no embedding work may start")

@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from indexer.checkpoints import sha256_file
-from indexer.store import IndexDirectory, IndexDirectoryError
+from indexer.store.directory import IndexDirectory, IndexDirectoryError
 from service.app import create_app
 from service.loading import ServiceStartupError, load_engine
 from service.settings import Settings

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from indexer.config import parse_config
-from indexer.embedding import Embedder, plan_embedding
-from indexer.pipeline import build_index
-from indexer.store import IndexDirectory
+from indexer.sketch.embedding import Embedder, plan_embedding
+from indexer.build.pipeline import build_index
+from indexer.store.directory import IndexDirectory
 from tests import zoo
 from tests.conftest import make_checkpoints
 from tests.oracle import label_review_bruteforce, percentile_ranks_bruteforce, tracin_matrix
@@ -72,7 +72,7 @@ def test_exact_index_and_self_influence_equal_bruteforce(built, name):
 def test_label_review_rankings_equal_bruteforce(built, name):
     """label_review.npy and every ranking derived from it equal one float64 forward pass per example and
     checkpoint (tests/oracle.py), for class, regression and multi-label tasks."""
-    from indexer.review import RANKINGS, ranking_scores, suspicious_first
+    from indexer.build.review import RANKINGS, ranking_scores, suspicious_first
 
     task, ckpts, path, oracle = built[name]
     index = IndexDirectory.open(path)

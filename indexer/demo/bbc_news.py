@@ -518,9 +518,9 @@ def _accuracy(model, features, mask, labels, block: bool) -> float:
 # --------------------------------------------------------------------------------------------------
 def query_index(index_path: str | Path, texts: Sequence[str], k: int = 5, device: str = "cpu") -> list[dict]:
     """Predicted label, top-k proponents and opponents for each text, using the shared embedder."""
-    from indexer.embedding import load_embedder
-    from indexer.search import top_k
-    from indexer.store import IndexDirectory
+    from indexer.sketch.embedding import load_embedder
+    from indexer.store.search import top_k
+    from indexer.store.directory import IndexDirectory
 
     index = IndexDirectory.open(index_path)
     task, embedder = load_embedder(index, device)
@@ -542,7 +542,7 @@ def query_index(index_path: str | Path, texts: Sequence[str], k: int = 5, device
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from indexer.store import IndexDirectory
+    from indexer.store.directory import IndexDirectory
 
     queries = IndexDirectory.open(args.index, verify=False).queries
     texts, headers = [], []

@@ -43,9 +43,9 @@ from typing import Any
 
 from indexer.checkpoints import CheckpointError
 from indexer.config import ConfigError, IndexConfig
-from indexer.pipeline import BuildResult, build_shard, merge_shards, shard_dir
-from indexer.resume import say
-from indexer.store import IndexBuildError
+from indexer.build.pipeline import BuildResult, build_shard, merge_shards, shard_dir
+from indexer.store.resume import say
+from indexer.store.directory import IndexBuildError
 
 RAY_MISSING = "--ray needs Ray, which is not installed here: pip install 'tracin-service[ray]'"
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from indexer.capture import CaptureError, per_example_loop
+from indexer.capture.routes import CaptureError, per_example_loop
 from indexer.config import ConfigError
-from indexer.embedding import Checkpoint, CheckpointEmbedder, ProjectionPlan
+from indexer.sketch.embedding import Checkpoint, CheckpointEmbedder, ProjectionPlan
 from indexer.task import ExampleSet, Task
 
 #: largest relative disagreement accepted between the plan's gradients and the per-example definition

@@ -6,7 +6,7 @@ Resume state. After checkpoint c the accumulated state is one directory, committ
         vectors.npy          float32 [rows, D]: the embedding accumulated over checkpoints 0..c
         self_influence.npy   float64 [rows]: sum over checkpoints 0..c
         review.npy           float64 [rows, F]: per-example label-review numbers of checkpoints 0..c
-                             (`indexer.review.ReviewAccumulator`; any `extras` a build names)
+                             (`indexer.build.review.ReviewAccumulator`; any `extras` a build names)
         state.json           config hash, checkpoint c, rows, dim, sha256 of every file (written last)
 
 It is written as ``state-<c>.tmp`` and renamed to ``state-<c>``; the previous state is removed only
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from indexer.checkpoints import sha256_file
-from indexer.store import fsync_path
+from indexer.store.directory import fsync_path
 
 KILL_ENV = "TRACIN_TEST_KILL_AT"
 KILL_ONCE_ENV = "TRACIN_TEST_KILL_ONCE_FILE"
@@ -91,7 +91,7 @@ class OutputLock:
         self.path, self.what, self.fd = Path(lock_path), what, None
 
     def __enter__(self) -> "OutputLock":
-        from indexer.store import IndexBuildError
+        from indexer.store.directory import IndexBuildError
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:

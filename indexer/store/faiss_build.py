@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Sequence
 import faiss
 import numpy as np
 
-from indexer.search import build_faiss_index, index_stages, is_approximate, pca_transforms, top_k
+from indexer.store.search import build_faiss_index, index_stages, is_approximate, pca_transforms, top_k
 
 BLOCK_ROWS = 65536  # rows read (and added) at a time
 

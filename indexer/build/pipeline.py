@@ -2,7 +2,7 @@
 
 A build holds an exclusive lock beside its output (`.<name>.lock`), refuses `--force` on anything that
 is not recognisably an index directory, estimates its disk use before it starts, and commits its
-progress once per checkpoint with one rename (`indexer.resume`): a build killed at any point resumes
+progress once per checkpoint with one rename (`indexer.store.resume`): a build killed at any point resumes
 from the last committed checkpoint when run again with the same config, and produces the same bytes as
 an uninterrupted build. A build that *fails* (bad input, full disk, non-finite embeddings) removes its
 partial files; an interrupted one (Ctrl-C, kill) keeps them for the next run.
@@ -25,24 +25,24 @@ from indexer.checkpoints import (
     CheckpointError, checkpoint_digest, load_checkpoint, load_state_into, recorded_lr, sha256_file,
 )
 from indexer.config import ConfigError, IndexConfig
-from indexer.capture import PROBE_ROWS, SUM_CHECK_EVERY
-from indexer.exact import training_set_digest
-from indexer.faiss_build import Normalized, RowSource, measure_recall, write_index
-from indexer.embedding import (
+from indexer.capture.routes import PROBE_ROWS, SUM_CHECK_EVERY
+from indexer.score.exact import training_set_digest
+from indexer.store.faiss_build import Normalized, RowSource, measure_recall, write_index
+from indexer.sketch.embedding import (
     Checkpoint, CheckpointEmbedder, ProjectionPlan, combine, plan_embedding, resolve_checkpoints,
 )
-from indexer.manifest import ManifestError, write_manifest
-from indexer.resume import (
+from indexer.store.manifest import ManifestError, write_manifest
+from indexer.store.resume import (
     OutputLock, ResumeState, RowFile, disk_error, gb, kill_point, save_npy, say,
 )
-from indexer.search import FAISS_MAX_DIM, build_faiss_index
-from indexer.store import (
+from indexer.store.search import FAISS_MAX_DIM, build_faiss_index
+from indexer.store.directory import (
     CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, NORMALIZED_INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
     IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
 )
-from indexer.input_ranges import INPUT_RANGES_FILE, dumps as dump_input_ranges, record_input_ranges
-from indexer.review import LABEL_REVIEW_FILE, ReviewAccumulator, ReviewError, review_entry
-from indexer.selfcheck import SelfCheckReport, check_query_path, self_check
+from indexer.build.input_ranges import INPUT_RANGES_FILE, dumps as dump_input_ranges, record_input_ranges
+from indexer.build.review import LABEL_REVIEW_FILE, ReviewAccumulator, ReviewError, review_entry
+from indexer.capture.selfcheck import SelfCheckReport, check_query_path, self_check
 from indexer.task import ExampleSet, Task, batch_size_of, infer_label_kind, label_width
 
 CHECKPOINT_FORMAT = "tracin-checkpoint/1"
@@ -221,7 +221,7 @@ def merge_shards(config: IndexConfig, out: str | Path, shards: int, overwrite: b
                  keep_shards: bool = False) -> BuildResult:
     """Build the index directory from `shards` finished shards of the same config (the same embedding:
     `index.factory`, `search_params` and `train_sample` may differ from the shards' config). The shards'
-    vectors are read in place by row blocks (`indexer.faiss_build`); they are removed afterwards unless
+    vectors are read in place by row blocks (`indexer.store.faiss_build`); they are removed afterwards unless
     `keep_shards` (to merge again, e.g. under another factory, without embedding again)."""
     started = time.perf_counter()
     out = Path(out).resolve()
@@ -377,7 +377,7 @@ def _check_faiss_training(config: IndexConfig, dim: int, count: int) -> None:
     """Refuse before the embedding work, not after it: an IVF / PQ factory needs at least as many training
     vectors as it has lists / centroids, a PCA at most as many outputs as the embedding has numbers and
     the sample has vectors, and every `index.search_params` must be one this index takes (`k_factor` >= 1)."""
-    from indexer.search import check_search_params, index_stages, pca_transforms
+    from indexer.store.search import check_search_params, index_stages, pca_transforms
 
     factory = config.index.factory
     index = build_faiss_index(factory, dim)
@@ -523,7 +523,7 @@ def _embed_rows(job: _Job, state: ResumeState, start_row: int,
     return state.vectors_file(len(job.checkpoints) - 1), self_influence, review, embed_seconds
 
 
-#: the name of the label-review matrix in the resume state and in a shard (`indexer.review`)
+#: the name of the label-review matrix in the resume state and in a shard (`indexer.build.review`)
 REVIEW_STATE = "review"
 #: the files of a finished shard, with their sha256 in its shard.json
 SHARD_FILES = ("vectors.npy", SELF_INFLUENCE_FILE, f"{REVIEW_STATE}.npy")
@@ -546,8 +546,8 @@ def _embed_checkpoint(job: _Job, embedder: CheckpointEmbedder, c: int, vectors: 
     """The per-batch inner loop of checkpoint `c`: embed a batch, check it is finite, add it into the
     accumulated vectors [rows, D] (projected kinds; exact mode writes this checkpoint's columns
     offset..offset+width) and add its exact self-influence; record its losses and outputs for label
-    review (`indexer.review`). The first batch and every SUM_CHECK_EVERY-th are sum-checked (hook
-    gradients vs the batch gradient: `indexer.capture`)."""
+    review (`indexer.build.review`). The first batch and every SUM_CHECK_EVERY-th are sum-checked (hook
+    gradients vs the batch gradient: `indexer.capture.routes`)."""
     batch_size = job.config.index.batch_size
     for b, start in enumerate(range(0, vectors.rows, batch_size)):
         stop = min(start + batch_size, vectors.rows)
@@ -657,7 +657,7 @@ def _progress_bar(total: int, enabled: bool):
 def _write_faiss(config: IndexConfig, vectors, path: Path, work: Path | None = None,
                  queries: Callable[[], tuple[np.ndarray, str]] | None = None, measure: bool = True,
                  log: Callable[[str], None] | None = None) -> dict:
-    """Build and write the FAISS index of `vectors` (a row source, `indexer.faiss_build`) in bounded
+    """Build and write the FAISS index of `vectors` (a row source, `indexer.store.faiss_build`) in bounded
     memory; an approximate one records its recall@10 against exact search (unless not `measure`),
     measured with `queries()` -> (query vectors [Q, D], what they are). The manifest entry, whose
     `files` are every file written (an on-disk IVF adds its .ivfdata)."""

@@ -88,7 +88,7 @@ def task_metrics(task) -> dict[str, Metric]:
     metrics = builtin_metrics(task)
     for metric in task.metrics():
         if not isinstance(metric, Metric):
-            raise TypeError(f"Task.metrics() must return indexer.metrics.Metric objects, got {type(metric).__name__}")
+            raise TypeError(f"Task.metrics() must return indexer.score.metrics.Metric objects, got {type(metric).__name__}")
         if metric.name in metrics:
             raise ValueError(f"Task.metrics(): {metric.name!r} is a built-in metric name")
         if task.kind not in metric.kinds:

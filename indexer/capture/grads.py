@@ -1,6 +1,6 @@
 """Per-example gradients of one traced block, kept in factored form as long as that is cheaper.
 
-A block's per-example gradient G_b (layout [m, n], see `indexer.blocks`) is a sum of *terms*:
+A block's per-example gradient G_b (layout [m, n], see `indexer.capture.blocks`) is a sum of *terms*:
 
     Outer(u, v)      G_b = sum_t u[b,t] v[b,t]^T    u: float [B, T, m] or int64 ids [B, T] (one-hot rows,
                                                     -1 = no contribution), v: float [B, T, n]
@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from indexer.blocks import TracedBlock
+from indexer.capture.blocks import TracedBlock
 
 
 @dataclass(frozen=True)

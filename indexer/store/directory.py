@@ -2,14 +2,14 @@
 
     manifest.json        schema version, task, checkpoints (lr, sha256), layers, projection
                          (kind, dim, seed, fingerprint), embedding dim, count, FAISS settings, files'
-                         sha256, library versions, build figures (shape: `indexer.manifest.Manifest`)
+                         sha256, library versions, build figures (shape: `indexer.store.manifest.Manifest`)
     manifest.sha256      sha256 of manifest.json, so the manifest is covered by the integrity check too
     index.faiss          FAISS inner-product index over the embeddings (row r = training example r)
     self_influence.npy   exact sum_i lr_i ||g_i(z)||^2 per row (float64)
     label_review.npy     per row: the loss (and margin) at each checkpoint, the prediction and its
-                         probability at the last one (structured; `indexer.review`); absent in older indexes
+                         probability at the last one (structured; `indexer.build.review`); absent in older indexes
     input_ranges.json    per-feature ranges of the training inputs, for out-of-distribution warnings
-                         (`indexer.input_ranges`); absent in older indexes
+                         (`indexer.build.input_ranges`); absent in older indexes
     examples.jsonl       one line per row: {"id", "label", "display"}
     queries.jsonl        optional held-out examples: {"id", "label", "example"}
     checkpoints/         copies of the checkpoint files, so the directory is self-contained
@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 
 from indexer.checkpoints import sha256_file
-from indexer.manifest import (
+from indexer.store.manifest import (
     MANIFEST, MANIFEST_DIGEST, SCHEMA_VERSION, Manifest, ManifestError, is_index_directory, read_manifest,
 )
 
@@ -264,10 +264,10 @@ def file_hashes(directory: Path, names: list[str]) -> dict[str, str]:
 
 
 def _read_faiss(file: Path, mmap: bool) -> faiss.Index:
-    """Read the FAISS file (`indexer.faiss_build.read_index`): an on-disk IVF's .ivfdata is read from this
+    """Read the FAISS file (`indexer.store.faiss_build.read_index`): an on-disk IVF's .ivfdata is read from this
     directory only; with mmap the vectors stay in the (shared, read-only) page cache (IO_FLAG_MMAP_IFC maps
     Flat, refine and IVF storage in place; formats it cannot map, e.g. HNSW or PQ, are read into memory)."""
-    from indexer.faiss_build import read_index
+    from indexer.store.faiss_build import read_index
 
     return read_index(file, mmap)
 
@@ -276,7 +276,7 @@ def _read_faiss(file: Path, mmap: bool) -> faiss.Index:
 class IndexDirectory:
     """An opened, verified index directory (what the service serves).
 
-    `manifest` is the raw manifest dict (validated: `model` is its `indexer.manifest.Manifest`)."""
+    `manifest` is the raw manifest dict (validated: `model` is its `indexer.store.manifest.Manifest`)."""
 
     path: Path
     manifest: dict[str, Any]
@@ -286,7 +286,7 @@ class IndexDirectory:
     queries: list[dict[str, Any]]
     model: Manifest | None = None
     label_review: np.ndarray | None = None  # label_review.npy (None: an index built before it existed)
-    input_ranges: Any = None  # indexer.input_ranges.InputRanges (None: an index built before them)
+    input_ranges: Any = None  # indexer.build.input_ranges.InputRanges (None: an index built before them)
     normalized_index: faiss.Index | None = None
 
     @property
@@ -303,7 +303,7 @@ class IndexDirectory:
     @classmethod
     def open(cls, path: str | Path, mmap: bool = False, verify: bool = True) -> "IndexDirectory":
         """Open `path`, refusing with IndexDirectoryError (one line) unless: manifest.json matches
-        manifest.sha256 and has the shape of `indexer.manifest.Manifest`; every file it lists exists (and,
+        manifest.sha256 and has the shape of `indexer.store.manifest.Manifest`; every file it lists exists (and,
         with `verify`, matches its sha256); the FAISS index has `count` rows of `embedding_dim`
         inner-product vectors; self_influence.npy is float64 [count], finite and >= 0; examples.jsonl has
         `count` rows with an id and a label; each checkpoint's lr equals the lr its file records (when it
@@ -362,7 +362,7 @@ class IndexDirectory:
 
 
 def _read_input_ranges(path: Path):
-    from indexer.input_ranges import InputRanges, InputRangesError
+    from indexer.build.input_ranges import InputRanges, InputRangesError
 
     try:
         return InputRanges.from_json(json.loads((path / INPUT_RANGES_FILE).read_text(encoding="utf-8")))
@@ -371,8 +371,8 @@ def _read_input_ranges(path: Path):
 
 
 def _read_label_review(path: Path, model: Manifest) -> np.ndarray:
-    """label_review.npy, validated against the manifest (`indexer.review.check_table`)."""
-    from indexer.review import ReviewError, available_rankings, check_table
+    """label_review.npy, validated against the manifest (`indexer.build.review.check_table`)."""
+    from indexer.build.review import ReviewError, available_rankings, check_table
 
     name = model.label_review.file
     try:

@@ -35,9 +35,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from indexer.blocks import TracedBlock, Use
+from indexer.capture.blocks import TracedBlock, Use
 from indexer.config import ConfigError
-from indexer.grads import BlockGrad, ConvCall, ConvOuter, Dense, Outer
+from indexer.capture.grads import BlockGrad, ConvCall, ConvOuter, Dense, Outer
 from indexer.task import Inputs, batch_size_of, take_rows, unsqueeze_inputs
 
 ROUTES = ("hook", "vmap", "loop")
@@ -258,7 +258,7 @@ class GradientCapture:
                 loss: Callable | None = None) -> Captured:
         """Gradients, losses and outputs for a batch. With `check`, the hook route's per-example
         gradients are also compared with the ordinary batch gradient (CaptureError on a mismatch).
-        `loss(outputs, labels) -> [B]` replaces the task's loss (a query metric: `indexer.metrics`)."""
+        `loss(outputs, labels) -> [B]` replaces the task's loss (a query metric: `indexer.score.metrics`)."""
         B = batch_size_of(inputs)
         if labels.shape[0] != B:
             raise CaptureError(f"{B} inputs but {labels.shape[0]} labels")

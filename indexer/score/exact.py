@@ -6,7 +6,7 @@ The compact index only proposes candidates; their exact scores
 
 are recomputed here from the training examples themselves (read through the task, only the candidates'
 rows), at every checkpoint, in batches, with the capture plan that built the index. Inner products use
-the factored identity where it is cheaper than explicit gradients (`indexer.grads.BlockGrad.inner`), and
+the factored identity where it is cheaper than explicit gradients (`indexer.capture.grads.BlockGrad.inner`), and
 are accumulated in float64. The per-checkpoint terms are returned too: they sum to the score and say
 where it comes from.
 """
@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from indexer.embedding import Embedder
-from indexer.grads import BlockGrad
+from indexer.sketch.embedding import Embedder
+from indexer.capture.grads import BlockGrad
 from indexer.task import ExampleSet, Inputs, input_tensors
 
 

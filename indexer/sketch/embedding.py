@@ -19,13 +19,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from indexer.blocks import TracedBlock, select_blocks
-from indexer.capture import (
+from indexer.capture.blocks import TracedBlock, select_blocks
+from indexer.capture.routes import (
     CaptureError, CapturePlan, Captured, GradientCapture, calibrate, check_losses, compute_dtype_for,
 )
 from indexer.checkpoints import CheckpointError, checked_lr, load_checkpoint, load_state_into
-from indexer.grads import BlockGrad
-from indexer.projection import BlockProjector, fingerprint, make_projector
+from indexer.capture.grads import BlockGrad
+from indexer.sketch.projection import BlockProjector, fingerprint, make_projector
 from indexer.task import Inputs, Task, move_inputs
 
 
@@ -193,7 +193,7 @@ class CheckpointEmbedder:
     def grads(self, inputs: Inputs, labels: torch.Tensor, check: bool = False,
               objective: Callable | None = None) -> Captured:
         """Per-example block gradients (exact), losses and outputs of a batch at this checkpoint.
-        `objective(outputs, labels) -> [B]` replaces the task's loss (query metrics, `indexer.metrics`)."""
+        `objective(outputs, labels) -> [B]` replaces the task's loss (query metrics, `indexer.score.metrics`)."""
         inputs, labels = self.prepare(inputs, labels)
         with self._lock:
             return self.capture.capture(inputs, labels, check=check, loss=objective)
@@ -279,9 +279,9 @@ class Embedder:
 
 def load_embedder(index_dir, device: str | torch.device = "cpu", threads: int = 1) -> tuple[Task, Embedder]:
     """Rebuild the task, the capture and projection plan and every checkpoint's model from an opened
-    `indexer.store.IndexDirectory`, refusing on a projection fingerprint or capture-plan mismatch."""
+    `indexer.store.directory.IndexDirectory`, refusing on a projection fingerprint or capture-plan mismatch."""
     from indexer.config import TaskRef
-    from indexer.store import IndexDirectoryError
+    from indexer.store.directory import IndexDirectoryError
 
     manifest = index_dir.manifest
     task = TaskRef(manifest["task"]["ref"], dict(manifest["task"].get("args") or {})).build()

@@ -1,4 +1,4 @@
-"""Seeded random projections of per-example block gradients G ([m, n], see `indexer.grads`).
+"""Seeded random projections of per-example block gradients G ([m, n], see `indexer.capture.grads`).
 
 One embedding size per example, whatever the number of layers and checkpoints: every (checkpoint,
 block) gradient is projected independently into the SAME `dim`-dimensional space and the projections
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from indexer.blocks import TracedBlock
-from indexer.grads import BlockGrad, ConvOuter, Dense, Outer
+from indexer.capture.blocks import TracedBlock
+from indexer.capture.grads import BlockGrad, ConvOuter, Dense, Outer
 
 KINDS = ("exact", "sketch", "kronecker", "gaussian")
 FFT_CONV_PENALTY = 16

@@ -10,7 +10,7 @@ not numbers, and a float where a count belongs is refused.
 The model is permissive for keys this version does not know (``extra="allow"``), so a newer indexer
 can add fields without breaking older services; the fields it does validate are strict. Consistency
 *across* files (FAISS rows and dim, self-influence, examples) is checked by
-`indexer.store.IndexDirectory.open`, which calls `parse_manifest` first.
+`indexer.store.directory.IndexDirectory.open`, which calls `parse_manifest` first.
 
 `manifest.sha256` (``sha256sum`` format) covers ``manifest.json`` itself; `write_manifest` writes both.
 """
@@ -116,7 +116,7 @@ class FaissEntry(_Part):
 
 
 class LabelReviewEntry(_Part):
-    """label_review.npy (`indexer.review`): per-example losses, margins and predictions for label review."""
+    """label_review.npy (`indexer.build.review`): per-example losses, margins and predictions for label review."""
 
     format: Literal["tracin-label-review/1"]
     file: Literal["label_review.npy"]
