@@ -117,6 +117,7 @@ def load_engine(settings: Settings) -> Engine:
     except Exception as exc:  # noqa: BLE001 - user task code; the message must reach the operator
         raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {type(exc).__name__}: {exc}") from None
     _check_schema(task, path)
+    _check_base_weights(task, index_dir)
 
     manifest = index_dir.manifest
     class_names = list(task.class_names) if task.class_names is not None else None
@@ -157,6 +158,36 @@ def load_engine(settings: Settings) -> Engine:
         engine.warm_up()
     engine.load_seconds = time.perf_counter() - t0
     return engine
+
+
+def _check_base_weights(task, index_dir) -> None:
+    """Adapter-only (partial) checkpoints take the weights they lack from the task's model factory: the index
+    records a digest of those values per checkpoint (`indexer.checkpoints.LoadReport`); the factory on this
+    server must build the same base, else the served models are not the indexed ones. ServiceStartupError."""
+    from indexer.checkpoints import CheckpointError, load_checkpoint, load_state_into
+
+    entries = index_dir.manifest.get("base_weights")
+    if entries is None:
+        return
+    path = index_dir.path
+    count = len(index_dir.manifest["checkpoints"])
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and type(e.get("checkpoint")) is int and 0 <= e["checkpoint"] < count
+            and isinstance(e.get("sha256"), str) for e in entries):
+        raise ServiceStartupError(f"{path}: manifest base_weights must be a list of {{checkpoint: 0..{count - 1}, "
+                                  "sha256}} entries")
+    for entry in entries:
+        c = entry["checkpoint"]
+        file = path / index_dir.manifest["checkpoints"][c]["file"]
+        try:
+            report = load_state_into(task.build_model(), load_checkpoint(file)[0], f"checkpoints[{c}]")
+        except CheckpointError as exc:
+            raise ServiceStartupError(f"{path}: {exc}") from None
+        if report.factory_sha256 != entry["sha256"]:
+            raise ServiceStartupError(
+                f"{path}: checkpoints[{c}] holds only part of the model ({len(report.from_factory)} keys come from the "
+                "task's model factory), and the factory on this server builds them with other values than at "
+                "indexing (digest of the base differs): seed or load the base the same way, or rebuild the index")
 
 
 def _exact_scorer(task, embedder, manifest: dict, settings: Settings, path):

@@ -13,7 +13,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from indexer.checkpoints import (
     CheckpointError, checkpoint_digest, load_checkpoint, load_state_into, recorded_lr, sha256_file,
 )
 from indexer.config import ConfigError, IndexConfig
+from indexer.capture.blocks import check_model
 from indexer.capture.routes import PROBE_ROWS, SUM_CHECK_EVERY
 from indexer.score.exact import training_set_digest
 from indexer.store.faiss_build import Normalized, RowSource, measure_recall, write_index
@@ -75,6 +76,9 @@ class Prepared:
     examples: ExampleSet
     label_width: int
     check: SelfCheckReport
+    #: adapter-only / partial checkpoints: the keys each lacks come from the model factory, with their digest
+    #: (`indexer.checkpoints.LoadReport`), recorded in the manifest and checked by the service at load
+    base_weights: list[dict] = field(default_factory=list)
 
 
 def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, strict: bool = True) -> Prepared:
@@ -84,19 +88,27 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
     autograd, the service's query path, the projection, FAISS factory and device. Raises ConfigError (one
     line); with `strict=False` a failed self-check is only reported."""
     task = config.task.build()
+    model = task.build_model()
+    check_model(model)  # before its checkpoints are read: a quantised model's would fail for another reason
     try:
         checkpoints = resolve_checkpoints([(c.path, c.lr) for c in config.checkpoints])
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
-    model = task.build_model()
+    loads = []
     for i, (ckpt, spec) in enumerate(zip(checkpoints, config.checkpoints)):
         where = f"checkpoints[{i}] ({ckpt.path.name})"
         try:
             state, meta = load_checkpoint(ckpt.path, spec.prefix)
             recorded = recorded_lr(meta, where)
-            load_state_into(model, state, where)
+            loaded = load_state_into(model, state, where)
+            if loaded.partial and i and not set(loaded.from_factory) <= set(loads[0].from_factory):
+                loaded = load_state_into(task.build_model(), state, where)  # the factory's values, not a checkpoint's
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
+        loads.append(loaded)
+        if loaded.partial:
+            (log or say)(f"{where}: {'the PEFT adapter ' + repr(loaded.adapter) + ' only' if loaded.adapter else 'a partial state'}"
+                         f": {len(loaded.from_factory)} frozen parameters and buffers come from the task's model factory")
         if recorded is not None and not np.isclose(recorded, ckpt.lr, rtol=1e-9, atol=0.0):
             raise ConfigError(f"checkpoints[{i}].lr: {ckpt.lr!r} in the config but {ckpt.path.name} records lr "
                               f"{recorded!r}; remove lr from the config (the file's is used) or re-save the file")
@@ -136,12 +148,16 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
         log(f"self-check: {len(plan.blocks)} traced blocks on {len(report.rows)} examples x "
             f"{len(report.checkpoints)} checkpoints, max relative error {report.to_json()['max_error']:.1e} "
             f"({report.seconds:.1f}s)")
+    for note in report.notes:
+        (log or say)(f"self-check: {note}")
     if not report.ok:
         if strict:
             raise ConfigError(report.refusal())
     else:
         check_query_path(task, last, examples)
-    return Prepared(task, checkpoints, plan, examples, label_width(examples.labels), report)
+    base_weights = [{"checkpoint": i, "keys": len(r.from_factory), "sha256": r.factory_sha256,
+                     **({"adapter": r.adapter} if r.adapter else {})} for i, r in enumerate(loads) if r.partial]
+    return Prepared(task, checkpoints, plan, examples, label_width(examples.labels), report, base_weights)
 
 
 def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
@@ -359,6 +375,7 @@ class _Job:
     estimate: int = 0
     label_width: int = 0
     check: SelfCheckReport | None = None
+    base_weights: list[dict] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -370,7 +387,8 @@ class _Job:
         ready = prepare(config)
         digests = [checkpoint_digest(c.path) for c in ready.checkpoints]
         return cls(config, out, overwrite, ready.task, ready.checkpoints, digests, ready.plan, ready.examples,
-                   _config_hash(config, digests), label_width=ready.label_width, check=ready.check)
+                   _config_hash(config, digests), label_width=ready.label_width, check=ready.check,
+                   base_weights=ready.base_weights)
 
 
 def _check_faiss_training(config: IndexConfig, dim: int, count: int) -> None:
@@ -627,6 +645,7 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
             "label_review": review_entry(review_table),
             "faiss": faiss_info,
             "files": file_hashes(staging.path, names),
+            **({"base_weights": job.base_weights} if job.base_weights else {}),
             "versions": library_versions(),
             "build": {"seconds": round(time.perf_counter() - started, 3), "embed_seconds": round(embed_seconds, 3),
                       "batch_size": config.index.batch_size, "device": config.index.device,
