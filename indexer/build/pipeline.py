@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ from indexer.store.resume import (
 from indexer.store.search import FAISS_MAX_DIM, build_faiss_index
 from indexer.store.directory import (
     CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, NORMALIZED_INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
-    IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
+    INDEX_KEY_ENV, IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, sign_index,
+    write_jsonl,
 )
 from indexer.build.input_ranges import INPUT_RANGES_FILE, dumps as dump_input_ranges, record_input_ranges
 from indexer.build.review import LABEL_REVIEW_FILE, ReviewAccumulator, ReviewError, review_entry
@@ -652,6 +654,9 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
                       "self_check_seconds": round(job.check.seconds, 3) if job.check is not None else None},
         }
         write_manifest(staging.path, manifest)
+        key = os.environ.get(INDEX_KEY_ENV, "")
+        if key.strip():  # a keyed signature for indexes shared between machines (verified by tracin serve)
+            sign_index(staging.path, key)
         kill_point("manifest-written")
         staging.commit()
     except ManifestError as exc:  # a figure the service would refuse: never write such an index
