@@ -10,6 +10,9 @@ Routes, fastest first (each block has one, chosen by `calibrate` and recorded in
   loop   one `torch.autograd.grad` of each example's own loss: correct wherever the model can train.
 
 `calibrate` decides from the model itself, on a few training examples:
+  * a forward that is random in eval mode (two forwards of the same examples differ: F.dropout(training=
+    True), stochastic depth) is refused, naming the first module whose output differs for the same input;
+    so are traced layers that the forward calls only with gradients disabled (a torch.no_grad() region);
   * a structural probe with two batch sizes finds each hooked module's batch axis (the one axis whose
     size follows the batch size, in every call); a module never called as a module (attention's
     out_proj), called a varying number of times, or whose rows are not examples (sequence-first with an
@@ -20,7 +23,14 @@ Routes, fastest first (each block has one, chosen by `calibrate` and recorded in
     uses the hooks miss: tied or functional reuse, reparametrised weights, regularisers);
   * torch.func is tried and compared with the loop; where it fails or disagrees, the loop is used.
 During indexing the batch axis of every call is verified and the sum check repeats on a sample of
-batches; a violation raises `CaptureError` naming the layer, never a silently wrong number.
+batches; a violation raises `CaptureError` naming the layer, never a silently wrong number (per-example
+gradients that are all zero while the batch gradient is not are named as such).
+
+Activation checkpointing inside the model's forward (`torch.utils.checkpoint`) runs its function plainly
+while any route, the calibration or the per-example loop runs (`indexer.capture.plain_checkpoints`): its
+values and gradients are the plain forward's by definition, and the reentrant kind would otherwise hide
+its parameters from the hooks (an all-zero capture). The first traced layer's output is handed to the model
+as a copy of the leaf the backward runs to, so in-place ops after it (ReLU(inplace=True), `out += x`) work.
 
 All factors are kept in the capture's compute dtype (float32, or float64 for float64 models): models in
 bfloat16 / float16 are run in float32 (`compute_dtype`), so norms and inner products are never
