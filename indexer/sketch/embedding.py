@@ -1,12 +1,14 @@
 """The shared embedding function: the indexer and the service both call it.
 
-For checkpoint i with learning rate lr_i and traced blocks l (per-example gradients G_{i,l}(z)):
-    e_i(z)  = sqrt(lr_i) * sum_l P_{i,l} G_{i,l}(z)            (projected kinds, [B, dim])
-            = sqrt(lr_i) * concat_l vec G_{i,l}(z)             (exact kind)
-    s_i(z)  = lr_i * sum_l ||G_{i,l}(z)||^2                    (exact self-influence part)
+For checkpoint i with step weights w_{i,l} per traced block l (`indexer.optimizer.step`: the lr of each
+parameter's group, or lr * Gamma for Adam-type optimizers) and per-example block gradients G_{i,l}(z):
+    e_i(z)  = sum_l P_{i,l} (sqrt(w_{i,l}) (.) G_{i,l}(z))      (projected kinds, [B, dim])
+            = concat_l vec(sqrt(w_{i,l}) (.) G_{i,l}(z))         (exact kind)
+    s_i(z)  = sum_l ||sqrt(w_{i,l}) (.) G_{i,l}(z)||^2          (exact self-influence part)
 and over checkpoints e(z) = sum_i e_i(z) (projected; added in float32 in checkpoint order, exactly as
 the indexer accumulates its vectors) or concat_i e_i(z) (exact), self_influence(z) = sum_i s_i(z), so
-    e(z) . e(z') ~= TracInCP(z, z') = sum_i lr_i grad l(w_i, z) . grad l(w_i, z')   (unbiased; = for exact)
+    e(z) . e(z') ~= TracIn(z, z') = sum_i <grad l(w_i, z), w_i (.) grad l(w_i, z')>   (unbiased; = for exact)
+With one lr for every parameter (plain SGD) w_i is the number lr_i and the vectors are scaled once.
 """
 from __future__ import annotations
 
