@@ -37,6 +37,7 @@ class ZooTask(Task):
     input_shape: tuple[int, ...] = (6,)
     integer_inputs = 0  # > 0: token ids in 0..integer_inputs-1
     dtype = torch.float64
+    adamw = True  # trainable by torch.optim.AdamW (tests/conftest.make_adamw_checkpoints)
 
     def __init__(self, seed: int = 0, n: int = N):
         self.seed, self.n = seed, n
@@ -772,6 +773,7 @@ class _SparseEmbedding(nn.Module):
 class SparseEmbedding(ZooTask):
     input_shape = (SEQ,)
     integer_inputs = 9
+    adamw = False  # AdamW refuses sparse gradients (torch.optim.SparseAdam is what trains such a layer)
 
     def make_model(self):
         return _SparseEmbedding()
