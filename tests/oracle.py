@@ -1,7 +1,8 @@
 """Brute-force TracIn: one torch.autograd.grad per example, in float64, summed over checkpoints.
 
 The model is converted to float64 (whatever its own dtype), floating inputs and labels too, and the
-gradient is taken w.r.t. every trainable parameter tensor (a tied tensor once: its gradient sums all uses).
+gradient is taken w.r.t. every trainable parameter tensor (a tied tensor once: its gradient sums all uses)
+by an ordinary `.backward()` of each example's loss (sparse gradients made dense).
 """
 from __future__ import annotations
 
@@ -11,11 +12,32 @@ from indexer.checkpoints import load_checkpoint
 from indexer.task import Task, move_inputs, take_rows
 
 
-def per_example_gradients(task: Task, state: dict, inputs, labels, param_names=None) -> torch.Tensor:
-    """[B, P] float64: each example's gradient alone, over the trainable parameters (or `param_names`)."""
+def load_weights(task: Task, path) -> torch.nn.Module:
+    """The task's model with a checkpoint's weights: a PEFT adapter folder (adapter_config.json) through peft's
+    own `set_peft_model_state_dict` over the factory's base, anything else with a strict load_state_dict."""
+    from pathlib import Path
+
     model = task.build_model()
+    if isinstance(path, dict):  # a state dict already read
+        model.load_state_dict(path)
+        return model
+    path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        assert not result.unexpected_keys, result.unexpected_keys
+        return model
+    state, _ = load_checkpoint(path)
     model.load_state_dict(state)
-    model = model.double().eval()
+    return model
+
+
+def per_example_gradients(task: Task, path, inputs, labels, param_names=None) -> torch.Tensor:
+    """[B, P] float64: each example's gradient alone, over the trainable parameters (or `param_names`), at the
+    checkpoint file or folder `path` (or a state dict)."""
+    model = load_weights(task, path).double().eval()
     params = [p for name, p in model.named_parameters()
               if p.requires_grad and (param_names is None or name in param_names)]
     rows = []
@@ -23,20 +45,26 @@ def per_example_gradients(task: Task, state: dict, inputs, labels, param_names=N
         x = move_inputs(take_rows(inputs, slice(i, i + 1)), "cpu", torch.float64)
         y = labels[i:i + 1]
         y = y.double() if y.is_floating_point() else y
-        loss = task.loss(task.forward(model, x), y).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                               for g, p in zip(grads, params)]))
+        for p in params:
+            p.grad = None
+        # .backward(), not autograd.grad: reentrant activation checkpointing refuses the latter
+        task.loss(task.forward(model, x), y).sum().backward()
+        rows.append(torch.cat([_dense(p.grad, p).reshape(-1) for p in params]))
     return torch.stack(rows)
+
+
+def _dense(grad, param) -> torch.Tensor:
+    if grad is None:
+        return torch.zeros_like(param)
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 def tracin_matrix(task: Task, checkpoints, inputs_a, labels_a, inputs_b, labels_b, param_names=None):
     """sum_i lr_i * g_i(a) g_i(b)^T  [A, B] in float64."""
     total = None
     for ckpt in checkpoints:
-        state, _ = load_checkpoint(ckpt.path)
-        ga = per_example_gradients(task, state, inputs_a, labels_a, param_names)
-        gb = per_example_gradients(task, state, inputs_b, labels_b, param_names)
+        ga = per_example_gradients(task, ckpt.path, inputs_a, labels_a, param_names)
+        gb = per_example_gradients(task, ckpt.path, inputs_b, labels_b, param_names)
         term = ckpt.lr * ga @ gb.T
         total = term if total is None else total + term
     return total
@@ -57,10 +85,7 @@ def label_review_bruteforce(task: Task, checkpoints, inputs, labels) -> dict:
     margin = [[0.0] * count for _ in range(n)] if kind != "regression" and not per_position else None
     prediction, probability, label_probability = [None] * n, [None] * n, [None] * n
     for c, ckpt in enumerate(checkpoints):
-        state, _ = load_checkpoint(ckpt.path)
-        model = task.build_model()
-        model.load_state_dict(state)
-        model = model.double().eval()
+        model = load_weights(task, ckpt.path).double().eval()
         for i in range(n):
             x = move_inputs(take_rows(inputs, slice(i, i + 1)), "cpu", torch.float64)
             y = labels[i:i + 1]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +26,7 @@ from indexer.checkpoints import (
     CheckpointError, checkpoint_digest, load_checkpoint, load_state_into, recorded_lr, sha256_file,
 )
 from indexer.config import ConfigError, IndexConfig
+from indexer.capture.blocks import check_model
 from indexer.capture.routes import PROBE_ROWS, SUM_CHECK_EVERY
 from indexer.score.exact import training_set_digest
 from indexer.store.faiss_build import Normalized, RowSource, measure_recall, write_index
@@ -38,7 +40,8 @@ from indexer.store.resume import (
 from indexer.store.search import FAISS_MAX_DIM, build_faiss_index
 from indexer.store.directory import (
     CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, NORMALIZED_INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
-    IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
+    INDEX_KEY_ENV, IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, sign_index,
+    write_jsonl,
 )
 from indexer.build.input_ranges import INPUT_RANGES_FILE, dumps as dump_input_ranges, record_input_ranges
 from indexer.build.review import LABEL_REVIEW_FILE, ReviewAccumulator, ReviewError, review_entry
@@ -75,6 +78,9 @@ class Prepared:
     examples: ExampleSet
     label_width: int
     check: SelfCheckReport
+    #: adapter-only / partial checkpoints: the keys each lacks come from the model factory, with their digest
+    #: (`indexer.checkpoints.LoadReport`), recorded in the manifest and checked by the service at load
+    base_weights: list[dict] = field(default_factory=list)
 
 
 def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, strict: bool = True) -> Prepared:
@@ -85,15 +91,23 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
     line); with `strict=False` a failed self-check is only reported."""
     task = config.task.build()
     model = task.build_model()
+    check_model(model)  # before its checkpoints are read: a quantised model's would fail for another reason
     recorded_lrs: list[float | None] = []
+    loads = []
     for i, spec in enumerate(config.checkpoints):
         where = f"checkpoints[{i}] ({spec.path.name})"
         try:
             state, meta = load_checkpoint(spec.path, spec.prefix)
             recorded = recorded_lr(meta, where)
-            load_state_into(model, state, where)
+            loaded = load_state_into(model, state, where)
+            if loaded.partial and i and not set(loaded.from_factory) <= set(loads[0].from_factory):
+                loaded = load_state_into(task.build_model(), state, where)  # the factory's values, not a checkpoint's
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
+        loads.append(loaded)
+        if loaded.partial:
+            (log or say)(f"{where}: {'the PEFT adapter ' + repr(loaded.adapter) + ' only' if loaded.adapter else 'a partial state'}"
+                         f": {len(loaded.from_factory)} frozen parameters and buffers come from the task's model factory")
         if isinstance(spec.lr, float) and recorded is not None and not np.isclose(recorded, spec.lr, rtol=1e-9,
                                                                                   atol=0.0):
             raise ConfigError(f"checkpoints[{i}].lr: {spec.lr!r} in the config but {spec.path.name} records lr "
@@ -137,12 +151,16 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
         log(f"self-check: {len(plan.blocks)} traced blocks on {len(report.rows)} examples x "
             f"{len(report.checkpoints)} checkpoints, max relative error {report.to_json()['max_error']:.1e} "
             f"({report.seconds:.1f}s)")
+    for note in report.notes:
+        (log or say)(f"self-check: {note}")
     if not report.ok:
         if strict:
             raise ConfigError(report.refusal())
     else:
         check_query_path(task, last, examples)
-    return Prepared(task, checkpoints, plan, examples, label_width(examples.labels), report)
+    base_weights = [{"checkpoint": i, "keys": len(r.from_factory), "sha256": r.factory_sha256,
+                     **({"adapter": r.adapter} if r.adapter else {})} for i, r in enumerate(loads) if r.partial]
+    return Prepared(task, checkpoints, plan, examples, label_width(examples.labels), report, base_weights)
 
 
 def checkpoint_steps(config: IndexConfig, task: Task, plan: ProjectionPlan, recorded_lrs: list[float | None],
@@ -386,6 +404,7 @@ class _Job:
     estimate: int = 0
     label_width: int = 0
     check: SelfCheckReport | None = None
+    base_weights: list[dict] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -397,7 +416,8 @@ class _Job:
         ready = prepare(config)
         digests = [checkpoint_digest(c.path) for c in ready.checkpoints]
         return cls(config, out, overwrite, ready.task, ready.checkpoints, digests, ready.plan, ready.examples,
-                   _config_hash(config, digests), label_width=ready.label_width, check=ready.check)
+                   _config_hash(config, digests), label_width=ready.label_width, check=ready.check,
+                   base_weights=ready.base_weights)
 
 
 def _check_faiss_training(config: IndexConfig, dim: int, count: int) -> None:
@@ -656,12 +676,16 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
             "label_review": review_entry(review_table),
             "faiss": faiss_info,
             "files": file_hashes(staging.path, names),
+            **({"base_weights": job.base_weights} if job.base_weights else {}),
             "versions": library_versions(),
             "build": {"seconds": round(time.perf_counter() - started, 3), "embed_seconds": round(embed_seconds, 3),
                       "batch_size": config.index.batch_size, "device": config.index.device,
                       "self_check_seconds": round(job.check.seconds, 3) if job.check is not None else None},
         }
         write_manifest(staging.path, manifest)
+        key = os.environ.get(INDEX_KEY_ENV, "")
+        if key.strip():  # a keyed signature for indexes shared between machines (verified by tracin serve)
+            sign_index(staging.path, key)
         kill_point("manifest-written")
         staging.commit()
     except ManifestError as exc:  # a figure the service would refuse: never write such an index
