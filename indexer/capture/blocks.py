@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from indexer.capture.norms import norm_role
 from indexer.config import ConfigError
 
 #: module types with a factored fast route (hooks on the module's input and output gradient)
@@ -48,7 +49,9 @@ class TracedBlock:
     every use is a module call of a hookable type, those uses (the hook route's candidates).
 
     kind: "linear" | "conv2d" | "embedding" (one module), "tied" (several modules share the weight),
-    "bias" (a module's bias alone) or "param" (no factored route)."""
+    "bias" (a module's bias alone) or "param" (no factored route). `norm`: for the scale or shift of a
+    normalisation layer (BatchNorm with running statistics, LayerNorm, GroupNorm, RMSNorm), the module and
+    role ("weight" / "bias") of the norm route's candidate (`indexer.capture.norms`)."""
 
     name: str
     kind: str
@@ -57,6 +60,7 @@ class TracedBlock:
     params: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     uses: tuple[Use, ...] = ()
+    norm: Use | None = None
 
     @property
     def size(self) -> int:
@@ -198,6 +202,9 @@ def _block_for(param: nn.Parameter, traced: dict[int, nn.Parameter], holders, ca
     hs = holders.get(id(param), [])
     dense = TracedBlock(name, "param", param.numel(), 1, (name,), (tuple(param.shape),))
     done.add(id(param))
+    if len(hs) == 1 and norm_role(hs[0][1], hs[0][2]) is not None:
+        return TracedBlock(name, "param", param.numel(), 1, (name,), (tuple(param.shape),),
+                           norm=Use(hs[0][0], hs[0][2]))
     if not hs or not all(isinstance(mod, HOOK_TYPES) and _hook_eligible(mod) is None for _, mod, _ in hs):
         return dense
     attrs = {attr for _, _, attr in hs}

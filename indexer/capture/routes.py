@@ -6,6 +6,9 @@ Routes, fastest first (each block has one, chosen by `calibrate` and recorded in
          output hold one row per example on a known axis: G_b = sum_t delta_t a_t^T from one batched
          forward + backward of the summed loss (forward hooks keep a, tensor hooks keep delta). The
          parameters do not require grad, so no weight gradient is ever formed.
+  norm   the scale / shift of a normalisation layer (BatchNorm with running statistics, LayerNorm,
+         GroupNorm, RMSNorm) from the same forward + backward: sum of delta (.) x_hat and of delta per example
+         (`indexer.capture.norms`).
   vmap   torch.func per-sample gradients (vmap of grad) of the block's parameters.
   loop   one `torch.autograd.grad` of each example's own loss: correct wherever the model can train.
 
@@ -51,7 +54,7 @@ from indexer.capture.grads import BlockGrad, ConvCall, ConvOuter, Dense, Outer
 from indexer.capture.plain_checkpoints import plainly
 from indexer.task import Inputs, batch_size_of, take_rows, unsqueeze_inputs
 
-ROUTES = ("hook", "vmap", "loop")
+ROUTES = ("hook", "norm", "vmap", "loop")
 # torch.func warns when an op has no batching rule (it then loops inside): slower, still exact. Not a
 # message for our users (and a catch_warnings around each call would race between threads).
 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
@@ -124,6 +127,11 @@ class CapturePlan:
                 for use in block.uses:
                     if use.module not in axes:
                         raise CaptureError(f"capture plan: no batch axis recorded for module {use.module!r}")
+            if routes[block.name] == "norm":
+                if block.norm is None:
+                    raise CaptureError(f"capture plan: block {block.name!r} cannot take the norm route")
+                if block.norm.module not in axes:
+                    raise CaptureError(f"capture plan: no batch axis recorded for module {block.norm.module!r}")
         return cls(blocks, routes, axes, {e["name"]: e.get("reason") for e in recorded.values() if e.get("reason")},
                    bool(data.get("per_example", False)), data.get("mixing"))
 
@@ -248,6 +256,55 @@ class _Recorder:
         return [Outer(delta, x)]
 
 
+class _NormRecorder:
+    """Forward + tensor hooks of one normalisation layer on the norm route (`indexer.capture.norms`): its
+    input x and output gradient delta per call, with the batch axis verified on every call."""
+
+    def __init__(self, name: str, module: nn.Module, axis: int, batch: int, dtype: torch.dtype):
+        self.name, self.module, self.axis, self.batch, self.dtype = name, module, axis, batch, dtype
+        self.calls: list[list] = []  # [x, delta or None, x's version]
+
+    def forward_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        x = args[0] if args else None
+        ax, B = self.axis, self.batch
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor) or x.shape != output.shape \
+                or x.dim() <= ax or x.shape[ax] != B:
+            raise CaptureError(
+                f"layer {self.name!r}: input {tuple(getattr(x, 'shape', ()))} / output "
+                f"{tuple(getattr(output, 'shape', ()))} do not hold one row per example on axis {ax} (batch of {B}) "
+                "as they did when the capture was planned")
+        call = [x.detach(), None, x._version]
+        self.calls.append(call)
+
+        def store(grad, call=call):
+            call[1] = grad.detach()
+
+        if not output.requires_grad:  # the first traced layer on this path (see _Recorder.forward_hook)
+            leaf = output.detach().requires_grad_(True)
+            leaf.register_hook(store)
+            return leaf.clone()
+        output.register_hook(store)
+        return None
+
+    def gradient(self, block: TracedBlock) -> torch.Tensor:
+        """[B, m, 1]: the block's per-example gradient summed over the module's calls (zero when never called
+        or when no call reached the loss)."""
+        from indexer.capture.norms import per_example_gradients
+
+        total = None
+        for x, delta, version in self.calls:
+            if x._version != version:
+                raise CaptureError(f"the input of traced layer {self.name!r} was modified in place after the layer "
+                                   "used it; its per-example gradient cannot be captured (avoid the in-place op)")
+            if delta is None:
+                continue
+            g = per_example_gradients(self.module, block.norm.role, x.to(self.dtype), delta.to(self.dtype), self.axis)
+            total = g if total is None else total + g
+        if total is None:
+            return torch.zeros(self.batch, block.m, 1, dtype=self.dtype, device=_device(self.module))
+        return block.assemble([total])
+
+
 # -- capture --------------------------------------------------------------------------------------
 
 class GradientCapture:
@@ -285,8 +342,9 @@ class GradientCapture:
     def _capture(self, inputs, labels, check: bool, loss: Callable | None = None) -> Captured:
         grads: dict[str, BlockGrad] = {}
         outputs = losses = None
-        if self.by_route["hook"]:
-            hooked, outputs, losses = self.hook_route(self.by_route["hook"], inputs, labels, check, loss)
+        if self.by_route["hook"] or self.by_route["norm"]:  # one forward + backward for both
+            hooked, outputs, losses = self.hook_route(self.by_route["hook"] + self.by_route["norm"], inputs, labels,
+                                                      check, loss)
             grads.update(hooked)
         if self.by_route["vmap"]:
             try:
@@ -311,7 +369,10 @@ class GradientCapture:
         loss = loss or self.loss
         names = sorted({u.module for b in blocks for u in b.uses})
         recorders = {n: _Recorder(n, self.modules[n], self.plan.axes.get(n, 0), B, self.dtype) for n in names}
+        norms = sorted({b.norm.module for b in blocks if b.norm is not None and not b.uses})
+        norm_recorders = {n: _NormRecorder(n, self.modules[n], self.plan.axes.get(n, 0), B, self.dtype) for n in norms}
         handles = [self.modules[n].register_forward_hook(recorders[n].forward_hook) for n in names]
+        handles += [self.modules[n].register_forward_hook(norm_recorders[n].forward_hook) for n in norms]
         params = [self.params[p] for b in blocks for p in b.params] if check else []
         for p in params:
             p.requires_grad_(True)
@@ -332,6 +393,9 @@ class GradientCapture:
                 p.requires_grad_(False)
         out = {}
         for block in blocks:
+            if not block.uses:
+                out[block.name] = BlockGrad(block, [Dense(norm_recorders[block.norm.module].gradient(block))])
+                continue
             terms = [t for use in block.uses for t in recorders[use.module].terms(use)]
             if not terms:  # never called in this batch: its gradient is zero
                 terms = [Dense(torch.zeros(B, block.m, block.n, dtype=self.dtype, device=_device(self.model)))]
@@ -474,14 +538,14 @@ def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, lo
     Raises CaptureError when the model cannot be captured at all (e.g. it mixes examples and cannot
     run one example at a time)."""
     N = batch_size_of(inputs)
-    routes = {b.name: ("hook" if b.uses else "vmap") for b in blocks}
+    routes = {b.name: ("hook" if b.uses else "norm" if b.norm is not None else "vmap") for b in blocks}
     reasons: dict[str, str] = {}
     axes: dict[str, int] = {}
     holders = {id(p): type(m).__name__ for _, m in model.named_modules() for p in m._parameters.values()
                if p is not None}
     params = dict(model.named_parameters())
     for b in blocks:
-        if not b.uses:
+        if not b.uses and b.norm is None:
             kind = holders.get(id(params[b.params[0]]), "module")
             reasons[b.name] = f"{kind} parameter: no factored route"
     probe = (take_rows(inputs, slice(0, min(N, 3))), labels[:min(N, 3)])
@@ -496,21 +560,24 @@ def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, lo
     big = (take_rows(inputs, slice(0, B2)), labels[:B2])
     small = (take_rows(inputs, slice(0, B1)), labels[:B1])
 
-    # 1. structural probe: batch axis of every hooked module
-    candidates = sorted({u.module for b in blocks if b.uses for u in b.uses})
+    # 1. structural probe: batch axis of every hooked module and normalisation layer
+    candidates = sorted({u.module for b in blocks if b.uses for u in b.uses}
+                        | {b.norm.module for b in blocks if b.norm is not None and not b.uses})
     module_reasons = _probe_axes(model, forward, candidates, small[0], big[0], B1, B2, axes)
     for b in blocks:
         bad = [module_reasons[u.module] for u in b.uses if u.module in module_reasons]
         if b.uses and bad:
             routes[b.name], reasons[b.name] = "vmap", bad[0]
+        elif routes[b.name] == "norm" and b.norm.module in module_reasons:
+            routes[b.name], reasons[b.name] = "vmap", module_reasons[b.norm.module]
 
     # 2. examples mixed by the batch?
     per_example, mixing = _detect_mixing(model, forward, loss, big[0], big[1], dtype)
     plan = CapturePlan(blocks, routes, axes, reasons, per_example, mixing)
 
-    # 3. hooks must sum to the batch gradient
+    # 3. hooks (and the norm route) must sum to the batch gradient
     capture = GradientCapture(model, plan, forward, loss, dtype)
-    for b in list(capture.by_route["hook"]):
+    for b in list(capture.by_route["hook"]) + list(capture.by_route["norm"]):
         try:
             _run_per_example(capture, plan, lambda x, y, b=b: capture.hook_route([b], x, y, check=True), *big)
         except CaptureError as exc:
