@@ -91,6 +91,8 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
     model = task.build_model()
     for i, (ckpt, spec) in enumerate(zip(checkpoints, config.checkpoints)):
         where = f"checkpoints[{i}] ({ckpt.path.name})"
+        if getattr(task, "model_name", None):  # the built-in tasks name the model they build
+            where += f" for {task.model_name}"
         try:
             state, meta = load_checkpoint(ckpt.path, spec.prefix)
             recorded = recorded_lr(meta, where)
