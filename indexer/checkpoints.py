@@ -28,9 +28,15 @@ def save_checkpoint(
     lr: float | None = None,
     step: int | None = None,
     epoch: int | None = None,
+    optimizer_state: bool = True,
 ) -> Path:
-    """Save `model.state_dict()` with the learning rate in force (`optimizer.param_groups[0]["lr"]`
-    unless `lr` is given). Call it in your training loop at the moments TracIn should look at."""
+    """Save `model.state_dict()` with the learning rate in force (`optimizer.param_groups[0]["lr"]` unless
+    `lr` is given) and, with an optimizer, its class, its `state_dict()` (every group's lr and
+    hyperparameters, Adam's second moments, ...) and the name of every parameter of each group, so that
+    `tracin index` weighs each parameter by the step the optimizer took (indexer.optimizer). Call it in
+    your training loop at the moments TracIn should look at, after `optimizer.step()` and before the
+    scheduler's step. `optimizer_state=False` records the class and groups' names only (smaller files;
+    an Adam-type optimizer is then scored with the plain formula, with a warning)."""
     if lr is None:
         if optimizer is None:
             raise ValueError("save_checkpoint needs an optimizer or an explicit lr")
@@ -42,6 +48,14 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "lr": float(lr),
     }
+    if optimizer is not None:
+        payload["optimizer_class"] = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+        if optimizer_state:
+            names = {id(p): n for n, p in model.named_parameters()}
+            groups = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+            payload["optimizer_state_dict"] = _to_cpu(optimizer.state_dict())
+            if all(n is not None for g in groups for n in g):
+                payload["optimizer_param_names"] = groups
     if step is not None:
         payload["step"] = int(step)
     if epoch is not None:
@@ -50,6 +64,16 @@ def save_checkpoint(
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 RESAVE_HINT = ("re-save it with indexer.checkpoints.save_checkpoint(path, model, optimizer) or "

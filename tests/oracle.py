@@ -102,3 +102,76 @@ def percentile_ranks_bruteforce(values) -> list[float]:
     n = len(values)
     return [(sum(1 for w in values if w < v) + (sum(1 for w in values if w == v) - 1) / 2) / (n - 1)
             for v in values]
+
+
+def step_weights_bruteforce(optimizer_state: dict, names_by_group: list[list[str]], shapes: dict,
+                            lr_in_force: float | None = None) -> dict:
+    """w per parameter name (float64 tensors of the parameter's shape), computed element by element from a
+    raw `optimizer.state_dict()` (an independent implementation of the formulas of indexer.optimizer.step):
+
+        SGD (momentum / dampening / nesterov keys, no second moment)   w = lr_g
+        Adam/AdamW ("betas" + "amsgrad")    w = lr_g / (sqrt(v / (1 - beta2^step)) + eps), v = exp_avg_sq
+                                            (max_exp_avg_sq with amsgrad)
+        RMSprop ("alpha" + "centered")      w = lr_g / (sqrt(square_avg [- grad_avg^2]) + eps)
+        Adagrad ("lr_decay")                w = lr_g / (1 + (step - 1) lr_decay) / (sqrt(sum) + eps)
+
+    Coordinates whose second moment is 0 take the largest weight / lr_g of the same tensor among the others
+    (times lr_g). `lr_in_force` rescales the groups so that group 0's lr is it (ratios kept)."""
+    import math
+
+    groups = optimizer_state["param_groups"]
+    state = optimizer_state["state"]
+    first = float(groups[0]["lr"])
+    out = {}
+    number = 0
+    for group, names in zip(groups, names_by_group):
+        if lr_in_force is None:
+            lr = float(group["lr"])
+        elif first == 0:  # the schedule's end: the saved lrs are all 0, the lr in force is the logged one
+            lr = lr_in_force
+        else:
+            lr = lr_in_force * (float(group["lr"]) / first)
+        for name in names:
+            st = state.get(number, {})
+            number += 1
+            shape = shapes[name]
+            count = math.prod(shape) if shape else 1
+            if "betas" in group:
+                v = st["max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"].double().reshape(-1).tolist()
+                correction = 1 - float(group["betas"][1]) ** float(st["step"])
+                gammas = [None if x == 0 else 1.0 / (math.sqrt(x / correction) + float(group["eps"])) for x in v]
+            elif "alpha" in group:
+                v = st["square_avg"].double().reshape(-1).tolist()
+                if group.get("centered"):
+                    mean = st["grad_avg"].double().reshape(-1).tolist()
+                    v = [max(a - b * b, 0.0) for a, b in zip(v, mean)]
+                gammas = [None if x == 0 else 1.0 / (math.sqrt(x) + float(group["eps"])) for x in v]
+            elif "lr_decay" in group:
+                v = st["sum"].double().reshape(-1).tolist()
+                decay = 1 + (float(st["step"]) - 1) * float(group["lr_decay"])
+                gammas = [None if x == 0 else 1.0 / ((math.sqrt(x) + float(group["eps"])) * decay) for x in v]
+            else:
+                gammas = [1.0] * count
+            top = max(g for g in gammas if g is not None)
+            values = [lr * (top if g is None else g) for g in gammas]
+            out[name] = torch.tensor(values, dtype=torch.float64).reshape(shape)
+    return out
+
+
+def weighted_tracin_matrix(task: Task, checkpoints, weights: list[dict], inputs_a, labels_a, inputs_b, labels_b):
+    """sum_i sum_p g_i,p(a) (.) w_i,p (.) g_i,p(b) [A, B] in float64: TracIn of the step the optimizer took,
+    `weights[i]` = {parameter name: w} (e.g. from step_weights_bruteforce) over the traced parameters."""
+    total = None
+    for ckpt, w in zip(checkpoints, weights):
+        state, _ = load_checkpoint(ckpt.path)
+        names = list(w)
+        model = task.build_model()
+        order = [n for n, p in model.named_parameters() if n in w]
+        ga = per_example_gradients(task, state, inputs_a, labels_a, set(names))
+        gb = per_example_gradients(task, state, inputs_b, labels_b, set(names))
+        flat_w = torch.cat([w[n].reshape(-1).double() if isinstance(w[n], torch.Tensor)
+                            else torch.full((dict(model.named_parameters())[n].numel(),), float(w[n]),
+                                            dtype=torch.float64) for n in order])
+        term = (ga * flat_w) @ gb.T
+        total = term if total is None else total + term
+    return total

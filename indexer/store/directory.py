@@ -300,6 +300,43 @@ class IndexDirectory:
     def checkpoint_paths(self) -> list[tuple[Path, float]]:
         return [(self.path / c["file"], float(c["lr"])) for c in self.manifest["checkpoints"]]
 
+    def checkpoints(self, blocks) -> list:
+        """The index's checkpoints (`indexer.sketch.embedding.Checkpoint`) with the step weights of the traced
+        `blocks` (`indexer.capture.blocks.TracedBlock`), read from each checkpoint's `step` entry and its
+        weights file (an index without `step` entries weighs every parameter by the checkpoint's lr). Raises
+        IndexDirectoryError (one line naming the checkpoint and file) when they do not fit the blocks."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from indexer.optimizer.state import OptimizerError
+        from indexer.optimizer.step import StepWeights
+        from indexer.sketch.embedding import Checkpoint
+
+        shapes = {p: tuple(s) for b in blocks for p, s in zip(b.params, b.shapes)}
+        out = []
+        for i, entry in enumerate(self.model.checkpoints):
+            step = None
+            if entry.step is not None:
+                where = f"{self.path}: checkpoints[{i}].step"
+                listed = [p for g in entry.step.groups for p in g.params]
+                if set(listed) != set(shapes):
+                    raise IndexDirectoryError(f"{where}: its groups list {sorted(set(listed) ^ set(shapes))[:5]} "
+                                              "differently from the traced parameters")
+                try:
+                    tensors = load_file(str(self.path / entry.step.file)) if entry.step.file else {}
+                except (OSError, SafetensorError) as exc:
+                    raise IndexDirectoryError(f"{where}: cannot read {entry.step.file}: {exc}") from None
+                for name, tensor in tensors.items():
+                    if tuple(tensor.shape) != shapes.get(name):
+                        raise IndexDirectoryError(f"{where}: {entry.step.file} holds {name!r} {tuple(tensor.shape)}, "
+                                                  "not a traced parameter of that shape")
+                try:
+                    step = StepWeights.from_json(entry.step.model_dump(), tensors, list(shapes), where)
+                except OptimizerError as exc:
+                    raise IndexDirectoryError(str(exc)) from None
+            out.append(Checkpoint(self.path / entry.file, float(entry.lr), step))
+        return out
+
     @classmethod
     def open(cls, path: str | Path, mmap: bool = False, verify: bool = True) -> "IndexDirectory":
         """Open `path`, refusing with IndexDirectoryError (one line) unless: manifest.json matches
