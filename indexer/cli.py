@@ -130,7 +130,8 @@ def _trainer_config(args: argparse.Namespace) -> Path | None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-    print(f"config written to {path} (repeat with: tracin index {path} --out {out})", file=sys.stderr)
+    if not args.quiet:
+        print(f"config written to {path} (repeat with: tracin index {path} --out {out})", file=sys.stderr)
     return path
 
 

@@ -305,16 +305,20 @@ def test_a_tokenizer_missing_from_the_model_folder_is_refused(trainer_dir, tmp_p
     assert "task_args.model: the tokenizer is missing from" in err and str(folder) in err
     assert "processing_class=tokenizer" in err
     err = _refused(capsys, ["index", "--trainer-dir", str(trainer_dir / "out"), "--data",
-                            str(trainer_dir / "news.csv"), "--text-column", "body", "--out", str(tmp_path / "i2")])
+                            str(trainer_dir / "news.csv"), "--text-column", "body", "--out", str(tmp_path / "i2"), "--quiet"])
     assert "no column 'body'" in err and "['text', 'text_b', 'label']" in err
     rows = bs.news_rows()
     rows[5]["label"] = "weather"
     bs.write_csv(tmp_path / "bad.csv", rows)
     err = _refused(capsys, ["index", "--trainer-dir", str(trainer_dir / "out"), "--data", str(tmp_path / "bad.csv"),
-                            "--out", str(tmp_path / "i3")])
+                            "--out", str(tmp_path / "i3"), "--quiet"])
     assert "row 5: unknown label 'weather'" in err and "['sport', 'business', 'culture']" in err
     err = _refused(capsys, ["index", "--trainer-dir", str(tmp_path), "--data", str(tmp_path / "bad.csv"),
-                            "--out", str(tmp_path / "i4")])
+                            "--out", str(tmp_path / "i4"), "--quiet"])  # tmp_path/checkpoint-6 lacks its tokenizer
+    assert "the tokenizer is missing from" in err
+    (tmp_path / "empty").mkdir()
+    err = _refused(capsys, ["index", "--trainer-dir", str(tmp_path / "empty"), "--data", str(tmp_path / "bad.csv"),
+                            "--out", str(tmp_path / "i5")])
     assert "no checkpoint-N/ folders" in err
 
 
