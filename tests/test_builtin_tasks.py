@@ -397,3 +397,15 @@ def test_vision_tasks_in_their_own_venv():
     assert proc.returncode == 0, tail
     last = [line for line in proc.stdout.splitlines() if line.strip()][-1]
     assert "passed" in last and "skipped" not in last and "failed" not in last, tail
+
+
+def test_the_vision_task_without_a_usable_torchvision_names_the_extra(tmp_path, capsys):
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("torchvision imports in this venv")
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "epoch-1.pt")
+    config = bs.toml_config(tmp_path / "c.toml", "torchvision.image_classification",
+                            {"arch": "resnet18", "num_classes": 2, "data": "images"}, [(tmp_path / "epoch-1.pt", 0.1)])
+    err = _refused(capsys, ["index", str(config), "--out", str(tmp_path / "index")])
+    assert "torchvision" in err and "pip install 'tracin-service[vision]'" in err

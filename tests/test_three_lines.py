@@ -68,13 +68,13 @@ def test_three_lines_run_as_written(title, tmp_path):
     env = _clean_env(tmp_path)
     workdir = Path(_bash(f"{setup}\npwd", ROOT, env).stdout.strip().splitlines()[-1])
     assert tmp_path in workdir.parents
-    for lang, attrs, code in blocks:
+    for _, attrs, code in blocks:
         if "file" in attrs:
             (workdir / attrs["file"]).write_text(code)
     for lang, attrs, code in blocks:
         if lang == "bash" and "prep" in attrs:
             _bash(f"{setup}\n{code}", ROOT, env, timeout=600)
-    index_line, serve_line, query_line = next(code for l, a, code in blocks if "three" in a).strip().splitlines()
+    index_line, serve_line, query_line = next(code for _, a, code in blocks if "three" in a).strip().splitlines()
     built = _bash(f"{setup}\n{index_line}", ROOT, env, timeout=600)
     assert "indexed" in built.stdout
     port = str(_free_port())
