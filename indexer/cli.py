@@ -117,8 +117,9 @@ def _trainer_config(args: argparse.Namespace) -> Path | None:
         raise UsageError(f"--text-pair-column / --label-column do not apply to {task}")
     task_args["max_length"] = args.max_length
     out = Path(args.out).expanduser()
-    command = "tracin index " + " ".join(a if " " not in a else repr(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 2 else "tracin index --trainer-dir"
+    import shlex
+
+    command = "tracin " + shlex.join(a for a in args.argv if a != "--print-config")
     text = trainer_config(task, task_args, folders, command, out.resolve())
     if args.print_config:
         print(text, end="")
@@ -365,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command line, recorded in written configs
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, CheckpointError, FileExistsError, UsageError) as exc:

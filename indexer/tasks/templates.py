@@ -132,7 +132,10 @@ TRAINER_HEADER = "# written by `tracin index --trainer-dir`"
 def trainer_config(task: str, task_args: dict[str, Any], checkpoints: list[Path], command: str, out: Path) -> str:
     """The config `tracin index --trainer-dir` writes: the task, its arguments, the Trainer's checkpoint folders in
     step order (their lr is read from the folders), the default projection and index."""
-    lines = [TRAINER_HEADER, f"# {command}", f"# Repeat the build with: tracin index {out.name}.toml --out {out.name}",
+    import shlex
+
+    again = shlex.join(["tracin", "index", f"{out.name}.toml", "--out", out.name])
+    lines = [TRAINER_HEADER, f"# {command}", f"# Repeat the build with: {again}",
              f"task = {toml_value(task)}", "# layers = [\"classifier*\"]   # trace only these modules (default: all)",
              "", "[task_args]"]
     lines += [f"{k} = {toml_value(v)}" for k, v in task_args.items() if v is not None]
