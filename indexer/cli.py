@@ -18,6 +18,20 @@ class UsageError(Exception):
     pass
 
 
+def _set_threads(threads: int | None) -> None:
+    """torch intra-op threads of the build: `--threads N`, else TRACIN_INDEX_THREADS, else the CPUs this process may
+    run on (os.sched_getaffinity: a container's or taskset's share, not the machine's)."""
+    import os
+
+    import torch
+
+    if threads is None:
+        threads = int(os.environ.get("TRACIN_INDEX_THREADS") or 0) or len(os.sched_getaffinity(0))
+    if threads < 1:
+        raise UsageError(f"--threads: expected a positive number of threads, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from indexer.config import load_config
     from indexer.build.pipeline import build_index, build_shard, merge_shards
@@ -36,6 +50,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         from indexer.build.distributed import _import_ray
 
         _import_ray()  # before any work: "pip install 'tracin-service[ray]'" in one line
+    _set_threads(args.threads)
     if args.trainer_dir is not None:
         config_path = _trainer_config(args)
         if config_path is None:  # --print-config
@@ -307,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing index directory")
     p.add_argument("--batch-size", type=int, default=None, help="override index.batch_size of the config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the build (default: TRACIN_INDEX_THREADS, else the CPUs it may run on)")
     p.add_argument("--shard", metavar="I/N", help="embed only shard I of N (e.g. $SLURM_ARRAY_TASK_ID/8)")
     p.add_argument("--merge", metavar="N", type=int, help="build the index from N finished shards")
     p.add_argument("--keep-shards", action="store_true",

@@ -230,13 +230,16 @@ class CheckpointEmbedder:
             total = torch.zeros(captured.losses.shape[0], self.plan.dim, dtype=self.dtype, device=self.device) \
                 if self.plan.summed else None
             for projector, grad, scale in zip(self.projectors, captured.grads, self.scales):
+                tensor = None
                 if self.uniform is None:
-                    grad = grad.weighted(scale)
-                if self.plan.summed:
-                    projector.project(grad, out=total)  # every block adds into the same dim numbers
-                else:
-                    parts.append(projector.project(grad))
-                norm = grad.squared_norm().to(torch.float64)
+                    if isinstance(scale, torch.Tensor):
+                        tensor = scale  # applied to the explicit gradient, chunk by chunk
+                    else:
+                        grad = grad.weighted(scale)
+                part, norm = projector.embed(grad, total, tensor)  # every block adds into the same dim numbers
+                if part is not None:
+                    parts.append(part)
+                norm = norm.to(torch.float64)
                 sq = norm if sq is None else sq + norm
             vectors = total if self.plan.summed else torch.cat(parts, dim=1)
             if self.uniform is not None:
