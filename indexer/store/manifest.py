@@ -2,10 +2,9 @@
 
 `manifest.json` is data that people copy and share, so nothing in it is trusted before it passed
 `parse_manifest`: the schema version, the task reference (``module:attr`` syntax or a built-in task name of
-`indexer.tasks`; resolving it is
-`indexer.config.TaskRef`'s job, which imports nothing but a `Task` subclass), checkpoints (a relative
-file inside ``checkpoints/``, a learning rate that is a finite number > 0, a sha256), counts, dims, the
-FAISS settings and the files map. Every figure is strictly typed: booleans are not numbers, strings are
+`indexer.tasks`; resolving it is `indexer.config.TaskRef`'s job, which imports nothing but a `Task` subclass),
+checkpoints (a relative file inside ``checkpoints/``, a learning rate that is a finite number > 0, a sha256),
+counts, dims, the FAISS settings and the files map. Every figure is strictly typed: booleans are not numbers, strings are
 not numbers, and a float where a count belongs is refused.
 
 The model is permissive for keys this version does not know (``extra="allow"``), so a newer indexer
