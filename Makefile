@@ -11,9 +11,9 @@ PY ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
 # Extras of `make setup` / `make test` (the test suite, the text example, the training-loop callbacks,
-# Ray for distributed indexing)
+# Ray for distributed indexing, Parquet / datasets folders for the built-in tasks)
 # and of `make demo` (none: serving the digits demo needs only the core dependencies).
-EXTRAS ?= test,text,huggingface,lightning,ray
+EXTRAS ?= test,text,huggingface,lightning,ray,data
 DEMO_EXTRAS ?=
 TORCH_INDEX ?=
 HOST ?= 127.0.0.1
@@ -26,7 +26,15 @@ stamp = $(VENV)/.installed-$(or $(subst $(comma),-,$(1)),core)
 CREATED := $(VENV)/.created
 
 .SUFFIXES:
-.PHONY: setup system-deps demo test clean
+.PHONY: setup system-deps demo test clean vision-venv
+
+# torchvision for the built-in task torchvision.image_classification. PyPI's torchvision is a CUDA build that cannot
+# be imported beside this project's CPU torch (constraints.txt), so its tests run in a second venv with the
+# torch + torchvision pair below, made only where pip finds those wheels on local disk (file:// links: ~90 s and
+# ~6 GB, no download); elsewhere tests/test_builtin_tasks.py skips them, saying why. With a torch from the CPU or
+# CUDA index, `pip install -e '.[vision]'` in .venv is enough (the tests then run there).
+VISION_VENV := .venv-vision
+VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 $(CREATED): constraints.txt
 	$(PY) -m venv $(VENV)
@@ -55,8 +63,19 @@ system-deps:
 demo: $(call stamp,$(DEMO_EXTRAS))
 	$(VENV)/bin/tracin demo --out .tracin/demo --host $(HOST) --port $(PORT)
 
-test: setup system-deps
+vision-venv: $(call stamp,$(EXTRAS))
+	@if [ -f $(VISION_VENV)/.installed ] && [ $(VISION_VENV)/.installed -nt pyproject.toml ]; then exit 0; fi; \
+	if ! $(PIP) install -q --dry-run --ignore-installed --no-deps --report - $(VISION_TORCH) 2>/dev/null | \
+	    $(VENV)/bin/python -c "import json, sys; r = json.load(sys.stdin)['install']; \
+	      sys.exit(not r or not all(i['download_info']['url'].startswith('file:') for i in r))"; then \
+	  echo "not making $(VISION_VENV): $(VISION_TORCH) are not on local disk (the torchvision tests will be skipped)"; \
+	  exit 0; fi; \
+	rm -rf $(VISION_VENV) && $(PY) -m venv $(VISION_VENV) && \
+	$(VISION_VENV)/bin/pip install -q $(VISION_TORCH) && \
+	$(VISION_VENV)/bin/pip install -q -e '.[test,vision]' && touch $(VISION_VENV)/.installed
+
+test: setup system-deps vision-venv
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .tracin
+	rm -rf $(VENV) $(VISION_VENV) .tracin

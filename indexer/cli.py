@@ -1,4 +1,4 @@
-"""`tracin` command line: index, inspect, demo, serve.
+"""`tracin` command line: index, init, check, inspect, demo, serve.
 
 Errors in the user's input print one line naming the problem and exit with status 2 (no traceback).
 """
@@ -51,7 +51,18 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
         _import_ray()  # before any work: "pip install 'tracin-service[ray]'" in one line
     _set_threads(args.threads)
-    config = load_config(args.config)
+    if args.trainer_dir is not None:
+        config_path = _trainer_config(args)
+        if config_path is None:  # --print-config
+            return 0
+    else:
+        if args.config is None:
+            raise UsageError("give a CONFIG file, or --trainer-dir OUTPUT_DIR --data FILE for a Hugging Face Trainer run")
+        stray = [f"--{name.replace('_', '-')}" for name in TRAINER_OPTIONS if getattr(args, name) is not None]
+        if stray or args.print_config:
+            raise UsageError(f"{', '.join(stray) or '--print-config'} goes with --trainer-dir")
+        config_path = args.config
+    config = load_config(config_path)
     if args.batch_size:
         from dataclasses import replace
 
@@ -81,6 +92,81 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 LOCAL_RAY = "local"  # `--ray` without an address: a local Ray cluster on this machine
+#: options of `tracin index --trainer-dir` (besides --print-config)
+TRAINER_OPTIONS = ("data", "text_column", "text_pair_column", "label_column", "tokenizer", "max_length", "task")
+
+
+def _trainer_config(args: argparse.Namespace) -> Path | None:
+    """Write the config of `tracin index --trainer-dir` beside the index (OUT.toml) and return its path; with
+    --print-config print it and return None. The Trainer's checkpoint-N/ folders are taken in step order; the
+    model's config (and its tokenizer, else the one saved in OUTPUT_DIR) come from the last one."""
+    from indexer.tasks.templates import TRAINER_HEADER, trainer_config
+    from indexer.tasks.huggingface import TOKENIZER_FILES
+
+    if args.config is not None:
+        raise UsageError("give either a CONFIG file or --trainer-dir, not both")
+    if args.data is None:
+        raise UsageError("--trainer-dir needs --data FILE (the training rows: .csv .tsv .jsonl .json .parquet or a "
+                         "datasets folder)")
+    root = Path(args.trainer_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise UsageError(f"--trainer-dir: {root} is not a folder (a Trainer's output_dir)")
+    steps = sorted((int(p.name.split("-", 1)[1]), p) for p in root.iterdir()
+                   if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-", 1)[1].isdigit())
+    if not steps:
+        raise UsageError(f"--trainer-dir: {root} has no checkpoint-N/ folders (train with save_strategy \"steps\" "
+                         "or \"epoch\" and keep them: save_total_limit None)")
+    folders = [p for _, p in steps]
+    model = folders[-1]
+    tokenizer = args.tokenizer
+    if tokenizer is None and not any((model / n).is_file() for n in TOKENIZER_FILES) \
+            and any((root / n).is_file() for n in TOKENIZER_FILES):
+        tokenizer = str(root)  # saved by trainer.save_model() / tokenizer.save_pretrained(output_dir)
+    task = args.task or "huggingface.sequence_classification"
+    task_args = {"model": str(model), "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
+                 "data": str(Path(args.data).expanduser().resolve()), "text_column": args.text_column or "text"}
+    if task == "huggingface.sequence_classification":
+        task_args["text_pair_column"] = args.text_pair_column
+        task_args["label_column"] = args.label_column or "label"
+    elif args.text_pair_column is not None or args.label_column is not None:
+        raise UsageError(f"--text-pair-column / --label-column do not apply to {task}")
+    task_args["max_length"] = args.max_length
+    out = Path(args.out).expanduser()
+    import shlex
+
+    command = "tracin " + shlex.join(a for a in args.argv if a != "--print-config")
+    text = trainer_config(task, task_args, folders, command, out.resolve())
+    if args.print_config:
+        print(text, end="")
+        return None
+    path = out.parent / f"{out.name}.toml"
+    if path.exists() and not path.read_text(errors="replace").startswith(TRAINER_HEADER) and not args.force:
+        raise UsageError(f"{path} exists and was not written by --trainer-dir; move it, or --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    if not args.quiet:
+        print(f"config written to {path} (repeat with: tracin index {path} --out {out})", file=sys.stderr)
+    return path
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    """Print (or write) the commented config of a built-in task."""
+    from indexer.tasks.templates import TEMPLATES
+
+    if args.task not in TEMPLATES:
+        raise UsageError(f"unknown built-in task {args.task!r}; built-in tasks: {', '.join(TEMPLATES)}")
+    text = TEMPLATES[args.task]
+    if args.out is None:
+        print(text, end="")
+        return 0
+    path = Path(args.out)
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} exists (use --force to replace it)")
+    path.write_text(text)
+    print(f"wrote {path}: edit its paths, then: tracin index {path} --out index", file=sys.stderr)
+    return 0
 
 
 def _say(line: str) -> None:
@@ -216,9 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter  # "(default: ...)" after every option with a help text
 
-    p = sub.add_parser("index", help="build an index directory from a TOML config", formatter_class=defaults)
-    p.add_argument("config", help="TOML config (task, checkpoints, layers, projection, index)")
+    p = sub.add_parser("index", help="build an index directory from a TOML config (or a Hugging Face Trainer run)",
+                       formatter_class=defaults)
+    p.add_argument("config", nargs="?", help="TOML config (task, checkpoints, layers, projection, index)")
     p.add_argument("--out", required=True, help="index directory to write")
+    g = p.add_argument_group("a Hugging Face Trainer run, without a config (writes OUT.toml beside the index)")
+    g.add_argument("--trainer-dir", metavar="OUTPUT_DIR", help="the Trainer's output_dir (its checkpoint-N/ folders)")
+    g.add_argument("--data", metavar="FILE", help="the training rows in training order: .csv .tsv .jsonl .json "
+                                                  ".parquet or a datasets folder saved with save_to_disk")
+    g.add_argument("--text-column", help="the text column (default: text)")
+    g.add_argument("--text-pair-column", help="the second text of sentence pairs")
+    g.add_argument("--label-column", help="the label column: class ids or label2id names (default: label)")
+    g.add_argument("--tokenizer", metavar="DIR", help="the tokenizer's folder when the checkpoints lack it")
+    g.add_argument("--max-length", type=int, help="tokens per text, as in training (default: the tokenizer's, "
+                                                  "at most 512)")
+    g.add_argument("--task", choices=("huggingface.sequence_classification", "huggingface.causal_lm"),
+                   help="the model's kind (default: huggingface.sequence_classification)")
+    g.add_argument("--print-config", action="store_true", help="print the config and stop (writes nothing)")
     p.add_argument("--force", action="store_true", help="replace an existing index directory")
     p.add_argument("--batch-size", type=int, default=None, help="override index.batch_size of the config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -235,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", metavar="N", type=int, default=None,
                    help="with --ray: number of shard tasks (default: the cluster's GPUs, else its CPUs)")
     p.set_defaults(fn=_cmd_index)
+
+    p = sub.add_parser("init", help="print a commented config for a built-in task", formatter_class=defaults,
+                       description="Print the commented config of a built-in task (a model trained with a standard "
+                                   "stack, indexed without writing Python): edit its paths, then tracin index it.")
+    p.add_argument("task", help="huggingface.sequence_classification, huggingface.causal_lm, "
+                                "torchvision.image_classification or tabular.mlp")
+    p.add_argument("--out", help="write it to this file instead of printing it")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(fn=_cmd_init)
 
     p = sub.add_parser("check", help="check the capture of a config's model against per-example autograd",
                        formatter_class=defaults)
@@ -274,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command line, recorded in written configs
     try:
         return int(args.fn(args) or 0)
     except (ConfigError, CheckpointError, FileExistsError, UsageError) as exc:

@@ -1,7 +1,9 @@
 """The index configuration (TOML) and its validation. Every error names the offending field.
 
-    task = "indexer.demo.digits:DigitsTask"      # module:attr -> a Task subclass (or a Task instance)
-    task_args = { seed = 0 }                      # optional keyword arguments for the subclass
+    task = "indexer.demo.digits:DigitsTask"      # module:attr -> a Task subclass (or a Task instance),
+                                                  # or a built-in task name ("tabular.mlp", indexer.tasks)
+    task_args = { seed = 0 }                      # optional keyword arguments for the subclass (a built-in's
+                                                  # relative paths are taken from the config file's folder)
     checkpoint_prefix = "model."                  # optional: keep keys with this prefix and strip it
     layers = ["fc1", "fc2"]                       # module names or globs; omitted = all trainable
     [[checkpoints]]
@@ -82,12 +84,19 @@ class TaskRef:
     args: dict[str, Any] = field(default_factory=dict)
 
     def resolve(self, where: str = "task", forbidden_dir: Path | None = None) -> Any:
-        """The object `ref` names (imported, not called). Raises ConfigError naming `where` when the
-        reference is malformed or its module is missing (its directory must be on PYTHONPATH) or lies
+        """The object `ref` names (imported, not called). A built-in task name (`indexer.tasks.BUILTIN_TASKS`,
+        e.g. "tabular.mlp") stands for a Task subclass of `indexer.tasks`. Raises ConfigError naming `where`
+        when the reference is malformed or its module is missing (its directory must be on PYTHONPATH) or lies
         inside `forbidden_dir` (an index directory is data: code in it is never imported)."""
-        if not isinstance(self.ref, str) or not _REF.match(self.ref):
-            raise ConfigError(f"{where}: {str(self.ref)[:100]!r} must look like 'package.module:ClassName'")
-        module_name, _, attr = self.ref.partition(":")
+        from indexer.tasks import BUILTIN_TASKS, builtin_target
+
+        ref = builtin_target(self.ref) if isinstance(self.ref, str) else None
+        if ref is None:
+            ref = self.ref
+            if not isinstance(ref, str) or not _REF.match(ref):
+                raise ConfigError(f"{where}: {str(ref)[:100]!r} must look like 'package.module:ClassName' or be a "
+                                  f"built-in task ({', '.join(BUILTIN_TASKS)})")
+        module_name, _, attr = ref.partition(":")
         top = module_name.split(".", 1)[0]
         try:
             spec = importlib.util.find_spec(top)
@@ -147,6 +156,8 @@ class TaskRef:
             return target
         try:
             task = target(**self.args)
+        except ConfigError as exc:  # a task that checks its arguments names them itself (the built-in ones do)
+            raise ConfigError(f"{where} {self.ref!r}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - user task code failing to construct
             args = repr(self.args)
             raise ConfigError(f"{where}: {self.ref}(**{args[:200]}) failed: {type(exc).__name__}: "
@@ -214,7 +225,11 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> IndexConfig:
         raise ConfigError(f"unknown top-level keys {unknown}; known: {sorted(known)}")
     if "task" not in data:
         raise ConfigError("task: missing (e.g. task = 'mypkg.tasks:MyTask')")
-    task = TaskRef(_expect(data["task"], str, "task"), dict(_expect(data.get("task_args", {}), dict, "task_args")))
+    task_ref = _expect(data["task"], str, "task")
+    from indexer.tasks import resolve_path_args
+
+    task = TaskRef(task_ref, resolve_path_args(task_ref, dict(_expect(data.get("task_args", {}), dict, "task_args")),
+                                               base_dir))
 
     raw_ckpts = data.get("checkpoints")
     if not raw_ckpts:

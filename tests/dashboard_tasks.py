@@ -148,3 +148,58 @@ class LongNamesDigitsTask(DigitsTask):
     """The digits demo task whose ten classes carry Fashion-MNIST's names (as long as they get)."""
 
     class_names = FASHION_NAMES
+
+
+# -- an image task whose example is a base64 PNG file (as torchvision.image_classification's) -------------
+
+class ImageFile(BaseModel):
+    """One image file."""
+
+    image: str = Field(min_length=8, description="a base64 PNG (or a data:image/png;base64, URL) of an 8x8 digit")
+
+
+class TinyImageFileTask(Task):
+    """scikit-learn digits as 8x8 PNG files: an example is {"image": base64 PNG}, decoded to pixels / 255."""
+
+    example_schema = ImageFile
+    class_names = [str(i) for i in range(10)]
+
+    @staticmethod
+    def _pixels(n: int, offset: int):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        grid = torch.tensor(digits.images[offset:offset + n] * 255 / 16).round().to(torch.uint8)
+        return grid, torch.tensor(digits.target[offset:offset + n])
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()
+
+    def encode(self, examples: Sequence[ImageFile]) -> torch.Tensor:
+        import base64
+
+        from indexer.demo.fashion_mnist import decode_png
+
+        out = []
+        for e in examples:
+            data = e.image.split(",", 1)[1] if e.image.startswith("data:") else e.image
+            gray = decode_png(base64.b64decode(data))
+            if gray.shape != (8, 8):
+                raise ValueError(f"image: {gray.shape[1]}x{gray.shape[0]} pixels; expected 8x8")
+            out.append(torch.tensor(gray, dtype=torch.float64) / 255)
+        return torch.stack(out)
+
+    def _set(self, n: int, offset: int, prefix: str) -> ExampleSet:
+        from indexer.images import png_data_url
+
+        grid, labels = self._pixels(n, offset)
+        urls = [png_data_url(g.numpy()) for g in grid]
+        return ExampleSet(grid.double() / 255, labels, ids=[f"{prefix}{i}" for i in range(n)],
+                          display=lambda i: {"image": urls[i]}, examples=lambda i: {"image": urls[i]})
+
+    def training_set(self) -> ExampleSet:
+        return self._set(60, 0, "digit-")
+
+    def held_out_set(self) -> ExampleSet:
+        return self._set(6, 100, "held-")

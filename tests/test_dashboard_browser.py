@@ -381,10 +381,12 @@ def test_input_follows_the_task_example_schema(browser):
     """The Explain input is chosen from the example's JSON schema (as GET /index / OpenAPI document it)."""
     from indexer.demo.digits import DigitsExample
     from indexer.demo.fashion_mnist import FashionMNISTExample
+    from indexer.tasks.vision import ImageExample
     from tests.dashboard_tasks import TextExample
 
     schemas = [DigitsExample.model_json_schema(), FashionMNISTExample.model_json_schema(),
-               TextExample.model_json_schema(), {"properties": {"x": {"type": "array", "items": {"type": "number"}}}}]
+               TextExample.model_json_schema(), {"properties": {"x": {"type": "array", "items": {"type": "number"}}}},
+               ImageExample.model_json_schema()]
     specs = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         "import('./dashboard/widgets.js').then(m => done(arguments[0].map(m.inputSpec)), e => done(String(e)));",
@@ -395,6 +397,7 @@ def test_input_follows_the_task_example_schema(browser):
                         "integer": True}
     assert specs[2] == {"kind": "text", "field": "text"}
     assert specs[3] == {"kind": "json"}
+    assert specs[4] == {"kind": "image-file", "field": "image"}  # a base64 file: an upload, not a textarea
 
 
 def test_upload_an_image(browser, api, tmp_path):
@@ -664,6 +667,60 @@ def test_index_panel_of_an_approximate_index(browser, text_server):
     assert f"proponents {recall['proponents']:.4f}" in text and f"opponents {recall['opponents']:.4f}" in text
     assert "measured recall (min)" in text
     screenshot(browser, "text-index")
+
+
+@pytest.fixture(scope="module")
+def image_file_server(tmp_path_factory):
+    from indexer.config import parse_config
+    from indexer.build.pipeline import build_index
+    from tests.dashboard_tasks import TinyImageFileTask
+
+    work = tmp_path_factory.mktemp("image-file-task")
+    task = TinyImageFileTask()
+    checkpoints = train_checkpoints(task, work / "run")
+    data = {"task": "tests.dashboard_tasks:TinyImageFileTask", "checkpoints": [{"path": str(p)} for p in checkpoints],
+            "projection": {"kind": "exact", "dim": 16, "seed": 0}, "index": {"batch_size": 16}}
+    index_dir = build_index(parse_config(data, work), work / "index").path
+    proc = start_server(index_dir, env={"TRACIN_API_KEY": "", "TRACIN_TORCH_THREADS": "1"})
+    try:
+        yield proc.base_url
+    finally:
+        proc.stop()
+
+
+def test_an_image_file_task_uploads_the_file_as_it_is(browser, image_file_server, tmp_path):
+    """A task whose example is a base64 PNG (torchvision.image_classification's schema): the page offers an upload,
+    sends the file unchanged as a data URL, and shows thumbnails in its lists."""
+    import base64
+
+    from indexer.images import png_bytes
+
+    browser.get(image_file_server + "/#/explain")
+    wait_for(lambda: css(browser, "#query-list .query-item img"), what="held-out thumbnails")
+    assert not css(browser, "#custom-text") and banner(browser) is None
+    queries = httpx.get(image_file_server + "/queries").json()["items"]
+    grid = TinyImageFileTask_pixels(queries)
+    path = tmp_path / "digit.png"
+    path.write_bytes(png_bytes(grid))
+    css(browser, "#upload-image")[0].send_keys(str(path))
+    sent = results_for(browser, "upload", "digit.png")
+    assert sent["example"] == {"image": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()}
+    assert_hits_equal(browser, httpx.post(image_file_server + "/influence", json=sent).json())
+    assert css(browser, "#image-file-preview")[0].is_displayed()
+    screenshot(browser, "image-file-explain")
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("not an image")
+    css(browser, "#upload-image")[0].send_keys(str(not_image))
+    shown = wait_for(lambda: banner(browser), what="upload banner")
+    assert shown["code"] == "bad_input" and "not a PNG or JPEG" in shown["text"]
+
+
+def TinyImageFileTask_pixels(queries):  # noqa: N802 - the first held-out digit's pixels, decoded from its PNG
+    import base64
+
+    from indexer.demo.fashion_mnist import decode_png
+
+    return decode_png(base64.b64decode(queries[0]["example"]["image"].split(",", 1)[1]))
 
 
 # -- a tabular task (the README's wine walkthrough) and long class names, served without a key ----------

@@ -110,5 +110,10 @@ def test_make_demo_installs_no_extras_and_takes_port_and_host():
     assert installs == [".venv/bin/pip install -q -c constraints.txt -e '.'"], installs  # no test/text extras
     assert lines[-1] == ".venv/bin/tracin demo --out .tracin/demo --host 0.0.0.0 --port 8001"
     assert _make_n("demo")[-1].endswith("--host 127.0.0.1 --port 8000")
-    installs = [line for line in _make_n("test") if "constraints.txt -e" in line]
-    assert installs == [".venv/bin/pip install -q -c constraints.txt -e '.[test,text,huggingface,lightning,ray]'"]
+    test = _make_n("test")
+    installs = [line for line in test if "constraints.txt -e" in line]
+    assert installs == [".venv/bin/pip install -q -c constraints.txt -e '.[test,text,huggingface,lightning,ray,data]'"]
+    # the torchvision venv: only from wheels on local disk (file: links), never with the project's torch pin
+    vision = next(i for i, line in enumerate(test) if ".venv-vision/bin/pip install -q torch==2.14.1" in line)
+    assert "download_info']['url'].startswith('file:')" in "\n".join(test[:vision])
+    assert test[-1] == ".venv/bin/python -m pytest -q "

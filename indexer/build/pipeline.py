@@ -96,6 +96,8 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
     loads = []
     for i, spec in enumerate(config.checkpoints):
         where = f"checkpoints[{i}] ({spec.path.name})"
+        if getattr(task, "model_name", None):  # the built-in tasks name the model they build
+            where += f" for {task.model_name}"
         try:
             state, meta = load_checkpoint(spec.path, spec.prefix)
             recorded = recorded_lr(meta, where)

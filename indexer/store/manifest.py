@@ -1,10 +1,10 @@
 """The manifest of an index directory: its one validated shape (pydantic).
 
 `manifest.json` is data that people copy and share, so nothing in it is trusted before it passed
-`parse_manifest`: the schema version, the task reference (``module:attr`` syntax only; resolving it is
-`indexer.config.TaskRef`'s job, which imports nothing but a `Task` subclass), checkpoints (a relative
-file inside ``checkpoints/``, a learning rate that is a finite number > 0, a sha256), counts, dims, the
-FAISS settings and the files map. Every figure is strictly typed: booleans are not numbers, strings are
+`parse_manifest`: the schema version, the task reference (``module:attr`` syntax or a built-in task name of
+`indexer.tasks`; resolving it is `indexer.config.TaskRef`'s job, which imports nothing but a `Task` subclass),
+checkpoints (a relative file inside ``checkpoints/``, a learning rate that is a finite number > 0, a sha256),
+counts, dims, the FAISS settings and the files map. Every figure is strictly typed: booleans are not numbers, strings are
 not numbers, and a float where a count belongs is refused.
 
 The model is permissive for keys this version does not know (``extra="allow"``), so a newer indexer
@@ -56,8 +56,11 @@ def _relative_file(value: str) -> str:
 
 
 def _task_ref(value: str) -> str:
-    if not _TASK_REF.match(value):
-        raise ValueError(f"must look like 'package.module:ClassName', got {value[:100]!r}")
+    from indexer.tasks import BUILTIN_TASKS
+
+    if not _TASK_REF.match(value) and value not in BUILTIN_TASKS:
+        raise ValueError(f"must look like 'package.module:ClassName' or be a built-in task "
+                         f"({', '.join(BUILTIN_TASKS)}), got {value[:100]!r}")
     return value
 
 

@@ -3,7 +3,7 @@
 import { api, ApiError, getApiKey, setApiKey } from "./api.js";
 import {
   ImageInput, binScores, clear, displayExtras, drawHistogram, exampleVisual, fieldColumns, fieldsTable, flippedBadge,
-  fmtInt, fmtScore, h, hasVisual, hitList, inputSpec, labelChip, labelSummary, probabilityBars,
+  fmtInt, fmtScore, h, hasVisual, hitList, inputSpec, labelChip, labelSummary, probabilityBars, safeImageUrl,
 } from "./widgets.js";
 
 const $ = (id) => document.getElementById(id);
@@ -167,6 +167,18 @@ function buildCustomInput() {
         h("div", { class: "muted small", id: "upload-note", text: "draw with the mouse (shift: erase), or upload" }),
         h("button", { type: "button", class: "primary", id: "explain-custom", text: "Explain",
           onclick: () => guarded(explainCustom, "explain") }))));
+  } else if (spec.kind === "image-file") {
+    $("custom-title").textContent = "Your image (PNG or JPEG)";
+    state.imageFile = null;
+    const file = h("input", { type: "file", id: "upload-image", accept: "image/png,image/jpeg", class: "visually-hidden" });
+    file.addEventListener("change", () => onUploadFile(file));
+    box.append(h("div", { class: "image-input" },
+      h("img", { id: "image-file-preview", class: "thumb thumb-lg", alt: "", hidden: true }),
+      h("div", { class: "image-tools" },
+        h("label", { for: "upload-image", class: "button secondary", text: "Upload image…" }), file,
+        h("div", { class: "muted small", id: "upload-note", text: "sent as it is: the server converts and transforms it" }),
+        h("button", { type: "button", class: "primary", id: "explain-custom", text: "Explain",
+          onclick: () => guarded(explainCustom, "explain") }))));
   } else if (spec.kind === "text") {
     $("custom-title").textContent = `Your ${spec.field}`;
     const ta = h("textarea", { id: "custom-text", rows: "7", spellcheck: "false", placeholder: `type or paste ${spec.field}…` });
@@ -180,6 +192,35 @@ function buildCustomInput() {
       "recognises: edit the example JSON below." }));
     $("raw-json").open = true;
   }
+}
+
+function showImageFile(url) {
+  state.imageFile = url;
+  const img = $("image-file-preview");
+  if (img) { img.src = url; img.hidden = false; }
+}
+
+// An image file for a task that takes it as base64 (PNG / JPEG): read as a data URL and sent unchanged.
+async function onUploadFile(input) {
+  const file = input.files?.[0];
+  input.value = "";
+  if (!file) return;
+  clearError();
+  if (!["image/png", "image/jpeg"].includes(file.type)) {
+    showError(new ApiError(0, "bad_input", `${file.name} is not a PNG or JPEG file`), "upload");
+    return;
+  }
+  const url = await new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+  showImageFile(url);
+  const example = { [state.spec.field]: url };
+  $("raw-example").value = compactJson(example);
+  $("upload-note").textContent = `${file.name} (${Math.round(file.size / 1024)} KB)`;
+  await guarded(() => explainExample(example, { source: "upload", id: file.name }), "explain");
 }
 
 async function onUpload(input) {
@@ -209,6 +250,7 @@ function setInputFromExample(example) {
   if (!example) return;
   $("raw-example").value = compactJson(example);
   if (state.spec.kind === "image") state.imageInput?.setFromExample(example);
+  if (state.spec.kind === "image-file" && safeImageUrl(example[state.spec.field])) showImageFile(example[state.spec.field]);
   if (state.spec.kind === "text" && $("custom-text")) $("custom-text").value = example[state.spec.field] ?? "";
 }
 
@@ -216,7 +258,13 @@ function explainCustom() {
   const spec = state.spec;
   let example;
   if (spec.kind === "image") example = state.imageInput.toExample();
-  else if (spec.kind === "text") {
+  else if (spec.kind === "image-file") {
+    if (!state.imageFile) {
+      showError(new ApiError(0, "bad_input", "no image yet: upload a PNG or JPEG first"), "your example");
+      return;
+    }
+    example = { [spec.field]: state.imageFile };
+  } else if (spec.kind === "text") {
     const text = $("custom-text").value;
     if (!text.trim()) {
       showError(new ApiError(0, "bad_input", `${spec.field} is empty: type or paste some text first`), "your example");
@@ -225,7 +273,8 @@ function explainCustom() {
     example = { [spec.field]: text };
   } else return explainRaw();
   $("raw-example").value = compactJson(example);
-  return explainExample(example, { source: spec.kind === "image" ? "drawing" : "text", id: "your example" });
+  const source = spec.kind === "image" ? "drawing" : spec.kind === "image-file" ? "upload" : "text";
+  return explainExample(example, { source, id: "your example" });
 }
 
 function explainRaw() {
@@ -252,9 +301,10 @@ function renderQueries() {
   const page = state.queryPage;
   const list = clear($("query-list"));
   const tabular = state.spec.kind === "json" && page && page.items.length > 0 && !page.items.some((q) => hasVisual(q.display));
-  list.classList.toggle("query-list-text", state.spec.kind !== "image" && !tabular);
+  const images = state.spec.kind === "image" || state.spec.kind === "image-file";
+  list.classList.toggle("query-list-text", !images && !tabular);
   list.classList.toggle("query-list-table", Boolean(tabular));
-  list.classList.toggle("query-list-image", state.spec.kind === "image");
+  list.classList.toggle("query-list-image", images);
   if (!page) return;
   if (tabular) renderQueryTable(list, page);
   else renderQueryItems(list, page);
@@ -289,7 +339,8 @@ function renderQueryTable(list, page) {
 }
 
 function renderQueryItems(list, page) {
-  if (state.spec.kind === "image") {
+  const images = state.spec.kind === "image" || state.spec.kind === "image-file";
+  if (images) {
     // Cells wide enough for the longest class name under the thumbnail (digits: 8 a row; Fashion-MNIST: 4).
     const longest = Math.max(1, ...page.items.map((q) => (q.label === null || q.label === undefined ? 0 : labelName(q.label).length)));
     list.style.setProperty("--label-chars", String(longest));
@@ -302,7 +353,7 @@ function renderQueryItems(list, page) {
       type: "button", class: `query-item${active ? " active" : ""}`, "data-id": q.id, "data-offset": String(offset),
       title: queryTitle(q), onclick: () => navigate(`#/explain/query/${offset}`),
     },
-    state.spec.kind === "image" ? exampleVisual(d, { size: "sm" }) : exampleVisual(d, { lines: 1 }),
+    images ? exampleVisual(d, { size: "sm" }) : exampleVisual(d, { lines: 1 }),
     q.label !== null && q.label !== undefined ? h("span", { class: "query-label", text: labelName(q.label) }) : null));
   });
 }
@@ -483,6 +534,8 @@ function renderResults() {
     img.canvas.classList.add("preview-canvas");
     img.canvas.removeAttribute("title");
     preview = img.canvas;
+  } else if (state.spec.kind === "image-file" && safeImageUrl(cur.example?.[state.spec.field])) {
+    preview = exampleVisual({ image: cur.example[state.spec.field] }, { size: "lg" });
   } else if (textTask && cur.example) {
     const d = cur.display || {};
     preview = h("div", { class: "snippet lines-8" },

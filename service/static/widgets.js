@@ -528,7 +528,8 @@ function sideFrom(description) {
   return m && m[1] === m[2] ? Number(m[1]) : null;
 }
 
-// {kind: 'image', field, side, layout, min, max, integer} | {kind: 'text', field} | {kind: 'json'}
+// {kind: 'image', field, side, layout, min, max, integer} | {kind: 'image-file', field} | {kind: 'text', field} |
+// {kind: 'json'}
 export function inputSpec(schema) {
   const props = schema?.properties || {};
   const names = Object.keys(props);
@@ -554,6 +555,12 @@ export function inputSpec(schema) {
       }
     }
   }
+  // An image sent as a base64 file (torchvision.image_classification): an upload, not a textarea.
+  const fileField = names.find((n) => {
+    const p = resolve(props[n], schema);
+    return p.type === "string" && IMAGE_NAMES.test(n) && /base64/i.test(p.description || "");
+  });
+  if (fileField) return { kind: "image-file", field: fileField };
   const textField = names.find((n) => resolve(props[n], schema).type === "string" && TEXT_NAMES.test(n)) ||
     names.find((n) => resolve(props[n], schema).type === "string");
   if (textField && names.length === 1) return { kind: "text", field: textField };
