@@ -195,7 +195,7 @@ def write_config(path: Path, run: Run, checkpoints: list[Path], optimizer: dict[
         "indexer.demo.fashion_mnist:FashionMNISTTask"
     lines = [f'task = "{ref}"', f"task_args = {task_args(run)}", ""]
     for c in checkpoints:
-        lines += ["[[checkpoints]]", f'path = "{c}"', ""]
+        lines += ["[[checkpoints]]", f'path = "{c.resolve()}"', ""]
     if optimizer:
         lines += ["[optimizer]", *[f'{k} = "{v}"' for k, v in optimizer.items()], ""]
     lines += ["[projection]", 'kind = "sketch"', "seed = 0", "", "[index]", 'factory = "Flat"', "batch_size = 256", ""]
@@ -568,10 +568,19 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    unknown = sorted(set(args.runs.split(",")) - set(RUNS))
+    if unknown:
+        parser.error(f"--runs: unknown {unknown}; known: {list(RUNS)}")
+    try:
+        import kronfluence  # noqa: F401
+    except ImportError:
+        print("error: the peer needs Kronfluence: .venv/bin/pip install -c constraints.txt -e '.[lds]' && "
+              ".venv/bin/pip install --no-deps kronfluence==1.0.1", file=sys.stderr)
+        return 2
     runs = [RUNS[name] for name in args.runs.split(",")]
     if args.quick:
         runs = [replace(r, **QUICK[r.dataset]) for r in runs]
-    root = args.work
+    root = args.work.resolve()
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
     count_of = {}

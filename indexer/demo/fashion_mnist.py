@@ -422,8 +422,9 @@ def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int =
     """Train the CNN with plain SGD (or `optimizer="adamw"`) and an exponentially decaying lr (lr -> final_lr
     over the run; defaults: SGD 0.1 -> 0.01, AdamW 1e-3 -> 1e-4), save `checkpoints` checkpoints with the
     optimizer's state (`save_checkpoint(path, model, optimizer)`: the lr in force, Adam's moments), and
-    write a TOML config that indexes them. Returns the config path. `schedule`: "even" (evenly spaced in steps, the last at the end) or "log" (log-spaced in
-    epochs from the end of the first epoch to the end of the run: most checkpoints early in training).
+    write a TOML config that indexes them. Returns the config path. `schedule`: "even" (evenly spaced in
+    steps, the last at the end) or "log" (log-spaced in epochs from the end of the first epoch to the end of
+    the run: most checkpoints early in training). Raises ValueError for an unknown optimizer or schedule.
 
     `kind` / `dim` go into the config's [projection] table when given (else the library defaults);
     `size` trains on (and indexes) the augmented set of that many rows; `factory` / `search_params`
