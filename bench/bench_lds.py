@@ -297,7 +297,8 @@ def served(index: Path, threads: int):
     return task, embedder, ExactScorer.for_examples(embedder, task.training_set()), directory
 
 
-def per_checkpoint_scores(indexes: list[Path], qx, qy, chunk: int, threads: int, batch: int = 128) -> dict:
+def per_checkpoint_scores(indexes: list[Path], qx, qy, chunk: int, threads: int, batch: int = 128,
+                          transforms: tuple = ()) -> dict:
     """Exact TracIn of the queries against every training row per checkpoint [F, C, Q, N] float64, for F
     index directories over the same checkpoints with different step weights (formulas), the queries'
     self-influence per checkpoint in the first index's metric [C, Q], and each manifest's optimizer summary.
@@ -307,7 +308,8 @@ def per_checkpoint_scores(indexes: list[Path], qx, qy, chunk: int, threads: int,
     gradients (`BlockGrad.full`) in float64, one matrix product per block for all queries and formulas: the
     same numbers as `ExactScorer` (which convolves a Conv2d block's training patches with every query's
     gradient: Q times the work of one explicit gradient per training row when Q queries are scored at once).
-    `scores_for` checks the sums against `ExactScorer.matrix` of indexes built from their own configs."""
+    `scores_for` checks the sums against `ExactScorer.matrix` of indexes built from their own configs.
+    `transforms` (investigation): functions w -> w' of the first index's tensor weights, scored as more rows."""
     from indexer.score.exact import weigh
 
     loaded = [served(index, threads) for index in indexes]
@@ -316,7 +318,7 @@ def per_checkpoint_scores(indexes: list[Path], qx, qy, chunk: int, threads: int,
         raise SystemExit(f"{indexes}: the indexes hold different checkpoints")
     task, embedder, _, directory = loaded[0]
     train = task.training_set()
-    N, Q, C, F = directory.count, qy.shape[0], len(embedder.per_checkpoint), len(indexes)
+    N, Q, C, F = directory.count, qy.shape[0], len(embedder.per_checkpoint), len(indexes) + len(transforms)
     terms = np.zeros((F, C, Q, N))
     query_si = np.zeros((C, Q))
     for c, part in enumerate(embedder.per_checkpoint):
@@ -327,8 +329,11 @@ def per_checkpoint_scores(indexes: list[Path], qx, qy, chunk: int, threads: int,
         weighted = []  # per block: [F * Q, m * n] float64
         for b, g in enumerate(q_grads):
             rows = []
-            for _, e, _, _ in loaded:
-                side, scale = weigh(g, e.per_checkpoint[c].weights[b])
+            weights = [e.per_checkpoint[c].weights[b] for _, e, _, _ in loaded]
+            w0 = weights[0]
+            weights += [f(w0) if isinstance(w0, torch.Tensor) else w0 for f in transforms]
+            for w in weights:
+                side, scale = weigh(g, w)
                 rows.append(side.full().reshape(Q, -1).to(torch.float64) * scale)
             weighted.append(torch.cat(rows))
         for s in range(0, N, batch):
@@ -469,6 +474,39 @@ def scores_for(run: Run, work: Path, checkpoints: list[Path], threads: int, chun
     return out
 
 
+def clip_quantile(q: float):
+    """w -> min(w, the q-quantile of w over the tensor): a tighter bound on the preconditioner than the
+    index's (the largest Gamma among coordinates the optimizer moved)."""
+    def clip(w: torch.Tensor) -> torch.Tensor:
+        flat = w.reshape(-1).to(torch.float64)
+        ceiling = float(torch.quantile(flat, q)) if flat.numel() <= 1 << 24 else float(flat.sort().values[
+            int(q * (flat.numel() - 1))])
+        return w.clamp(max=ceiling)
+    return clip
+
+
+INVESTIGATE = {"clip99": clip_quantile(0.99), "clip90": clip_quantile(0.90), "clip50": clip_quantile(0.50)}
+
+
+def investigate(run: Run, work: Path, threads: int, chunk: int) -> None:
+    """Extra variants of an Adam run's auto scores (work/extra.npz): the preconditioner clipped per tensor at
+    its 99th / 90th / 50th percentile (5 checkpoints), to see whether the bound on Gamma decides the LDS."""
+    out_file = work / "extra.npz"
+    if out_file.is_file() or run.optimizer != "adamw":
+        return
+    task = make_task(run)
+    held = task.held_out_set()
+    qx, qy = held.rows(query_rows(run, len(held)))
+    info = json.loads((work / "scores.json").read_text())
+    pc = per_checkpoint_scores([work / "index-auto"], qx, qy, chunk, threads, transforms=tuple(INVESTIGATE.values()))
+    with np.load(work / "scores.npz") as data:
+        assert rel(pc["terms"][0].sum(axis=0), data["auto"]) < 1e-6, "index-auto does not reproduce auto"
+    out = {f"auto-{name}": pc["terms"][1 + i].sum(axis=0) for i, name in enumerate(INVESTIGATE)}
+    np.savez(work / "extra.tmp.npz", **out)
+    os.replace(work / "extra.tmp.npz", out_file)
+    log(f"{run.name}: investigation variants {list(out)} ({info['five']})")
+
+
 # -- retraining ------------------------------------------------------------------------------------------------
 def retrain(run: Run, work: Path, setting: str, m: int) -> np.ndarray:
     """The queries' losses (true labels) [Q] after retraining on subset m (cached)."""
@@ -534,6 +572,9 @@ def table(runs: list[Run], root: Path, count_of: dict[str, int]) -> dict:
             continue
         with np.load(work / "scores.npz") as data:
             scores = {k: data[k] for k in data.files}
+        if (work / "extra.npz").is_file():
+            with np.load(work / "extra.npz") as data:
+                scores.update({k: data[k] for k in data.files})
         for setting in ("fixed", "fresh"):
             ms = done_subsets(work, setting)
             if len(ms) < 3:
@@ -542,7 +583,7 @@ def table(runs: list[Run], root: Path, count_of: dict[str, int]) -> dict:
             for i, m in enumerate(ms):
                 masks[i, subset(m, count_of[run.name])] = True
             losses = np.stack([np.load(work / "retrain" / setting / f"{m:03d}.npy") for m in ms])
-            results[f"{run.name}/{setting}"] = {v: lds(scores[v], masks, losses) for v in VARIANTS if v in scores}
+            results[f"{run.name}/{setting}"] = {v: lds(scores[v], masks, losses) for v in scores}
     return results
 
 
@@ -554,6 +595,15 @@ def print_table(results: dict) -> None:
         any_ = next(iter(row.values()))
         cells = [f"{row[v]['lds']:.3f} ± {row[v]['se']:.3f}" if v in row else "-" for v in VARIANTS]
         print(f"| {key} | {any_['subsets']} | {any_['queries']} | " + " | ".join(cells) + " |")
+    extra = sorted({v for row in results.values() for v in row} - set(VARIANTS))
+    if extra:
+        print("\n### investigation (Adam runs: the preconditioner clipped per tensor)\n")
+        print("| run / setting | auto | " + " | ".join(extra) + " |")
+        print("|---|---|" + "---|" * len(extra))
+        for key, row in results.items():
+            if any(v in row for v in extra):
+                cells = [f"{row[v]['lds']:.3f} ± {row[v]['se']:.3f}" for v in ["auto", *extra]]
+                print(f"| {key} | " + " | ".join(cells) + " |")
 
 
 def main() -> int:
@@ -565,6 +615,11 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=100, help="queries scored at once")
     parser.add_argument("--quick", action="store_true", help="fewer epochs, rows and queries (a smoke run)")
     parser.add_argument("--report-only", action="store_true", help="print the table from what is cached")
+    parser.add_argument("--investigate", action="store_true",
+                        help="also score the Adam runs with the preconditioner clipped per tensor (extra.npz)")
+    parser.add_argument("--stage", choices=["all", "scores", "retrain"], default="all",
+                        help="scores: train the full runs and score them only; retrain: the subsets only (the two "
+                             "can run side by side on the same --work)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -594,12 +649,16 @@ def main() -> int:
             work = root / run.name
             work.mkdir(parents=True, exist_ok=True)
             (work / "run.json").write_text(json.dumps(asdict(run)))
+            if args.stage == "retrain":
+                continue
             checkpoints = train_full(run, work)
             if not run.momentum:
                 recipe[run.name] = check_recipe(run, work, checkpoints)
             scores_for(run, work, checkpoints, args.threads, args.chunk)
+            if args.investigate:
+                investigate(run, work, args.threads, args.chunk)
         t0 = time.perf_counter()
-        for m in range(args.subsets):
+        for m in range(args.subsets if args.stage != "scores" else 0):
             for run in runs:
                 for setting in ("fixed", "fresh"):
                     retrain(run, root / run.name, setting, m)
@@ -610,8 +669,10 @@ def main() -> int:
     if args.json:
         info = {name: json.loads((root / name / "scores.json").read_text())
                 for name in count_of if (root / name / "scores.json").is_file()}
-        for value in info.values():
+        for name, value in info.items():
             value.pop("queries", None)
+            if (root / name / "recipe-check.json").is_file():
+                recipe[name] = json.loads((root / name / "recipe-check.json").read_text())
         trained = {name: json.loads((root / name / "checkpoints" / "done.json").read_text())
                    for name in count_of if (root / name / "checkpoints" / "done.json").is_file()}
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "load_at_end": os.getloadavg(),
