@@ -555,10 +555,17 @@ def lds(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> dict:
         r = rankdata(x, axis=0)
         return (r - r.mean(axis=0)) / np.where(r.std(axis=0) > 0, r.std(axis=0), np.nan)
 
-    rho = (ranks(predicted) * ranks(actual)).mean(axis=0)
-    rho = rho[np.isfinite(rho)]
+    per_query = (ranks(predicted) * ranks(actual)).mean(axis=0)
+    rho = per_query[np.isfinite(per_query)]
     return {"lds": float(rho.mean()), "se": float(rho.std(ddof=1) / math.sqrt(rho.size)), "queries": int(rho.size),
-            "subsets": int(masks.shape[0])}
+            "subsets": int(masks.shape[0]), "per_query": per_query}
+
+
+def paired(a: dict, b: dict) -> dict:
+    """LDS(a) - LDS(b) over the same queries, with the standard error of the per-query differences."""
+    d = a["per_query"] - b["per_query"]
+    d = d[np.isfinite(d)]
+    return {"diff": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(d.size)), "queries": int(d.size)}
 
 
 VARIANTS = ["plain", "auto", "cosine", "last", "more", "effective", "ekfac"]
@@ -583,7 +590,13 @@ def table(runs: list[Run], root: Path, count_of: dict[str, int]) -> dict:
             for i, m in enumerate(ms):
                 masks[i, subset(m, count_of[run.name])] = True
             losses = np.stack([np.load(work / "retrain" / setting / f"{m:03d}.npy") for m in ms])
-            results[f"{run.name}/{setting}"] = {v: lds(scores[v], masks, losses) for v in scores}
+            row = {v: lds(scores[v], masks, losses) for v in scores}
+            row["auto - plain"] = paired(row["auto"], row["plain"])
+            row["more - auto"] = paired(row["more"], row["auto"])
+            row["ekfac - auto"] = paired(row["ekfac"], row["auto"])
+            for value in row.values():
+                value.pop("per_query", None)
+            results[f"{run.name}/{setting}"] = row
     return results
 
 
@@ -595,7 +608,13 @@ def print_table(results: dict) -> None:
         any_ = next(iter(row.values()))
         cells = [f"{row[v]['lds']:.3f} ± {row[v]['se']:.3f}" if v in row else "-" for v in VARIANTS]
         print(f"| {key} | {any_['subsets']} | {any_['queries']} | " + " | ".join(cells) + " |")
-    extra = sorted({v for row in results.values() for v in row} - set(VARIANTS))
+    print("\n### paired differences (mean over queries of the per-query difference +- its standard error)\n")
+    print("| run / setting | auto - plain | more - auto | ekfac - auto |")
+    print("|---|---|---|---|")
+    for key, row in results.items():
+        cells = [f"{row[v]['diff']:+.3f} ± {row[v]['se']:.3f}" for v in ("auto - plain", "more - auto", "ekfac - auto")]
+        print(f"| {key} | " + " | ".join(cells) + " |")
+    extra = sorted({v for row in results.values() for v in row if "lds" in row[v]} - set(VARIANTS))
     if extra:
         print("\n### investigation (Adam runs: the preconditioner clipped per tensor)\n")
         print("| run / setting | auto | " + " | ".join(extra) + " |")
