@@ -407,12 +407,16 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-def scores_for(run: Run, work: Path, checkpoints: list[Path], threads: int, chunk: int) -> dict[str, np.ndarray]:
-    """Every variant's score matrix [Q, N] (cached in work/scores.npz) and the checks (work/scores.json)."""
+def scores_for(run: Run, work: Path, checkpoints: list[Path], threads: int, chunk: int, skip_more: bool = False
+               ) -> dict[str, np.ndarray]:
+    """Every variant's score matrix [Q, N] (cached in work/scores.npz) and the checks (work/scores.json).
+    `skip_more`: score the 5-checkpoint indexes only (no "more" variant; a run without it recomputes
+    everything once scores.npz is removed)."""
     cache, info_file = work / "scores.npz", work / "scores.json"
     if cache.is_file() and info_file.is_file():
         with np.load(cache) as data:
-            return {k: data[k] for k in data.files}
+            if skip_more or "more" in data.files:
+                return {k: data[k] for k in data.files}
     task = make_task(run)
     held = task.held_out_set()
     q = query_rows(run, len(held))
@@ -435,15 +439,20 @@ def scores_for(run: Run, work: Path, checkpoints: list[Path], threads: int, chun
     # SGD's optimizer-aware weights are lr_g (formula "sgd"): a plain pass would repeat the auto one term for
     # term; the 5-checkpoint plain index is still built and compared with it below
     formulas = ["auto"] if run.optimizer == "sgd" else ["auto", "plain"]
-    indexes = [build(configs[f"more-{f}"], work / f"index-more-{f}") for f in formulas]
+    if skip_more:  # the 5-checkpoint indexes are the per-checkpoint source
+        indexes = [build(configs[f], work / f"index-{f}") for f in formulas]
+        pick = list(range(len(five)))
+    else:
+        indexes = [build(configs[f"more-{f}"], work / f"index-more-{f}") for f in formulas]
     log(f"{run.name}: indexes built ({time.perf_counter() - t0:.0f}s); scoring {len(q)} queries x every training "
-        f"row at {MORE} checkpoints ({', '.join(formulas)})")
+        f"row at {len(pick) if skip_more else MORE} checkpoints ({', '.join(formulas)})")
     pc = per_checkpoint_scores(indexes, qx, qy, chunk, threads)
-    info["more"] = {"formulas": formulas, "optimizer": pc["optimizer"]}
+    info["more"] = "skipped (--skip-more)" if skip_more else {"formulas": formulas, "optimizer": pc["optimizer"]}
     terms = pc["terms"]
     out["auto"] = terms[0][pick].sum(axis=0)
     out["plain"] = terms[-1][pick].sum(axis=0)
-    out["more"] = terms[0].sum(axis=0)
+    if not skip_more:
+        out["more"] = terms[0].sum(axis=0)
     out["last"] = terms[0][-1]
     query_si5 = pc["query_si"][pick].sum(axis=0)
     log(f"{run.name}: per-checkpoint scores done ({time.perf_counter() - t0:.0f}s)")
@@ -594,7 +603,8 @@ def table(runs: list[Run], root: Path, count_of: dict[str, int]) -> dict:
             losses = np.stack([np.load(work / "retrain" / setting / f"{m:03d}.npy") for m in ms])
             row = {v: lds(scores[v], masks, losses) for v in scores}
             row["auto - plain"] = paired(row["auto"], row["plain"])
-            row["more - auto"] = paired(row["more"], row["auto"])
+            if "more" in row:
+                row["more - auto"] = paired(row["more"], row["auto"])
             row["ekfac - auto"] = paired(row["ekfac"], row["auto"])
             for value in row.values():
                 value.pop("per_query", None)
@@ -614,7 +624,8 @@ def print_table(results: dict) -> None:
     print("| run / setting | auto - plain | more - auto | ekfac - auto |")
     print("|---|---|---|---|")
     for key, row in results.items():
-        cells = [f"{row[v]['diff']:+.3f} ± {row[v]['se']:.3f}" for v in ("auto - plain", "more - auto", "ekfac - auto")]
+        cells = [f"{row[v]['diff']:+.3f} ± {row[v]['se']:.3f}" if v in row else "-"
+                 for v in ("auto - plain", "more - auto", "ekfac - auto")]
         print(f"| {key} | " + " | ".join(cells) + " |")
     extra = sorted({v for row in results.values() for v in row if "lds" in row[v]} - set(VARIANTS))
     if extra:
@@ -641,6 +652,8 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=100, help="queries scored at once")
     parser.add_argument("--quick", action="store_true", help="fewer epochs, rows and queries (a smoke run)")
     parser.add_argument("--report-only", action="store_true", help="print the table from what is cached")
+    parser.add_argument("--skip-more", action="store_true",
+                        help="score the 5-checkpoint indexes only (no 20-checkpoint variant: for a short session)")
     parser.add_argument("--investigate", action="store_true",
                         help="also score the Adam runs with the preconditioner clipped per tensor (extra.npz)")
     parser.add_argument("--stage", choices=["all", "scores", "retrain"], default="all",
@@ -682,7 +695,7 @@ def main() -> int:
             checkpoints = train_full(run, work)
             if not run.momentum:
                 recipe[run.name] = check_recipe(run, work, checkpoints)
-            scores_for(run, work, checkpoints, args.threads, args.chunk)
+            scores_for(run, work, checkpoints, args.threads, args.chunk, args.skip_more)
             if args.investigate:
                 investigate(run, work, args.threads, args.chunk)
         t0 = time.perf_counter()
