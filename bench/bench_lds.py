@@ -415,8 +415,10 @@ def scores_for(run: Run, work: Path, checkpoints: list[Path], threads: int, chun
     cache, info_file = work / "scores.npz", work / "scores.json"
     if cache.is_file() and info_file.is_file():
         with np.load(cache) as data:
-            if skip_more or "more" in data.files:
-                return {k: data[k] for k in data.files}
+            cached = {k: data[k] for k in data.files}
+        if skip_more or "more" in cached:
+            return cached
+        return add_more(run, work, checkpoints, threads, chunk, cached)
     task = make_task(run)
     held = task.held_out_set()
     q = query_rows(run, len(held))
@@ -516,6 +518,28 @@ def investigate(run: Run, work: Path, threads: int, chunk: int) -> None:
     np.savez(work / "extra.tmp.npz", **out)
     os.replace(work / "extra.tmp.npz", out_file)
     log(f"{run.name}: investigation variants {list(out)} ({info['five']})")
+
+
+def add_more(run: Run, work: Path, checkpoints: list[Path], threads: int, chunk: int,
+             cached: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The "more" variant (all MORE checkpoints, auto) for scores computed with --skip-more; its terms at the 5
+    default checkpoints are checked against the cached "auto" scores (recorded in scores.json)."""
+    task = make_task(run)
+    held = task.held_out_set()
+    qx, qy = held.rows(query_rows(run, len(held)))
+    index = build(write_config(work / "more-auto.toml", run, checkpoints), work / "index-more-auto")
+    log(f"{run.name}: scoring the {MORE}-checkpoint index (more)")
+    terms = per_checkpoint_scores([index], qx, qy, chunk, threads)["terms"][0]
+    pick = [checkpoints.index(c) for c in checkpoints[MORE // 5 - 1::MORE // 5]]
+    info = json.loads((work / "scores.json").read_text())
+    info["more"] = {"added_later": True, "max_rel_diff_of_its_5_checkpoints_vs_auto": rel(terms[pick].sum(axis=0),
+                                                                                          cached["auto"])}
+    cached["more"] = terms.sum(axis=0)
+    np.savez(work / "scores.tmp.npz", **cached)
+    os.replace(work / "scores.tmp.npz", work / "scores.npz")
+    (work / "scores.json").write_text(json.dumps(info, indent=1, default=float))
+    log(f"{run.name}: more added ({info['more']})")
+    return cached
 
 
 # -- retraining ------------------------------------------------------------------------------------------------
