@@ -1,6 +1,8 @@
 """`tracin` command line: index, inspect, demo, serve.
 
 Errors in the user's input print one line naming the problem and exit with status 2 (no traceback).
+Only the standard library is imported before a command runs: `tracin --version` and `tracin --help`
+never import torch (tests/test_demo_cli.py).
 """
 from __future__ import annotations
 
@@ -9,9 +11,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-from indexer.checkpoints import CheckpointError
-from indexer.config import ConfigError
 
 
 class UsageError(Exception):
@@ -248,18 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input (one line, exit 2), imported only once a command failed."""
+    from indexer.checkpoints import CheckpointError
+    from indexer.config import ConfigError
+    from indexer.store.directory import IndexBuildError, IndexDirectoryError
+    from indexer.store.manifest import ManifestError
+
+    return ConfigError, CheckpointError, IndexDirectoryError, IndexBuildError, ManifestError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, CheckpointError, FileExistsError, UsageError) as exc:
+    except (FileExistsError, UsageError) as exc:
         print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001
-        from indexer.store.manifest import ManifestError
-        from indexer.store.directory import IndexBuildError, IndexDirectoryError
-
-        if isinstance(exc, (IndexDirectoryError, IndexBuildError, ManifestError)):
+        if isinstance(exc, _user_errors()):
             print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise

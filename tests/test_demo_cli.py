@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +25,16 @@ def tracin(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Path, float]:
+def demo(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo")
-    started = time.perf_counter()
-    tracin("demo", "--out", str(out), "--no-serve", "--quiet")
-    return out, time.perf_counter() - started
+    proc = tracin("demo", "--out", str(out), "--no-serve", "--quiet")
+    return out, proc.stdout
 
 
-def test_demo_builds_in_well_under_a_minute(demo):
-    out, seconds = demo
-    assert seconds < 60
+def test_demo_builds_the_whole_index(demo):
+    """Outcomes only: how long the demo takes belongs in bench/, never in a test (a busy machine is slow)."""
+    out, stdout = demo
+    assert "indexed 1500 examples" in stdout and str(out / "index") in stdout
     index = IndexDirectory.open(out / "index")
     assert index.count == 1500 and len(index.manifest["checkpoints"]) == 5
     lrs = [c["lr"] for c in index.manifest["checkpoints"]]
@@ -112,3 +111,23 @@ def test_make_demo_installs_no_extras_and_takes_port_and_host():
     assert _make_n("demo")[-1].endswith("--host 127.0.0.1 --port 8000")
     installs = [line for line in _make_n("test") if "constraints.txt -e" in line]
     assert installs == [".venv/bin/pip install -q -c constraints.txt -e '.[test,text,huggingface,lightning,ray]'"]
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["index", "--help"], ["serve", "--help"]])
+def test_version_and_help_do_not_import_torch(argv):
+    """`tracin --version` / `--help` stay instant: nothing heavy is imported before a command runs."""
+    code = ("import sys, contextlib, io\n"
+            "from indexer.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n"
+            f"        main({argv!r})\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code == 0, exc.code\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'faiss', 'fastapi') if m in sys.modules)\n"
+            "print(repr(heavy), out.getvalue()[:40].replace(chr(10), ' '))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    heavy, printed = proc.stdout.split(" ", 1)
+    assert heavy == "[]", proc.stdout
+    assert ("tracin 0.1.0" if argv == ["--version"] else "usage: tracin") in printed
