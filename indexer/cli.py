@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,23 @@ from pathlib import Path
 
 class UsageError(Exception):
     pass
+
+
+def check_output_dir(out: str | Path, flag: str = "--out", work_dir: bool = False) -> None:
+    """Refuse in one line (UsageError) an output that cannot be written: an ancestor that is a file, a
+    directory that cannot be created, a read-only directory. Creates the missing parents of `out` (and
+    `out` itself when it is a `work_dir` the command writes into)."""
+    out = Path(out).absolute()
+    parent = out if work_dir else out.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"{flag} {out}: {existing} is a file, not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: cannot create {exc.filename or parent}: {exc.strerror or exc}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {out}: {parent} is not writable (read-only file system or no write permission)")
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -31,6 +49,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         raise UsageError("--shards goes with --ray (one job per shard: --shard I/N, then --merge N)")
     if args.keep_shards and not args.merge:
         raise UsageError("--keep-shards goes with --merge N")
+    check_output_dir(args.out)
     if args.ray is not None:
         from indexer.build.distributed import _import_ray
 
@@ -153,6 +172,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     out = Path(args.out)
     index_dir = out / "index"
+    check_output_dir(out, work_dir=True)
     t0 = time.perf_counter()
     if index_dir.exists() and not args.force:
         print(f"demo index already at {index_dir} (use --force to rebuild)")
@@ -267,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001
         if isinstance(exc, _user_errors()):
             print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError) and exc.strerror:  # the file system said no (permissions, read-only, ...)
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"tracin {args.command}: error: {exc.strerror}{where}", file=sys.stderr)
             return 2
         raise
 
