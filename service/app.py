@@ -131,7 +131,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
 
 def _document_bearer(app: FastAPI) -> None:
+    """OpenAPI with the bearer key: the security scheme, and on every route that needs the key (all but the
+    health probes, `service.errors.BearerAuth.OPEN`) its 401 answer; the probes say they need none."""
     from fastapi.openapi.utils import get_openapi
+
+    from service.errors import BearerAuth
+
+    unauthorized = {"description": "missing or wrong bearer key: every route but /healthz and /readyz needs "
+                                   "`Authorization: Bearer <key>` (TRACIN_API_KEY is set)",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -140,6 +148,12 @@ def _document_bearer(app: FastAPI) -> None:
             schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
                 "type": "http", "scheme": "bearer"}
             schema["security"] = [{"bearer": []}]
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    if path in BearerAuth.OPEN:
+                        operation["security"] = []
+                    else:
+                        operation.setdefault("responses", {})["401"] = unauthorized
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -18,8 +18,9 @@ from service.schemas import (
 )
 from service.settings import Settings
 
+#: the error answers of the data routes (401, with a key set, is added by service.app to every route but the
+#: health probes)
 ERRORS = {
-    401: {"model": ErrorResponse, "description": "missing or wrong bearer key (when TRACIN_API_KEY is set)"},
     408: {"model": ErrorResponse, "description": "request body not complete within TRACIN_BODY_TIMEOUT_S"},
     413: {"model": ErrorResponse, "description": "request body over TRACIN_MAX_BODY_BYTES"},
     422: {"model": ErrorResponse, "description": "invalid input; `detail[].field` names the field"},
@@ -68,11 +69,14 @@ def build_router(request_model: type[BaseModel], settings: Settings,
                  summary="Top proponents and opponents of a prediction")
     async def influence(request: Request,
                         body: request_model = Body(..., openapi_examples=examples or None)) -> Any:  # type: ignore[valid-type]
-        """Embed the posted `example` with the indexer's embedding function (loss on `label`, default the
-        model's prediction at the last checkpoint) or take the stored vector of training example
-        `train_id`, then return the `k` training examples with the largest positive TracIn scores
-        (proponents) and the `k` with the most negative (opponents). `filter_label` restricts the
-        search to training examples of one label inside FAISS."""
+        """Give exactly one of `example` and `train_id`. A posted `example` is embedded with the indexer's
+        embedding function (loss on `label`, default the model's prediction at the last checkpoint); a
+        `train_id` starts from the stored vector of that training example (its gradients are recomputed
+        from the training set for exact re-ranking and for a metric). Returns the `k` training examples
+        with the largest positive TracIn scores (proponents) and the `k` with the most negative
+        (opponents), re-ranked by exact TracIn unless `rerank` is 0. `filter_label` restricts the search
+        to training examples of one label inside FAISS. Scores are raw TracIn by default (`normalize`);
+        `hints` says when most hits are high-self-influence examples."""
         started = time.perf_counter()
         if body.example is not None:
             reject_non_finite(body.example.model_dump(mode="python"), ("example",))
