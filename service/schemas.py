@@ -72,6 +72,20 @@ class RerankInfo(BaseModel):
     candidates: int = Field(description="distinct training examples re-scored by exact TracIn")
 
 
+class Hint(BaseModel):
+    """Something to know about this answer (service.hints)."""
+
+    code: str = Field(description="machine-readable, e.g. high_self_influence")
+    message: str
+    fraction: Optional[float] = Field(None, description="high_self_influence: share of the hits in the top 10% "
+                                                        "by self-influence (0..1)")
+    in_top: Optional[int] = None
+    hits: Optional[int] = None
+    top_ranks: Optional[int] = Field(None, description="ranks 1..top_ranks are the top 10% by self-influence")
+    suggestion: dict[str, Any] = Field(default_factory=dict, description="request fields that answer the hint, "
+                                                                         "e.g. {\"normalize\": \"train\"}")
+
+
 class InfluenceResponse(BaseModel):
     prediction: Optional[Prediction] = Field(None, description="the model's prediction at the last checkpoint; for "
                                                                "a train_id query null only when the training set is "
@@ -98,6 +112,12 @@ class InfluenceResponse(BaseModel):
                     "white background; ids never seen in training), judged from ranges of the training inputs "
                     "recorded at index time; empty when it looks like training data, for train_id queries, and for "
                     "an index built before the ranges were recorded. The answer is computed all the same")
+    hints: list[Hint] = Field(
+        default_factory=list,
+        description="about the hits: `high_self_influence` when more than half of them are among the top 10% of "
+                    "training examples by self-influence (raw scores favour mislabeled and atypical examples); "
+                    "its `suggestion` {\"normalize\": \"train\"} asks for the normalised ranking. Raw TracIn "
+                    "stays the default (`normalize`)")
 
 
 class SelfInfluenceItem(BaseModel):

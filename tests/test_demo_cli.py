@@ -52,6 +52,41 @@ def test_self_influence_finds_the_flipped_labels(demo):
     assert flipped[top].mean() > 0.6  # random ranking would find ~0.1
 
 
+def test_raw_answers_dominated_by_high_self_influence_say_so(demo):
+    """Issue 22, item 8: train-17's raw proponents and opponents are all flipped labels, most among the
+    top 10% by self-influence: the answer carries the `high_self_influence` hint, with the normalised
+    ranking as its suggestion; that ranking, asked for, carries none (and shows fewer flipped labels)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.hints import top_ranks
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(index_dir=demo[0] / "index", access_log=False))) as client:
+        count = client.get("/index").json()["count"]
+        queries = [{"train_id": "train-17"}] + [{"example": q["example"]} for q in
+                                                 client.get("/queries", params={"limit": 5}).json()["items"]]
+        for query in queries:
+            answers = {norm: client.post("/influence", json={**query, "normalize": norm}).json()
+                       for norm in ("none", "train")}
+            for norm, answer in answers.items():
+                hits = answer["proponents"] + answer["opponents"]
+                share = sum(h["self_influence_rank"] <= top_ranks(count) for h in hits) / len(hits)
+                assert bool(answer["hints"]) == (norm == "none" and share > 0.5), (query, norm, share)
+                if answer["hints"]:
+                    hint, = answer["hints"]
+                    assert hint["code"] == "high_self_influence" and hint["fraction"] == share
+                    assert hint["suggestion"] == {"normalize": "train"} and answer["normalize"] == "none"
+        t17 = {norm: client.post("/influence", json={"train_id": "train-17", "normalize": norm}).json()
+               for norm in ("none", "train")}
+        raw_hits = t17["none"]["proponents"] + t17["none"]["opponents"]
+        assert all(h["display"]["flipped"] for h in raw_hits)  # the issue's observation
+        assert t17["none"]["hints"] and t17["none"]["hints"][0]["fraction"] == 1.0
+        assert t17["train"]["hints"] == []
+        flipped_normalised = sum(h["display"]["flipped"] for h in t17["train"]["proponents"] + t17["train"]["opponents"])
+        assert flipped_normalised < len(raw_hits)
+
+
 def test_inspect_prints_summary_and_json(demo):
     text = tracin("inspect", str(demo[0] / "index"), "--top", "3").stdout
     assert "sketch dim=512" in text and "fc1" in text and "top 3 self-influence" in text
