@@ -238,12 +238,16 @@ def test_a_second_build_is_refused_while_the_output_is_locked(tmp_path, ckpts):
 
 
 class SlowMLPTask(MLPTask):
-    """MLPTask whose training set takes a few seconds to load: a build that holds its lock a while."""
+    """MLPTask whose training set is not ready until the file named by $TRACIN_TEST_RELEASE exists: a build
+    that holds its lock until the test lets it go (a guard of 300 s only bounds a hung test)."""
 
     def training_set(self):
         import time
 
-        time.sleep(4)
+        release = os.environ.get("TRACIN_TEST_RELEASE")
+        deadline = time.monotonic() + 300
+        while release and not Path(release).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         return super().training_set()
 
 
@@ -260,18 +264,21 @@ def test_two_concurrent_builds_never_mix(tmp_path, ckpts):
         config.write_text(config.read_text().replace("seed = 3", f"seed = {seed}"))
         configs.append(config)
     out = tmp_path / "index"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    release = tmp_path / "release"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRACIN_TEST_RELEASE": str(release)}
 
     def start(config):
         return subprocess.Popen([sys.executable, "-m", "indexer.cli", "index", str(config), "--out", str(out),
                                  "--force", "--quiet"], stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
 
     first = start(configs[0])
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300  # a guard only: the first build waits for `release` holding its lock
     while not (tmp_path / ".index.lock").exists() and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
     second = start(configs[1])
-    (code1, err1), (code2, err2) = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
+    code2, err2 = second.wait(timeout=300), second.stderr.read()  # refused while the first holds the lock
+    release.touch()
+    code1, err1 = first.wait(timeout=300), first.stderr.read()
     assert code1 == 0, err1
     assert code2 == 2 and f"another build (pid {first.pid}) is writing" in err2 and "Traceback" not in err2, err2
     index = IndexDirectory.open(out)  # whole, verified, and the first build's
