@@ -149,3 +149,26 @@ def test_openapi_documents_the_401_of_every_keyed_route():
     without_key = _spec()
     assert "security" not in without_key and "401" not in without_key["paths"]["/"]["get"]["responses"]
     assert "401" not in without_key["paths"]["/influence"]["post"]["responses"]
+
+
+def test_openapi_does_not_claim_train_id_queries_do_no_gradient_work():
+    """Re-ranking recomputes a train_id query's gradients: the document says so (issue 22, item 9)."""
+    import json
+
+    spec = _spec()
+    text = json.dumps(spec)
+    assert "no gradient work" not in text
+    request = next(v for k, v in spec["components"]["schemas"].items() if k.startswith("InfluenceRequest"))
+    assert "recomputed" in request["properties"]["train_id"]["description"]
+
+
+def test_the_api_docs_files_load_nothing_from_a_cdn():
+    """/redoc is fully offline: ReDoc's footer logo no longer comes from cdn.redoc.ly (issue 22, item 9)."""
+    from service.docs import CDN_HOSTS, vendor_files
+
+    with TestClient(create_app(_settings(mlp_index()))) as client:
+        for name in ("redoc.standalone.js", "swagger-ui-bundle.js", "swagger-ui.css"):
+            body = client.get(f"/dashboard/vendor/{name}").content
+            assert body == vendor_files()[name] and len(body) > 10_000
+            assert not [host for host in CDN_HOSTS if host in body], name
+        assert b"https://" not in client.get("/redoc").content
