@@ -656,7 +656,7 @@ def test_wide_windows_and_select_texts(browser, server, api):
             for view, ready in (("explain", "#proponents li.hit"), ("self", "#si-table tbody tr[data-id]"),
                                 ("index", "#index-panel .card table tbody tr")):
                 browser.get(server + f"/#/{view}" + ("/query/0" if view == "explain" else ""))
-                wait_for(lambda: css(browser, ready), what=f"{view} at {width}px")
+                wait_for(lambda sel=ready: css(browser, sel), what=f"{view} at {width}px")
                 time.sleep(0.3)  # the histogram redraws after a resize
                 sizes = browser.execute_script(
                     "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
