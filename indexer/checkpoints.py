@@ -9,6 +9,7 @@ import hashlib
 import math
 import numbers
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,15 @@ def save_checkpoint(
     lr: float | None = None,
     step: int | None = None,
     epoch: int | None = None,
+    optimizer_state: bool = True,
 ) -> Path:
-    """Save `model.state_dict()` with the learning rate in force (`optimizer.param_groups[0]["lr"]`
-    unless `lr` is given). Call it in your training loop at the moments TracIn should look at."""
+    """Save `model.state_dict()` with the learning rate in force (`optimizer.param_groups[0]["lr"]` unless
+    `lr` is given) and, with an optimizer, its class, its `state_dict()` (every group's lr and
+    hyperparameters, Adam's second moments, ...) and the name of every parameter of each group, so that
+    `tracin index` weighs each parameter by the step the optimizer took (indexer.optimizer). Call it in
+    your training loop at the moments TracIn should look at, after `optimizer.step()` and before the
+    scheduler's step. `optimizer_state=False` records the class and groups' names only (smaller files;
+    an Adam-type optimizer is then scored with the plain formula, with a warning)."""
     if lr is None:
         if optimizer is None:
             raise ValueError("save_checkpoint needs an optimizer or an explicit lr")
@@ -42,6 +49,14 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "lr": float(lr),
     }
+    if optimizer is not None:
+        payload["optimizer_class"] = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+        if optimizer_state:
+            names = {id(p): n for n, p in model.named_parameters()}
+            groups = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+            payload["optimizer_state_dict"] = _to_cpu(optimizer.state_dict())
+            if all(n is not None for g in groups for n in g):
+                payload["optimizer_param_names"] = groups
     if step is not None:
         payload["step"] = int(step)
     if epoch is not None:
@@ -52,11 +67,23 @@ def save_checkpoint(
     return path
 
 
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 RESAVE_HINT = ("re-save it with indexer.checkpoints.save_checkpoint(path, model, optimizer) or "
                "torch.save(model.state_dict(), path)")
 _STATE_KEYS = ("state_dict", "model_state_dict", "model")  # where training code puts the weights
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json")
+               "pytorch_model.bin.index.json",
+               # a PEFT adapter's save_pretrained folder: the adapter's weights only (`load_state_into`)
+               "adapter_model.safetensors", "adapter_model.bin")
 
 
 def load_checkpoint(path: str | Path, prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -257,12 +284,42 @@ def recorded_lr(meta: dict[str, Any], where: str) -> float | None:
     return checked_lr(meta["lr"], f"{where} (the lr the file records)")
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """load_state_dict(strict=True) with a message that names what does not match.
+@dataclass(frozen=True)
+class LoadReport:
+    """How `load_state_into` filled a model: `from_factory` = the state-dict keys the checkpoint does not hold
+    and that therefore keep the values the task's model factory gave them (frozen parameters and buffers of
+    a base model under an adapter-only checkpoint; empty for a full checkpoint), with `factory_sha256` a
+    digest of those values (names, dtypes, shapes and bytes) so that a later load can tell whether the
+    factory still builds the same base; `adapter` = the PEFT adapter name the checkpoint was loaded into
+    (None unless the checkpoint is a PEFT adapter's `save_pretrained` state)."""
 
-    Tied parameters (one tensor under several names, e.g. an LM head sharing the embedding) may be
-    present once in `state` (Hugging Face writes a tied tensor once): the missing names are filled from
-    the present one. When several names of one tied tensor are present their values must be equal."""
+    from_factory: tuple[str, ...] = ()
+    factory_sha256: str | None = None
+    adapter: str | None = None
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.from_factory)
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> LoadReport:
+    """load_state_dict with a message that names what does not match; returns a `LoadReport`.
+
+    Full checkpoints load strictly. Tied parameters (one tensor under several names, e.g. an LM head
+    sharing the embedding) may be present once in `state` (Hugging Face writes a tied tensor once): the
+    missing names are filled from the present one. When several names of one tied tensor are present their
+    values must be equal.
+
+    Adapter-only checkpoints (PEFT `save_pretrained` writes only the adapter's weights; the frozen base comes
+    from the task's model factory) load over the base: when the model is a PEFT model and the checkpoint's
+    keys are its adapter's state as PEFT saves it (`...lora_A.weight` for the model's
+    `...lora_A.default.weight`), through peft's own `set_peft_model_state_dict`; otherwise when the
+    checkpoint's keys are a subset of the model's. Either way every key the checkpoint lacks must be a
+    frozen parameter (requires_grad False) or a buffer of the model as the factory built it, never a
+    trainable one (the traced parameters are trainable): CheckpointError naming the first trainable
+    parameter missing otherwise.
+
+    Raises CheckpointError (one line) on missing trainable parameters, unexpected keys or shape mismatches."""
     own = model.state_dict()
     state = _fill_tied(model, dict(state), where)
     missing = sorted(set(own) - set(state))
@@ -272,17 +329,96 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], where: str
         for k in sorted(set(own) & set(state))
         if tuple(state[k].shape) != tuple(own[k].shape)
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}")
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes[:5]))
-        hint = _prefix_hint(set(own), set(state))
-        raise CheckpointError(f"{where} does not match the model: " + ", ".join(parts) + hint)
-    model.load_state_dict(state, strict=True)
+    if not missing and not unexpected and not shapes:
+        model.load_state_dict(state, strict=True)
+        return LoadReport()
+    if unexpected and _is_peft_model(model):
+        report = _load_peft_adapter(model, state, where)
+        if report is not None:
+            return report
+    if missing and not unexpected and not shapes:
+        _refuse_missing_trainable(model, missing, where)
+        digest = _factory_digest(own, missing)
+        model.load_state_dict(state, strict=False)
+        return LoadReport(tuple(missing), digest)
+    parts = []
+    if missing:
+        parts.append(f"missing keys {missing[:5]}")
+    if unexpected:
+        parts.append(f"unexpected keys {unexpected[:5]}")
+    if shapes:
+        parts.append("shape mismatch " + "; ".join(shapes[:5]))
+    hint = _prefix_hint(set(own), set(state))
+    raise CheckpointError(f"{where} does not match the model: " + ", ".join(parts) + hint)
+
+
+def _trainable_names(model: nn.Module) -> dict[str, str]:
+    """state-dict key -> canonical parameter name, for every parameter that requires grad (tied names too)."""
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    return {key: trainable[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in trainable}
+
+
+def _refuse_missing_trainable(model: nn.Module, missing: list[str], where: str) -> None:
+    trainable = _trainable_names(model)
+    lacking = [k for k in missing if k in trainable]
+    if lacking:
+        raise CheckpointError(
+            f"{where} lacks the trainable parameter{'s' if len(lacking) > 1 else ''} {lacking[:5]}"
+            f"{' ...' if len(lacking) > 5 else ''}: a checkpoint may leave out only frozen parameters "
+            "(requires_grad False) and buffers, which the task's model factory provides (an adapter-only "
+            f"checkpoint over a frozen base); {len(missing)} keys are missing in all. Save every trainable "
+            "parameter, or freeze what the checkpoint does not hold")
+
+
+def _factory_digest(own: dict[str, torch.Tensor], keys: list[str]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        tensor = own[key].detach().cpu().contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "active_adapter") and \
+        type(model).__module__.startswith("peft.")
+
+
+def _load_peft_adapter(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> LoadReport | None:
+    """Load a PEFT adapter state (keys as `save_pretrained` writes them) into its PEFT model with peft's own
+    `set_peft_model_state_dict`; None when the keys are not the adapter's (the caller then refuses)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = model.active_adapter
+    if not isinstance(adapter, str):
+        raise CheckpointError(f"{where}: the PEFT model has several active adapters {list(adapter)[:5]}; an "
+                              "adapter checkpoint holds one: activate one adapter in the task's model factory")
+    expected = get_peft_model_state_dict(model, adapter_name=adapter)
+    if set(expected) != set(state):
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        if set(state) & set(expected):  # an adapter checkpoint, but not of this adapter configuration
+            raise CheckpointError(f"{where} is not a checkpoint of the PEFT adapter the task builds "
+                                  f"({adapter!r}): adapter keys missing {missing[:5]}, unexpected {extra[:5]}; "
+                                  "build the task's PEFT model with the adapter_config.json it was trained with")
+        return None
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+              if tuple(state[k].shape) != tuple(v.shape)]
+    if shapes:
+        raise CheckpointError(f"{where} does not match the PEFT adapter {adapter!r}: shape mismatch "
+                              + "; ".join(shapes[:5]))
+    # get_peft_model_state_dict returns the model's own tensors (renamed): what it covers is loaded, by storage
+    loaded = {(t.data_ptr(), tuple(t.shape)) for t in expected.values()}
+    own = model.state_dict()
+    missing = sorted(k for k, t in own.items() if (t.data_ptr(), tuple(t.shape)) not in loaded)
+    _refuse_missing_trainable(model, missing, where)
+    digest = _factory_digest(own, missing)
+    set_peft_model_state_dict(model, state, adapter_name=adapter)
+    after = get_peft_model_state_dict(model, adapter_name=adapter)
+    wrong = [k for k, v in state.items() if not torch.equal(after[k], v.to(after[k].dtype))]
+    if wrong:
+        raise CheckpointError(f"{where}: peft did not load the adapter weights {wrong[:5]} into the model")
+    return LoadReport(tuple(missing), digest, adapter)
 
 
 def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

@@ -35,6 +35,20 @@ def check_output_dir(out: str | Path, flag: str = "--out", work_dir: bool = Fals
         raise UsageError(f"{flag} {out}: {parent} is not writable (read-only file system or no write permission)")
 
 
+def _set_threads(threads: int | None) -> None:
+    """torch intra-op threads of the build: `--threads N`, else TRACIN_INDEX_THREADS, else the CPUs this process may
+    run on (os.sched_getaffinity: a container's or taskset's share, not the machine's)."""
+    import os
+
+    import torch
+
+    if threads is None:
+        threads = int(os.environ.get("TRACIN_INDEX_THREADS") or 0) or len(os.sched_getaffinity(0))
+    if threads < 1:
+        raise UsageError(f"--threads: expected a positive number of threads, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from indexer.config import load_config
     from indexer.build.pipeline import build_index, build_shard, merge_shards
@@ -54,6 +68,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         from indexer.build.distributed import _import_ray
 
         _import_ray()  # before any work: "pip install 'tracin-service[ray]'" in one line
+    _set_threads(args.threads)
     config = load_config(args.config)
     if args.batch_size:
         from dataclasses import replace
@@ -139,8 +154,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     f = m["faiss"]
     extra = f"  recall@10 {f.get('recall_at_10')}" if f["approximate"] else ""
     print(f"faiss      {f['factory']} ({'approximate' if f['approximate'] else 'exact'}){extra}")
+    opt = m.get("optimizer") or {"formula": "sgd", "why": "an index built before optimizer-aware TracIn"}
+    print(f"formula    {opt['formula']}: {opt['why']}"
+          + (f" ({opt['bounded']} preconditioner coordinates bounded)" if opt.get("bounded") else ""))
     for c in m["checkpoints"]:
-        print(f"checkpoint {c['file']}  lr={c['lr']:g}  sha256={c['sha256'][:12]}")
+        step = c.get("step") or {}
+        groups = step.get("groups") or []
+        lrs = "  groups " + ", ".join(f"{g['lr']:g} ({len(g['params'])} tensors)" for g in groups) \
+            if len(groups) > 1 else ""
+        print(f"checkpoint {c['file']}  {step.get('formula', 'sgd')}  lr={c['lr']:g}{lrs}  sha256={c['sha256'][:12]}")
     for layer in m["layers"]:
         print(f"layer      {layer['name']:<24} {layer['kind']:<9} {layer['shape'][0]}x{layer['shape'][1]}"
               f" -> {layer['projection']} {layer['dim']}")
@@ -219,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing index directory")
     p.add_argument("--batch-size", type=int, default=None, help="override index.batch_size of the config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the build (default: TRACIN_INDEX_THREADS, else the CPUs it may run on)")
     p.add_argument("--shard", metavar="I/N", help="embed only shard I of N (e.g. $SLURM_ARRAY_TASK_ID/8)")
     p.add_argument("--merge", metavar="N", type=int, help="build the index from N finished shards")
     p.add_argument("--keep-shards", action="store_true",

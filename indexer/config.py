@@ -5,9 +5,15 @@
     checkpoint_prefix = "model."                  # optional: keep keys with this prefix and strip it
     layers = ["fc1", "fc2"]                       # module names or globs; omitted = all trainable
     [[checkpoints]]
-    path = "checkpoints/epoch-05.pt"             # relative to the config file; a file or a save_pretrained folder
-    lr = 0.1                                      # optional when the file records its lr (lr / learning_rate)
+    path = "checkpoints/epoch-05.pt"             # relative to the config file; a file, a save_pretrained folder or
+                                                  # a Hugging Face Trainer checkpoint-N/ folder
+    lr = 0.1                                      # optional when the file records its lr or optimizer state; or a
+                                                  # per-layer table: lr = { "body.*" = 0.03, "head" = 0.3 }
     prefix = "model."                             # optional, overrides checkpoint_prefix for this file
+    [optimizer]                                   # optional (indexer.optimizer.step)
+    formula = "auto"                              # auto (from the saved optimizer state) | sgd (plain lr * g, forced)
+    groups = [["body.*"], ["head.*"]]             # the optimizer's parameter groups, when files record no names
+    momentum = "ignore"                           # ignore | effective (SGD/RMSprop: lr (1 - dampening) / (1 - mu))
     [projection]
     kind = "sketch"                               # exact | sketch | kronecker | gaussian
     dim = 512                                     # numbers per example, whatever the layers and checkpoints
@@ -39,7 +45,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class CheckpointSpec:
     path: Path
-    lr: float | None = None
+    lr: float | dict[str, float] | None = None  # one lr, or {parameter pattern: lr} (first match wins)
     prefix: str | None = None  # keep the state_dict keys with this prefix and strip it (e.g. "model.")
 
 
@@ -176,10 +182,18 @@ class IndexConfig:
     projection: ProjectionSpec = ProjectionSpec()
     index: IndexSpec = IndexSpec()
     source: Path | None = None  # the config file (a build never replaces a directory holding it)
+    optimizer: Any = None  # indexer.optimizer.step.StepOptions (None: the defaults)
+
+    @property
+    def step_options(self):
+        from indexer.optimizer.step import StepOptions
+
+        return self.optimizer if self.optimizer is not None else StepOptions()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("source", None)
+        data["optimizer"] = asdict(self.step_options)
         data["checkpoints"] = [{"path": str(c.path), "lr": c.lr, **({"prefix": c.prefix} if c.prefix else {})}
                                for c in self.checkpoints]
         return data
@@ -194,7 +208,7 @@ def _expect(value: Any, kinds: type | tuple[type, ...], name: str) -> Any:
 
 
 def parse_config(data: dict[str, Any], base_dir: Path) -> IndexConfig:
-    known = {"task", "task_args", "layers", "checkpoints", "checkpoint_prefix", "projection", "index"}
+    known = {"task", "task_args", "layers", "checkpoints", "checkpoint_prefix", "projection", "index", "optimizer"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown top-level keys {unknown}; known: {sorted(known)}")
@@ -226,7 +240,13 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> IndexConfig:
             from indexer.checkpoints import CheckpointError, checked_lr
 
             try:
-                lr = checked_lr(lr, f"{where}.lr")
+                if isinstance(lr, dict):
+                    if not lr or not all(isinstance(k, str) and k for k in lr):
+                        raise ConfigError(f"{where}.lr: a table of parameter patterns and learning rates, e.g. "
+                                          "lr = { \"body.*\" = 0.03, \"head\" = 0.3 }")
+                    lr = {k: checked_lr(v, f"{where}.lr.{k}") for k, v in lr.items()}
+                else:
+                    lr = checked_lr(lr, f"{where}.lr")
             except CheckpointError as exc:
                 raise ConfigError(str(exc)) from None
         prefix = raw.get("prefix", default_prefix)
@@ -279,7 +299,29 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> IndexConfig:
     for name, value in index.search_params.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"index.search_params.{name}: expected a number, got {value!r}")
-    return IndexConfig(task, checkpoints, layers, projection, index)
+    return IndexConfig(task, checkpoints, layers, projection, index, optimizer=_optimizer_options(data))
+
+
+def _optimizer_options(data: dict[str, Any]):
+    from indexer.optimizer.step import StepOptions
+
+    o = dict(_expect(data.get("optimizer", {}), dict, "optimizer"))
+    bad = sorted(set(o) - {"formula", "groups", "momentum"})
+    if bad:
+        raise ConfigError(f"optimizer: unknown keys {bad}; known: ['formula', 'groups', 'momentum']")
+    formula = _expect(o.get("formula", "auto"), str, "optimizer.formula")
+    if formula not in ("auto", "sgd"):
+        raise ConfigError(f"optimizer.formula: {formula!r} is not one of auto, sgd")
+    momentum = _expect(o.get("momentum", "ignore"), str, "optimizer.momentum")
+    if momentum not in ("ignore", "effective"):
+        raise ConfigError(f"optimizer.momentum: {momentum!r} is not one of ignore, effective")
+    groups = o.get("groups")
+    if groups is not None:
+        if not isinstance(groups, list) or not groups or not all(
+                isinstance(g, list) and g and all(isinstance(p, str) and p for p in g) for g in groups):
+            raise ConfigError("optimizer.groups: expected a list of lists of parameter patterns, one list per "
+                              "optimizer group in order, e.g. [[\"body.*\"], [\"head.*\"]]")
+    return StepOptions(formula, groups, momentum)
 
 
 def load_config(path: str | Path) -> IndexConfig:

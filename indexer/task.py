@@ -159,9 +159,27 @@ class Task:
             return model(*inputs)
         return model(inputs)
 
+    def __init_subclass__(cls, **kwargs):
+        """`kind` is reserved: it is the label kind Task derives from `label_kind`, read by the loss, the
+        label review and the service. A subclass attribute of that name would silently replace it (and the
+        labels would then be judged by it), so defining one is refused at class creation, in one line."""
+        super().__init_subclass__(**kwargs)
+        value = cls.__dict__.get("kind")
+        if "kind" in cls.__dict__ and not isinstance(value, property):
+            raise TypeError(f"{cls.__name__} defines `kind` = {value!r}, a name Task reserves for the label kind "
+                            f"(one of {', '.join(LABEL_KINDS)}, set through `label_kind`); rename the attribute"
+                            + (f", or set label_kind = {value!r}" if value in LABEL_KINDS else ""))
+
     @property
     def kind(self) -> str:
+        """The label kind: `label_kind`, or "class" when unset. Reserved (see `__init_subclass__`)."""
         return self.label_kind or "class"
+
+    @kind.setter
+    def kind(self, value) -> None:
+        raise AttributeError(f"{type(self).__name__}: `kind` is reserved for the label kind (set through "
+                             f"`label_kind`, one of {', '.join(LABEL_KINDS)}); name the attribute otherwise "
+                             f"(tried to set kind = {value!r})")
 
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-example loss, shape [B]. Must not reduce over the batch."""

@@ -473,7 +473,13 @@ class Engine:
             "approximate": self.approximate,
             "faiss": faiss_info,
             "projection": {k: v for k, v in m["projection"].items()},
-            "checkpoints": [{"file": c["file"], "lr": c["lr"], "sha256": c["sha256"]} for c in m["checkpoints"]],
+            "checkpoints": [{"file": c["file"], "lr": c["lr"], "sha256": c["sha256"],
+                             "formula": (c.get("step") or {}).get("formula", "sgd"),
+                             "groups": [{"lr": g["lr"], "params": len(g["params"])}
+                                        for g in (c.get("step") or {}).get("groups", [])]}
+                            for c in m["checkpoints"]],
+            "optimizer": m.get("optimizer") or {"formula": "sgd", "why": "an index built before optimizer-aware "
+                                                                        "TracIn: one lr per checkpoint"},
             "layers": m.get("layers", []),
             "queries": len(self.queries),
             "created_at": m.get("created_at"),

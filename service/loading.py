@@ -54,6 +54,7 @@ def open_task(settings: Settings):
     from indexer.store.manifest import ManifestError, read_manifest
 
     path = _index_path(settings)
+    _check_signature(settings, path)
     try:
         manifest, _ = read_manifest(path)
     except (ManifestError, OSError) as exc:
@@ -97,8 +98,10 @@ def load_engine(settings: Settings) -> Engine:
     t0 = time.perf_counter()
     path = _index_path(settings)
     _check_device(settings.device)
-    try:
-        index_dir = IndexDirectory.open(path, mmap=settings.mmap, verify=settings.verify_checksums)
+    _check_signature(settings, path)
+    try:  # a signed index is only as covered as its files' digests are checked: always, with a key
+        index_dir = IndexDirectory.open(path, mmap=settings.mmap,
+                                        verify=settings.verify_checksums or settings.index_key is not None)
     except IndexDirectoryError as exc:
         raise ServiceStartupError(str(exc)) from None
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
@@ -117,6 +120,7 @@ def load_engine(settings: Settings) -> Engine:
     except Exception as exc:  # noqa: BLE001 - user task code; the message must reach the operator
         raise ServiceStartupError(f"{path}: cannot rebuild the task/model: {type(exc).__name__}: {exc}") from None
     _check_schema(task, path)
+    _check_base_weights(task, index_dir)
 
     manifest = index_dir.manifest
     class_names = list(task.class_names) if task.class_names is not None else None
@@ -137,7 +141,10 @@ def load_engine(settings: Settings) -> Engine:
     si_rank[si_order] = np.arange(1, si.size + 1)
     labels = Labels.build(task, manifest["task"].get("label_kind") or task.kind,
                           int(manifest["task"].get("label_width") or 0), index_dir.examples.labels, si_order, path)
-    scorer, rerank_error = _exact_scorer(task, embedder, manifest, settings, path)
+    examples, no_examples = _training_set(task, settings, path)
+    _check_training_digest(examples, manifest, settings, path)
+    _check_consistency(settings, index_dir, task, embedder, examples, no_examples)
+    scorer, rerank_error = _exact_scorer(task, embedder, manifest, settings, path, examples, no_examples)
     from indexer.score.metrics import task_metrics
 
     try:
@@ -159,32 +166,122 @@ def load_engine(settings: Settings) -> Engine:
     return engine
 
 
-def _exact_scorer(task, embedder, manifest: dict, settings: Settings, path):
-    """(ExactScorer, None) when re-ranking is on and the task reads the indexed training set, else
-    (None, why not). A training set that differs from the recorded digest is refused."""
-    from indexer.score.exact import ExactScorer, training_set_digest
+def _check_base_weights(task, index_dir) -> None:
+    """Adapter-only (partial) checkpoints take the weights they lack from the task's model factory: the index
+    records a digest of those values per checkpoint (`indexer.checkpoints.LoadReport`); the factory on this
+    server must build the same base, else the served models are not the indexed ones. ServiceStartupError."""
+    from indexer.checkpoints import CheckpointError, load_checkpoint, load_state_into
+
+    entries = index_dir.manifest.get("base_weights")
+    if entries is None:
+        return
+    path = index_dir.path
+    count = len(index_dir.manifest["checkpoints"])
+    if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and type(e.get("checkpoint")) is int and 0 <= e["checkpoint"] < count
+            and isinstance(e.get("sha256"), str) for e in entries):
+        raise ServiceStartupError(f"{path}: manifest base_weights must be a list of {{checkpoint: 0..{count - 1}, "
+                                  "sha256}} entries")
+    for entry in entries:
+        c = entry["checkpoint"]
+        file = path / index_dir.manifest["checkpoints"][c]["file"]
+        try:
+            report = load_state_into(task.build_model(), load_checkpoint(file)[0], f"checkpoints[{c}]")
+        except CheckpointError as exc:
+            raise ServiceStartupError(f"{path}: {exc}") from None
+        if report.factory_sha256 != entry["sha256"]:
+            raise ServiceStartupError(
+                f"{path}: checkpoints[{c}] holds only part of the model ({len(report.from_factory)} keys come from the "
+                "task's model factory), and the factory on this server builds them with other values than at "
+                "indexing (digest of the base differs): seed or load the base the same way, or rebuild the index")
+
+
+def _check_signature(settings: Settings, path: Path) -> None:
+    """With TRACIN_INDEX_KEY set, the index must carry manifest.hmac under that key (checked before anything
+    of the manifest is used)."""
+    if settings.index_key is None:
+        return
+    from indexer.store.directory import IndexDirectoryError, verify_signature
+
+    try:
+        verify_signature(path, settings.index_key.get_secret_value())
+    except (IndexDirectoryError, OSError) as exc:
+        raise ServiceStartupError(str(exc)) from None
+
+
+def _training_set(task, settings: Settings, path: Path):
+    """(the task's training set, None) when the consistency check or exact re-ranking needs it, else (None,
+    why not). A training_set() that fails (other than NotImplementedError) is refused."""
+    if settings.verify_rows == 0 and settings.max_rerank == 0:
+        return None, "not needed"
+    try:
+        return task.training_set(), None
+    except NotImplementedError:
+        return None, "the task provides no training_set() on this server"
+    except Exception as exc:  # noqa: BLE001 - user task code
+        raise ServiceStartupError(f"{path}: the task's training_set() fails ({type(exc).__name__}: {exc}); exact "
+                                  "re-ranking and the consistency check need it (or serve with "
+                                  "TRACIN_MAX_RERANK=0 TRACIN_VERIFY_ROWS=0)") from None
+
+
+def _check_consistency(settings: Settings, index_dir, task, embedder, examples, no_examples: str | None) -> None:
+    """TRACIN_VERIFY_ROWS > 0: every row's id and label against the task's training set, and a sample of rows
+    re-embedded at every checkpoint against the stored numbers (`indexer.store.consistency`); a mismatch is
+    a ServiceStartupError naming the row and the file."""
+    from indexer.store.consistency import (
+        InconsistentIndex, check_examples_table, check_rows, describe, sample_rows,
+    )
+
+    if settings.verify_rows == 0:
+        return
+    if examples is None:
+        log.warning("%s: the index's stored numbers are not checked against a recomputation: %s",
+                    index_dir.path, no_examples)
+        return
+    try:
+        check_examples_table(index_dir, task, examples)
+        report = check_rows(index_dir, task, embedder, examples, sample_rows(index_dir.count, settings.verify_rows))
+    except InconsistentIndex as exc:
+        raise ServiceStartupError(str(exc)) from None
+    if report.vectors.startswith("skipped"):
+        log.warning("%s: vectors not compared: %s", index_dir.path, report.vectors)
+    log.info("%s", describe(report))
+
+
+def _exact_scorer(task, embedder, manifest: dict, settings: Settings, path, examples, no_examples: str | None):
+    """(ExactScorer, None) when re-ranking is on and the task reads the indexed training set (`examples`),
+    else (None, why not). A training set that differs from the recorded digest is refused."""
+    from indexer.score.exact import ExactScorer
 
     if settings.max_rerank == 0:
         return None, "exact re-ranking is off on this server (TRACIN_MAX_RERANK=0)"
     recorded = manifest.get("training_set")
     if not recorded:
         return None, "the index records no training-set digest (built by an older version): rebuild it to re-rank"
-    try:
-        examples = task.training_set()
-    except NotImplementedError:
-        return None, "the task provides no training_set() on this server, so candidates cannot be re-scored"
-    except Exception as exc:  # noqa: BLE001 - user task code
-        raise ServiceStartupError(f"{path}: the task's training_set() fails ({type(exc).__name__}: {exc}); exact "
-                                  "re-ranking needs it (or serve with TRACIN_MAX_RERANK=0)") from None
+    if examples is None:
+        return None, f"{no_examples}, so candidates cannot be re-scored"
+    return ExactScorer.for_examples(embedder, examples, threads=settings.effective_rerank_threads), None
+
+
+def _check_training_digest(examples, manifest: dict, settings: Settings, path) -> None:
+    """The task's training set (read for re-ranking or the consistency check) must be the one indexed: row
+    count, labels and inputs against the digest the manifest records."""
+    from indexer.score.exact import training_set_digest
+
+    recorded = manifest.get("training_set")
+    if examples is None or not recorded:
+        return
     digest = training_set_digest(examples, rows_hashed=recorded.get("inputs_rows"))
     for key in ("count", "labels_sha256", "inputs_sha256"):
         if digest.get(key) != recorded.get(key):
             what = {"count": "row count", "labels_sha256": "labels", "inputs_sha256": "inputs"}[key]
+            why = ("exact re-ranking would score other examples. Rebuild the index, or serve with "
+                   "TRACIN_MAX_RERANK=0" + (" TRACIN_VERIFY_ROWS=0" if settings.verify_rows else "")) \
+                if settings.max_rerank else ("the index's numbers are not this training set's. Rebuild the index, or "
+                                             "serve with TRACIN_VERIFY_ROWS=0")
             raise ServiceStartupError(
                 f"{path}: the task's training set differs from the one indexed ({what}: "
-                f"{str(digest.get(key))[:16]} here, {str(recorded.get(key))[:16]} recorded); exact re-ranking would "
-                "score other examples. Rebuild the index, or serve with TRACIN_MAX_RERANK=0")
-    return ExactScorer.for_examples(embedder, examples, threads=settings.effective_rerank_threads), None
+                f"{str(digest.get(key))[:16]} here, {str(recorded.get(key))[:16]} recorded); {why}")
 
 
 def _check_device(device: str) -> None:

@@ -226,10 +226,28 @@ class QueryPage(BaseModel):
     limit: int
 
 
+class StepGroupInfo(BaseModel):
+    lr: float = Field(description="the learning rate of this parameter group at the checkpoint")
+    params: int = Field(description="traced parameter tensors in the group")
+
+
 class CheckpointInfo(BaseModel):
     file: str
-    lr: float
+    lr: float = Field(description="the first parameter group's learning rate")
     sha256: str
+    formula: str = Field("sgd", description="how gradients are weighted at this checkpoint: sgd (lr of each "
+                                            "parameter's group), adam / rmsprop / adagrad (lr * Gamma from the "
+                                            "optimizer state saved with the checkpoint)")
+    groups: list[StepGroupInfo] = Field(default_factory=list)
+
+
+class OptimizerInfo(BaseModel):
+    formula: str = Field(description="sgd, adam, rmsprop, adagrad, or mixed (per checkpoint)")
+    why: str = Field(description="why this formula (where the optimizer state was read, or why none was used)")
+    forced: bool = Field(False, description="the plain formula was forced by the config ([optimizer] formula)")
+    per_checkpoint: list[str] = Field(default_factory=list)
+    bounded: int = Field(0, description="preconditioner coordinates bounded because their second moment was 0")
+    momentum: str = "ignore"
 
 
 class IndexInfo(BaseModel):
@@ -242,6 +260,7 @@ class IndexInfo(BaseModel):
     faiss: dict[str, Any]
     projection: dict[str, Any]
     checkpoints: list[CheckpointInfo]
+    optimizer: OptimizerInfo = Field(description="which TracIn formula the index uses and why")
     layers: list[dict[str, Any]]
     queries: int = Field(description="held-out examples listed by GET /queries")
     created_at: Optional[str] = None

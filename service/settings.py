@@ -17,6 +17,13 @@
                                FAISS searches at once (default: the CPUs; 1 = sequential)
     TRACIN_MMAP                open the FAISS index memory-mapped (default false)
     TRACIN_VERIFY_CHECKSUMS    verify every file's sha256 against the manifest at start (default true)
+    TRACIN_VERIFY_ROWS         rows re-embedded at start at every checkpoint and compared with the stored
+                               vectors, self-influence and label review, besides every row's id and label
+                               against the task's training set (`indexer.store.consistency`; default 12,
+                               0 = off)
+    TRACIN_INDEX_KEY           a key: serve only an index signed with it (manifest.hmac, HMAC-SHA256 of
+                               the manifest, written by `tracin index` when this variable is set there);
+                               file checksums are then always verified
     TRACIN_TORCH_THREADS       torch intra-op threads (default: CPUs // TRACIN_COMPUTE_THREADS, at least 1)
     TRACIN_COMPUTE_THREADS     requests doing gradient / search work at once (default: min(4, CPUs))
     TRACIN_MAX_QUEUE           requests that may wait for a compute slot (default 64; 0 = none wait); beyond
@@ -35,7 +42,7 @@
     TRACIN_RERANK              candidates per end that POST /influence re-scores by exact TracIn (K'; a
                                request's `rerank` field overrides it; 0 = off: scores from the index)
     TRACIN_MAX_RERANK          largest `rerank` a request may ask for (default 1000; 0 = re-ranking off:
-                               the training set is then not loaded)
+                               the training set is then not loaded, unless TRACIN_VERIFY_ROWS needs it)
     TRACIN_RERANK_THREADS      checkpoints embedded / re-scored at once by one request (default: min(CPUs, 4))
     TRACIN_WARMUP              run one query at start so the first request is not slow (default true)
     TRACIN_LOG_LEVEL / TRACIN_ACCESS_LOG   uvicorn logging (default info / true)
@@ -79,6 +86,8 @@ class Settings(BaseSettings):
     search_threads: int | None = Field(None, ge=1)
     mmap: bool = False
     verify_checksums: bool = True
+    verify_rows: int = Field(12, ge=0, le=4096, description="rows re-embedded at start and compared with the index")
+    index_key: SecretStr | None = Field(None, description="HMAC key an index must be signed with (manifest.hmac)")
     torch_threads: int | None = Field(None, ge=1)
     compute_threads: int | None = Field(None, ge=1)
     max_queue: int = Field(64, ge=0, le=1_000_000)
@@ -106,7 +115,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "index_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -1,7 +1,8 @@
 """Brute-force TracIn: one torch.autograd.grad per example, in float64, summed over checkpoints.
 
 The model is converted to float64 (whatever its own dtype), floating inputs and labels too, and the
-gradient is taken w.r.t. every trainable parameter tensor (a tied tensor once: its gradient sums all uses).
+gradient is taken w.r.t. every trainable parameter tensor (a tied tensor once: its gradient sums all uses)
+by an ordinary `.backward()` of each example's loss (sparse gradients made dense).
 """
 from __future__ import annotations
 
@@ -11,11 +12,32 @@ from indexer.checkpoints import load_checkpoint
 from indexer.task import Task, move_inputs, take_rows
 
 
-def per_example_gradients(task: Task, state: dict, inputs, labels, param_names=None) -> torch.Tensor:
-    """[B, P] float64: each example's gradient alone, over the trainable parameters (or `param_names`)."""
+def load_weights(task: Task, path) -> torch.nn.Module:
+    """The task's model with a checkpoint's weights: a PEFT adapter folder (adapter_config.json) through peft's
+    own `set_peft_model_state_dict` over the factory's base, anything else with a strict load_state_dict."""
+    from pathlib import Path
+
     model = task.build_model()
+    if isinstance(path, dict):  # a state dict already read
+        model.load_state_dict(path)
+        return model
+    path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        assert not result.unexpected_keys, result.unexpected_keys
+        return model
+    state, _ = load_checkpoint(path)
     model.load_state_dict(state)
-    model = model.double().eval()
+    return model
+
+
+def per_example_gradients(task: Task, path, inputs, labels, param_names=None) -> torch.Tensor:
+    """[B, P] float64: each example's gradient alone, over the trainable parameters (or `param_names`), at the
+    checkpoint file or folder `path` (or a state dict)."""
+    model = load_weights(task, path).double().eval()
     params = [p for name, p in model.named_parameters()
               if p.requires_grad and (param_names is None or name in param_names)]
     rows = []
@@ -23,20 +45,26 @@ def per_example_gradients(task: Task, state: dict, inputs, labels, param_names=N
         x = move_inputs(take_rows(inputs, slice(i, i + 1)), "cpu", torch.float64)
         y = labels[i:i + 1]
         y = y.double() if y.is_floating_point() else y
-        loss = task.loss(task.forward(model, x), y).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                               for g, p in zip(grads, params)]))
+        for p in params:
+            p.grad = None
+        # .backward(), not autograd.grad: reentrant activation checkpointing refuses the latter
+        task.loss(task.forward(model, x), y).sum().backward()
+        rows.append(torch.cat([_dense(p.grad, p).reshape(-1) for p in params]))
     return torch.stack(rows)
+
+
+def _dense(grad, param) -> torch.Tensor:
+    if grad is None:
+        return torch.zeros_like(param)
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 def tracin_matrix(task: Task, checkpoints, inputs_a, labels_a, inputs_b, labels_b, param_names=None):
     """sum_i lr_i * g_i(a) g_i(b)^T  [A, B] in float64."""
     total = None
     for ckpt in checkpoints:
-        state, _ = load_checkpoint(ckpt.path)
-        ga = per_example_gradients(task, state, inputs_a, labels_a, param_names)
-        gb = per_example_gradients(task, state, inputs_b, labels_b, param_names)
+        ga = per_example_gradients(task, ckpt.path, inputs_a, labels_a, param_names)
+        gb = per_example_gradients(task, ckpt.path, inputs_b, labels_b, param_names)
         term = ckpt.lr * ga @ gb.T
         total = term if total is None else total + term
     return total
@@ -57,10 +85,7 @@ def label_review_bruteforce(task: Task, checkpoints, inputs, labels) -> dict:
     margin = [[0.0] * count for _ in range(n)] if kind != "regression" and not per_position else None
     prediction, probability, label_probability = [None] * n, [None] * n, [None] * n
     for c, ckpt in enumerate(checkpoints):
-        state, _ = load_checkpoint(ckpt.path)
-        model = task.build_model()
-        model.load_state_dict(state)
-        model = model.double().eval()
+        model = load_weights(task, ckpt.path).double().eval()
         for i in range(n):
             x = move_inputs(take_rows(inputs, slice(i, i + 1)), "cpu", torch.float64)
             y = labels[i:i + 1]
@@ -102,3 +127,76 @@ def percentile_ranks_bruteforce(values) -> list[float]:
     n = len(values)
     return [(sum(1 for w in values if w < v) + (sum(1 for w in values if w == v) - 1) / 2) / (n - 1)
             for v in values]
+
+
+def step_weights_bruteforce(optimizer_state: dict, names_by_group: list[list[str]], shapes: dict,
+                            lr_in_force: float | None = None) -> dict:
+    """w per parameter name (float64 tensors of the parameter's shape), computed element by element from a
+    raw `optimizer.state_dict()` (an independent implementation of the formulas of indexer.optimizer.step):
+
+        SGD (momentum / dampening / nesterov keys, no second moment)   w = lr_g
+        Adam/AdamW ("betas" + "amsgrad")    w = lr_g / (sqrt(v / (1 - beta2^step)) + eps), v = exp_avg_sq
+                                            (max_exp_avg_sq with amsgrad)
+        RMSprop ("alpha" + "centered")      w = lr_g / (sqrt(square_avg [- grad_avg^2]) + eps)
+        Adagrad ("lr_decay")                w = lr_g / (1 + (step - 1) lr_decay) / (sqrt(sum) + eps)
+
+    Coordinates whose second moment is 0 take the largest weight / lr_g of the same tensor among the others
+    (times lr_g). `lr_in_force` rescales the groups so that group 0's lr is it (ratios kept)."""
+    import math
+
+    groups = optimizer_state["param_groups"]
+    state = optimizer_state["state"]
+    first = float(groups[0]["lr"])
+    out = {}
+    number = 0
+    for group, names in zip(groups, names_by_group):
+        if lr_in_force is None:
+            lr = float(group["lr"])
+        elif first == 0:  # the schedule's end: the saved lrs are all 0, the lr in force is the logged one
+            lr = lr_in_force
+        else:
+            lr = lr_in_force * (float(group["lr"]) / first)
+        for name in names:
+            st = state.get(number, {})
+            number += 1
+            shape = shapes[name]
+            count = math.prod(shape) if shape else 1
+            if "betas" in group:
+                v = st["max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"].double().reshape(-1).tolist()
+                correction = 1 - float(group["betas"][1]) ** float(st["step"])
+                gammas = [None if x == 0 else 1.0 / (math.sqrt(x / correction) + float(group["eps"])) for x in v]
+            elif "alpha" in group:
+                v = st["square_avg"].double().reshape(-1).tolist()
+                if group.get("centered"):
+                    mean = st["grad_avg"].double().reshape(-1).tolist()
+                    v = [max(a - b * b, 0.0) for a, b in zip(v, mean)]
+                gammas = [None if x == 0 else 1.0 / (math.sqrt(x) + float(group["eps"])) for x in v]
+            elif "lr_decay" in group:
+                v = st["sum"].double().reshape(-1).tolist()
+                decay = 1 + (float(st["step"]) - 1) * float(group["lr_decay"])
+                gammas = [None if x == 0 else 1.0 / ((math.sqrt(x) + float(group["eps"])) * decay) for x in v]
+            else:
+                gammas = [1.0] * count
+            top = max(g for g in gammas if g is not None)
+            values = [lr * (top if g is None else g) for g in gammas]
+            out[name] = torch.tensor(values, dtype=torch.float64).reshape(shape)
+    return out
+
+
+def weighted_tracin_matrix(task: Task, checkpoints, weights: list[dict], inputs_a, labels_a, inputs_b, labels_b):
+    """sum_i sum_p g_i,p(a) (.) w_i,p (.) g_i,p(b) [A, B] in float64: TracIn of the step the optimizer took,
+    `weights[i]` = {parameter name: w} (e.g. from step_weights_bruteforce) over the traced parameters."""
+    total = None
+    for ckpt, w in zip(checkpoints, weights):
+        state, _ = load_checkpoint(ckpt.path)
+        names = list(w)
+        model = task.build_model()
+        order = [n for n, p in model.named_parameters() if n in w]
+        ga = per_example_gradients(task, state, inputs_a, labels_a, set(names))
+        gb = per_example_gradients(task, state, inputs_b, labels_b, set(names))
+        flat_w = torch.cat([w[n].reshape(-1).double() if isinstance(w[n], torch.Tensor)
+                            else torch.full((dict(model.named_parameters())[n].numel(),), float(w[n]),
+                                            dtype=torch.float64) for n in order])
+        term = (ga * flat_w) @ gb.T
+        total = term if total is None else total + term
+    return total

@@ -58,12 +58,12 @@ def train_checkpoints(task, out: Path, lrs=(0.5, 0.3, 0.1), steps: int = 5) -> l
 
 
 def build_mlp_index(name: str = "mlp", factory: str = "Flat", kind: str = "exact", batch_size: int = 1,
-                    search_params: dict | None = None) -> Path:
+                    search_params: dict | None = None, lrs=(0.5, 0.3, 0.1)) -> Path:
     """Exact-mode float64 index of ServiceMLPTask (40 training examples, 3 checkpoints)."""
     work = _TMP / name
     work.mkdir(parents=True, exist_ok=True)
     task = ServiceMLPTask()
-    ckpts = train_checkpoints(task, work / "run")
+    ckpts = train_checkpoints(task, work / "run", lrs=lrs)
     data = {"task": "tests.service_support:ServiceMLPTask",
             "checkpoints": [{"path": str(p)} for p in ckpts],
             "projection": {"kind": kind, "dim": 16, "seed": 0},

@@ -19,7 +19,7 @@ from indexer.config import ConfigError, parse_config
 from indexer.build.pipeline import build_index
 from indexer.store.directory import IndexDirectory
 from indexer.task import ExampleSet, Task
-from service.loading import load_engine
+from service.loading import ServiceStartupError, load_engine
 from service.settings import Settings
 from tests.service_support import REPO
 from tests.tasks import MLPTask
@@ -260,3 +260,110 @@ def test_a_folder_without_weights_is_refused(tmp_path):
     (tmp_path / "hf" / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"has none of .*model.safetensors.*found \['config.json'\]"):
         load_checkpoint(tmp_path / "hf")
+
+
+# -- issue 22: adapter-only checkpoints load over the factory's frozen base ----------------------------------
+
+class _FrozenBase(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(6, 5).requires_grad_(False)  # the frozen base, from the model factory
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.encoder(x)))
+
+
+def test_a_checkpoint_without_the_frozen_base_loads_over_it_and_says_so():
+    torch.manual_seed(0)
+    trained = _FrozenBase()
+    state = {k: v + 1 for k, v in trained.state_dict().items() if k.startswith("head.")}
+    model = _FrozenBase()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_state_into(model, state, "checkpoint x")
+    assert report.partial and report.from_factory == ("encoder.bias", "encoder.weight") and report.adapter is None
+    assert torch.equal(model.head.weight, state["head.weight"]) and torch.equal(model.encoder.weight,
+                                                                                base["encoder.weight"])
+    again = load_state_into(_FrozenBase(), state, "checkpoint x")  # the factory is seeded: the same base
+    other = _FrozenBase()
+    with torch.no_grad():
+        other.encoder.weight.add_(1e-3)
+    changed = load_state_into(other, state, "checkpoint x")
+    assert again.factory_sha256 != changed.factory_sha256  # (unseeded factories differ, and the digest says so)
+    full = load_state_into(_FrozenBase(), trained.state_dict(), "checkpoint x")
+    assert not full.partial and full.factory_sha256 is None
+
+
+def test_a_checkpoint_missing_a_trainable_parameter_is_refused_naming_it():
+    state = {k: v for k, v in _FrozenBase().state_dict().items() if k != "head.weight"}
+    with pytest.raises(CheckpointError, match=r"checkpoint x lacks the trainable parameter \['head.weight'\]"):
+        load_state_into(_FrozenBase(), state, "checkpoint x")
+
+
+def _lora_checkpoints(tmp_path, count=2):
+    from tests import zoo
+
+    return zoo.make_zoo_checkpoints(zoo.LoRAAdapter(), tmp_path, count=count)
+
+
+def test_peft_adapter_checkpoints_load_through_peft_naming(tmp_path):
+    """save_pretrained writes `...lora_A.weight`; the model holds `...lora_A.default.weight`."""
+    from safetensors.torch import load_file
+
+    from tests import zoo
+
+    ckpt = _lora_checkpoints(tmp_path, count=1)[0]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in ckpt.path.iterdir()}
+    saved = load_file(str(ckpt.path / "adapter_model.safetensors"))
+    state, _ = load_checkpoint(ckpt.path)  # the folder: its adapter weights
+    assert set(state) == set(saved) and all(".default." not in k for k in state)
+    model = zoo.LoRAAdapter().build_model()
+    report = load_state_into(model, state, "checkpoint x")
+    assert report.adapter == "default" and report.partial
+    lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(lora) == len(saved) and all(torch.equal(lora[k.replace(".weight", ".default.weight")], v)
+                                           for k, v in saved.items())
+    assert not any("lora_" in k for k in report.from_factory)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not trainable & set(report.from_factory)
+
+
+def test_an_adapter_checkpoint_missing_a_lora_weight_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _lora_checkpoints(tmp_path, count=1)[0]
+    state = load_file(str(ckpt.path / "adapter_model.safetensors"))
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, str(ckpt.path / "adapter_model.safetensors"))
+    config = tmp_path / "config.toml"
+    config.write_text(f'task = "tests.zoo:LoRAAdapter"\n[[checkpoints]]\npath = "{ckpt.path}"\nlr = 0.1\n'
+                      '[projection]\nkind = "exact"\n')
+    proc = subprocess.run([sys.executable, "-m", "indexer.cli", "index", str(config), "--out", str(tmp_path / "index")],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "not a checkpoint of the PEFT adapter the task builds" in proc.stderr and dropped in proc.stderr
+
+
+def test_the_service_refuses_a_factory_that_builds_another_base(tmp_path, monkeypatch):
+    from tests import zoo
+
+    ckpts = _lora_checkpoints(tmp_path)
+    data = {"task": "tests.zoo:LoRAAdapter", "checkpoints": [{"path": str(c.path), "lr": c.lr} for c in ckpts],
+            "projection": {"kind": "exact"}, "index": {"batch_size": 4}}
+    index = build_index(parse_config(data, tmp_path), tmp_path / "index").path
+    entries = json.loads((index / "manifest.json").read_text())["base_weights"]
+    assert [e["checkpoint"] for e in entries] == [0, 1] and all(e["adapter"] == "default" for e in entries)
+    load_engine(Settings(index_dir=index, warmup=False))
+    original = zoo.LoRAAdapter.make_model
+
+    def another_base(self):
+        model = original(self)
+        with torch.no_grad():
+            model.base_model.model.classifier.weight.add_(0.01)  # frozen, not in the adapter checkpoints
+        return model
+
+    monkeypatch.setattr(zoo.LoRAAdapter, "make_model", another_base)
+    with pytest.raises(ServiceStartupError, match=r"checkpoints\[0\] holds only part of the model .* other values"):
+        load_engine(Settings(index_dir=index, warmup=False))

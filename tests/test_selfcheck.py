@@ -116,7 +116,7 @@ def test_tracin_index_refuses_a_plan_that_fails_the_self_check(tmp_path, monkeyp
                         lambda *a, **k: _force_hook(plan, "att.out_proj", **{"att.out_proj": 0}))
     data = {"task": "tests.zoo:MultiheadAttention", "checkpoints": [{"path": str(c.path), "lr": c.lr} for c in ckpts],
             "projection": {"kind": "exact"}}
-    with pytest.raises(ConfigError, match="'att.out_proj'.*disagree"):
+    with pytest.raises(ConfigError, match="'att.out_proj'.*are all zero while torch.autograd.grad"):  # never called: no hook fires
         pipeline.build_index(parse_config(data, tmp_path), tmp_path / "index")
     assert not (tmp_path / "index").exists()
 
@@ -139,3 +139,105 @@ def test_blocks_of_a_tied_tensor_are_one(tmp_path):
     tied = [b for b in blocks if b.kind == "tied"]
     assert len(tied) == 1 and {u.module for u in tied[0].uses} == {"emb", "head"}
     assert sum("emb.weight" in b.params for b in blocks) == 1
+
+
+# -- issue 22: an all-zero capture is never indexed --------------------------------------------------------
+
+def test_hooks_that_lose_their_output_gradients_are_caught_as_all_zero(tmp_path, monkeypatch):
+    """A capture that silently gives zeros (what reentrant activation checkpointing did to the hooks): the sum
+    check and the self-check both fail loudly, naming the block and saying 'all zero'."""
+    import torch
+
+    import indexer.capture.routes as capture_module
+
+    task, ckpts, ts, plan = _setup(zoo.MLP, tmp_path)
+    assert self_check(task, ckpts, plan, ts).ok
+    monkeypatch.setattr(capture_module._Recorder, "_store", lambda self, slot, grad: None)
+    report = self_check(task, ckpts, plan, ts)
+    assert {b.name for b in report.failures()} == {"0", "2"} and all(b.captured_zero for b in report.failures())
+    assert "are all zero while torch.autograd.grad on each example alone is not" in report.refusal()
+    assert "'0', '2'" in report.refusal() and "\n" not in report.refusal()
+    from indexer.sketch.embedding import CheckpointEmbedder
+
+    embedder = CheckpointEmbedder(task, ckpts[0], 0, plan)
+    x, y = ts.batch(0, 4)
+    with pytest.raises(capture_module.CaptureError, match="layer '0': its per-example gradients are all zero while "
+                                                          "the batch gradient is not"):
+        embedder.embed(x, y, check=True)
+    assert torch.is_grad_enabled()
+
+
+def test_a_loss_that_does_not_depend_on_the_traced_parameters_is_refused(tmp_path):
+    task, ckpts, ts, plan = _setup(zoo.DetachedOnly, tmp_path)
+    report = self_check(task, ckpts, plan, ts)
+    assert report.all_zero and not report.ok and report.zero == ["encoder"]
+    assert report.refusal().startswith("self-check: every traced block's gradient is exactly zero")
+
+
+def test_an_unused_traced_layer_is_reported_not_refused(tmp_path):
+    class WithSpare(zoo.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = zoo.nn.Sequential(zoo.nn.Linear(6, 8), zoo.nn.Tanh(), zoo.nn.Linear(8, 3))
+            self.spare = zoo.nn.Linear(3, 3)  # traced (layers = all), never called
+
+        def forward(self, x):
+            return self.net(x)
+
+    class Unused(zoo.MLP):
+        def make_model(self):
+            return WithSpare()
+
+    task = Unused()
+    ckpts = make_checkpoints(task, tmp_path, count=2)
+    ts = task.training_set()
+    plan = plan_embedding(task, ckpts, None, "exact", 1, 0, ts.batch(0, 3))
+    report = self_check(task, ckpts, plan, ts)
+    assert report.ok and report.zero == ["spare"] and "'spare' has an exactly zero gradient" in report.notes[0]
+
+
+def test_without_plain_checkpoints_a_reentrant_checkpointed_model_is_refused_not_zero(tmp_path, monkeypatch):
+    """Should torch's checkpoint internals change so that they cannot be run plainly, a checkpointed model is
+    refused (here: its layers run under no_grad), never indexed as zeros."""
+    import torch.utils.checkpoint as ckpt_module
+
+    import indexer.capture.plain_checkpoints as plain
+
+    monkeypatch.setattr(plain, "_NAMES", ("CheckpointFunction", "_no_such_name_in_torch"))
+    task = zoo.CheckpointReentrant()
+    ckpts = make_checkpoints(task, tmp_path, count=2)
+    data = {"task": "tests.zoo:CheckpointReentrant", "checkpoints": [{"path": str(c.path), "lr": c.lr} for c in ckpts],
+            "projection": {"kind": "exact"}}
+    from indexer.build.pipeline import build_index
+
+    with pytest.raises(ConfigError) as err:
+        build_index(parse_config(data, tmp_path), tmp_path / "index")
+    assert "block." in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "index").exists()
+    assert ckpt_module.CheckpointFunction.__name__ == "CheckpointFunction"  # nothing left replaced
+
+
+def test_plain_checkpoints_restore_torch_and_count_nested_uses():
+    import threading
+
+    import torch
+    import torch.utils.checkpoint as ckpt_module
+
+    from indexer.capture.plain_checkpoints import run_checkpoints_plainly
+
+    original = ckpt_module.CheckpointFunction
+    with run_checkpoints_plainly() as active:
+        assert active and ckpt_module.CheckpointFunction is not original
+        with run_checkpoints_plainly() as inner:
+            assert inner
+        assert ckpt_module.CheckpointFunction is not original  # still held by the outer block
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(ckpt_module.CheckpointFunction is not original))
+        thread.start()
+        thread.join()
+        assert seen == [True]
+        weight = torch.ones(3, requires_grad=True)
+        out = ckpt_module.checkpoint(lambda x: x * weight, torch.arange(3.0), use_reentrant=True)
+        assert torch.equal(torch.autograd.grad(out.sum(), weight)[0], torch.arange(3.0))
+    assert ckpt_module.CheckpointFunction is original
+    assert ckpt_module._checkpoint_without_reentrant_generator.__module__ == "torch.utils.checkpoint"

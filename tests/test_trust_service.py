@@ -3,6 +3,7 @@ the smaller HTTP points (echo, paths, bearer scheme, body timeout, disconnects, 
 numbers, CORS preflight). Real `tracin serve` subprocesses where the network matters."""
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import subprocess
@@ -19,7 +20,9 @@ from indexer.store.directory import IndexDirectory, IndexDirectoryError
 from service.app import create_app
 from service.loading import ServiceStartupError, load_engine
 from service.settings import Settings
-from tests.service_support import REPO, copy_index, mlp_index, resign_manifest, start_server
+from tests.service_support import (
+    REPO, ServiceMLPTask, build_mlp_index, copy_index, mlp_index, resign_manifest, start_server,
+)
 
 
 def _settings(path, **kw) -> Settings:
@@ -179,7 +182,7 @@ TAMPERED = [
     ("schema version", _in_manifest(lambda m: m.update(schema_version=2)), "schema_version"),
     ("task ref syntax", _in_manifest(lambda m: m["task"].update(ref="os.system('x')")), "task.ref"),
     ("swapped checkpoints (sha256 swapped too)", _swap_checkpoints, "records lr"),
-    ("reordered FAISS rows (sha256 updated)", _reorder_faiss_rows, None),
+    ("reordered FAISS rows (sha256 updated)", _reorder_faiss_rows, r"row 0 \(id 'ex0'\) of index.faiss"),
     ("negative self-influence (sha256 updated)", _negative_self_influence, "self-influence is finite and >= 0"),
 ]
 
@@ -192,16 +195,231 @@ def test_every_tampered_figure_is_refused(name, damage, message):
     damage(path)
     with pytest.raises(ServiceStartupError, match="manifest.json does not match manifest.sha256"):
         load_engine(_settings(path))
-    if message is None:  # the digest is what catches this one: rows reordered consistently are data
-        return
     resign_manifest(path)
-    with pytest.raises(ServiceStartupError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    pattern = message if message.startswith("row ") else message.replace("(", r"\(").replace("[", r"\[")
+    with pytest.raises(ServiceStartupError, match=pattern):
         load_engine(_settings(path))
 
 
 def test_the_untouched_index_still_serves():
     engine = load_engine(_settings(copy_index(mlp_index(), "untouched")))
     assert engine.count == 40
+
+
+# -- 2b. consistent edits: a file changed and both digests rewritten (issue 22) -----------------------------
+# Each edit below rewrites the file's sha256 in the manifest and manifest.sha256, so the digests pass; the
+# load-time consistency check (indexer.store.consistency, TRACIN_VERIFY_ROWS) must refuse it in one line
+# naming the row and the file. docs/service.md "Trust model" lists these cases.
+
+def _rehash(p, name: str) -> None:
+    m = json.loads((p / "manifest.json").read_text())
+    m["files"][name] = sha256_file(p / name)
+    (p / "manifest.json").write_text(json.dumps(m))
+    resign_manifest(p)
+
+
+def _reversed_faiss_rows(p):
+    m = json.loads((p / "manifest.json").read_text())
+    if not m["faiss"]["approximate"]:
+        _reorder_faiss_rows(p)
+        resign_manifest(p)
+        return
+    import faiss
+
+    from indexer.store.faiss_build import read_index
+
+    index = read_index(p / "index.faiss")  # IVF lists on disk beside it: re-quantise the rows reversed
+    ivf = faiss.extract_index_ivf(index)
+    ivf.make_direct_map()
+    vectors = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal)[::-1])
+    fresh = faiss.index_factory(index.d, m["faiss"]["factory"], faiss.METRIC_INNER_PRODUCT)
+    fresh.train(vectors)
+    fresh.add(vectors)
+    faiss.write_index(fresh, str(p / "index.faiss"))
+    _rehash(p, "index.faiss")
+
+
+def _self_influence_times_2(p):
+    np.save(p / "self_influence.npy", np.load(p / "self_influence.npy") * 2)
+    _rehash(p, "self_influence.npy")
+
+
+def _label_review_columns_reordered(p):
+    table = np.load(p / "label_review.npy")
+    table["loss"] = table["loss"][:, ::-1].copy()  # the checkpoints' losses in reverse order
+    table["margin"] = table["margin"][:, ::-1].copy()
+    np.save(p / "label_review.npy", table)
+    _rehash(p, "label_review.npy")
+
+
+def _label_review_rows_reordered(p):
+    np.save(p / "label_review.npy", np.load(p / "label_review.npy")[::-1].copy())
+    _rehash(p, "label_review.npy")
+
+
+def _relabelled_example(p, row: int = 17):
+    lines = (p / "examples.jsonl").read_text().splitlines()
+    entry = json.loads(lines[row])
+    entry["label"] = 1 - entry["label"]
+    lines[row] = json.dumps(entry, separators=(",", ":"))
+    (p / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    _rehash(p, "examples.jsonl")
+
+
+def _duplicated_checkpoint(p):
+    """checkpoints[1] replaced by a copy of checkpoints[0] (its sha256 rewritten too): the same lr, so the
+    lr check cannot tell."""
+    m = json.loads((p / "manifest.json").read_text())
+    a, b = m["checkpoints"][0], m["checkpoints"][1]
+    assert a["lr"] == b["lr"]
+    (p / b["file"]).write_bytes((p / a["file"]).read_bytes())
+    b["sha256"] = a["sha256"]
+    (p / "manifest.json").write_text(json.dumps(m))
+    resign_manifest(p)
+
+
+@functools.lru_cache(maxsize=None)
+def _equal_lr_index():
+    return build_mlp_index("mlp-equal-lr", lrs=(0.3, 0.3, 0.3))
+
+
+@functools.lru_cache(maxsize=None)
+def _pq_index():
+    """Sketch kind, IVF with a product-quantised (lossy) codec: the stored rows are not the vectors."""
+    return build_mlp_index("mlp-ivfpq", kind="sketch", factory="IVF2,PQ4x4", batch_size=7)
+
+
+CONSISTENT_EDITS = [
+    ("reversed FAISS rows", mlp_index, _reversed_faiss_rows, r"row 0 \(id 'ex0'\) of index.faiss"),
+    ("reversed FAISS rows, IVF-PQ sketch", _pq_index, _reversed_faiss_rows, r"row 0 \(id 'ex0'\) of index.faiss"),
+    ("self-influence x2", mlp_index, _self_influence_times_2, r"row 0 \(id 'ex0'\) of self_influence.npy"),
+    ("self-influence x2, IVF-PQ sketch", _pq_index, _self_influence_times_2, r"of self_influence.npy holds"),
+    ("label-review columns reordered", mlp_index, _label_review_columns_reordered,
+     r"row 0 \(id 'ex0'\) of label_review.npy \(field loss, checkpoint 0\)"),
+    ("label-review rows reordered", mlp_index, _label_review_rows_reordered, r"of label_review.npy \(field loss"),
+    ("relabelled example", mlp_index, _relabelled_example, r"row 17 \(id 'ex17'\) of examples.jsonl has label"),
+    ("duplicated checkpoint, equal learning rates", _equal_lr_index, _duplicated_checkpoint,
+     r"of index.faiss \(the columns of checkpoint 1\)"),
+]
+
+
+@pytest.mark.parametrize("name,index,edit,message", CONSISTENT_EDITS, ids=[c[0] for c in CONSISTENT_EDITS])
+def test_consistent_edits_are_refused_naming_the_row_and_the_file(name, index, edit, message):
+    path = copy_index(index(), "consistent-edit")
+    load_engine(_settings(path, warmup=False))  # untouched: served
+    edit(path)
+    IndexDirectory.open(path)  # both digests were rewritten: the integrity check passes
+    with pytest.raises(ServiceStartupError, match=message) as err:
+        load_engine(_settings(path, warmup=False))
+    assert "\n" not in str(err.value)
+    proc = _tracin_serve(path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_an_edit_of_one_unsampled_row_is_caught_only_where_a_second_file_holds_it():
+    """The recomputation covers a sample of rows (TRACIN_VERIFY_ROWS, default 12, spread over the index):
+    in an exact-kind index self-influence is also ||stored vector||^2 for every row, so editing one row is
+    caught there; in a projected (sketch) index an edit of one row the sample misses is served. The keyed
+    signature (next tests) covers every byte."""
+    from indexer.store.consistency import sample_rows
+
+    row = next(r for r in range(40) if r not in sample_rows(40))
+    for index, caught in ((mlp_index, True), (_pq_index, False)):
+        path = copy_index(index(), "one-row")
+        si = np.load(path / "self_influence.npy")
+        si[row] *= 2
+        np.save(path / "self_influence.npy", si)
+        _rehash(path, "self_influence.npy")
+        if caught:
+            with pytest.raises(ServiceStartupError, match=rf"row {row} \(id 'ex{row}'\) of self_influence.npy"):
+                load_engine(_settings(path, warmup=False))
+        else:
+            assert load_engine(_settings(path, warmup=False)).index_dir.self_influence[row] == si[row]
+
+
+def test_the_consistency_check_is_a_setting():
+    path = copy_index(mlp_index(), "verify-off")
+    _self_influence_times_2(path)
+    with pytest.raises(ServiceStartupError, match="TRACIN_VERIFY_ROWS=0 skips this check"):
+        load_engine(_settings(path, warmup=False))
+    engine = load_engine(_settings(path, warmup=False, verify_rows=0))  # off: the edit is served
+    assert engine.index_dir.self_influence[0] == np.load(path / "self_influence.npy")[0]
+
+
+# -- 2c. the keyed signature: TRACIN_INDEX_KEY, manifest.hmac --------------------------------------------------
+
+KEY = "shared-secret-for-tests"
+
+
+def _signed_copy(name: str):
+    from indexer.store.directory import sign_index
+
+    path = copy_index(mlp_index(), name)
+    sign_index(path, KEY)
+    return path
+
+
+def test_a_signed_index_is_served_with_its_key():
+    engine = load_engine(_settings(_signed_copy("signed"), warmup=False, index_key=KEY))
+    assert engine.count == 40
+
+
+@pytest.mark.parametrize("case,message", [
+    ("unsigned", "TRACIN_INDEX_KEY is set but the index is not signed"),
+    ("another key", "manifest.hmac does not match manifest.json under TRACIN_INDEX_KEY"),
+    ("manifest edited, manifest.sha256 rewritten", "manifest.hmac does not match manifest.json"),
+    ("a file edited, both digests rewritten", "manifest.hmac does not match manifest.json"),
+    ("malformed signature", "manifest.hmac is malformed"),
+])
+def test_with_a_key_an_unsigned_or_mismatched_index_is_refused_in_one_line(case, message):
+    from indexer.store.directory import sign_index
+
+    path = _signed_copy(f"signed-{case.split()[0]}")
+    if case == "unsigned":
+        (path / "manifest.hmac").unlink()
+    elif case == "another key":
+        sign_index(path, "another key")
+    elif case.startswith("manifest edited"):
+        _edit(path, lambda m: m["checkpoints"][1].update(lr=m["checkpoints"][1]["lr"]))  # same figures, new bytes
+        (path / "manifest.json").write_text((path / "manifest.json").read_text() + " ")
+        resign_manifest(path)
+    elif case.startswith("a file edited"):
+        _self_influence_times_2(path)
+    else:
+        (path / "manifest.hmac").write_text("not a signature\n")
+    for make in (load_engine, create_app):  # create_app reads the manifest's task first: checked before that too
+        with pytest.raises(ServiceStartupError, match=message):
+            make(_settings(path, warmup=False, index_key=KEY))
+    env = {"TRACIN_INDEX_KEY": KEY}
+    proc = subprocess.run([sys.executable, "-m", "indexer.cli", "serve", str(path), "--port", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **env})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_tracin_index_signs_when_the_key_is_set_and_force_replaces_a_signed_index(tmp_path):
+    from tests.service_support import train_checkpoints
+
+    ckpts = train_checkpoints(ServiceMLPTask(), tmp_path / "run")
+    config = tmp_path / "config.toml"
+    config.write_text('task = "tests.service_support:ServiceMLPTask"\n'
+                      + "".join(f'[[checkpoints]]\npath = "{c}"\n' for c in ckpts)
+                      + '[projection]\nkind = "exact"\n')
+    out = tmp_path / "index"
+    base_env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    for extra in (["--quiet"], ["--quiet", "--force"]):
+        proc = subprocess.run([sys.executable, "-m", "indexer.cli", "index", str(config), "--out", str(out), *extra],
+                              capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env={**base_env, "TRACIN_INDEX_KEY": KEY})
+        assert proc.returncode == 0, proc.stderr
+        assert (out / "manifest.hmac").is_file()
+        load_engine(_settings(out, warmup=False, index_key=KEY))
+    with pytest.raises(ServiceStartupError, match="does not match"):
+        load_engine(_settings(out, warmup=False, index_key=KEY + "x"))
+    proc = subprocess.run([sys.executable, "-m", "indexer.cli", "index", str(config), "--out", str(out), "--quiet",
+                           "--force"], capture_output=True, text=True, timeout=300, cwd=REPO, env=base_env)
+    assert proc.returncode == 0 and not (out / "manifest.hmac").exists(), proc.stderr  # no key: not signed
+    load_engine(_settings(out, warmup=False))
 
 
 # -- 8. the smaller HTTP points ------------------------------------------------------------------------

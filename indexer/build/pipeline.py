@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,11 +26,12 @@ from indexer.checkpoints import (
     CheckpointError, checkpoint_digest, load_checkpoint, load_state_into, recorded_lr, sha256_file,
 )
 from indexer.config import ConfigError, IndexConfig
+from indexer.capture.blocks import check_model
 from indexer.capture.routes import PROBE_ROWS, SUM_CHECK_EVERY
 from indexer.score.exact import training_set_digest
 from indexer.store.faiss_build import Normalized, RowSource, measure_recall, write_index
 from indexer.sketch.embedding import (
-    Checkpoint, CheckpointEmbedder, ProjectionPlan, combine, plan_embedding, resolve_checkpoints,
+    DTYPES, Checkpoint, CheckpointEmbedder, ProjectionPlan, combine, plan_embedding,
 )
 from indexer.store.manifest import MANIFEST as MANIFEST_FILE, ManifestError, write_manifest
 from indexer.store.resume import (
@@ -38,7 +40,8 @@ from indexer.store.resume import (
 from indexer.store.search import FAISS_MAX_DIM, build_faiss_index
 from indexer.store.directory import (
     CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, NORMALIZED_INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
-    IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, write_jsonl,
+    INDEX_KEY_ENV, IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, sign_index,
+    write_jsonl,
 )
 from indexer.build.input_ranges import INPUT_RANGES_FILE, dumps as dump_input_ranges, record_input_ranges
 from indexer.build.review import LABEL_REVIEW_FILE, ReviewAccumulator, ReviewError, review_entry
@@ -75,6 +78,9 @@ class Prepared:
     examples: ExampleSet
     label_width: int
     check: SelfCheckReport
+    #: adapter-only / partial checkpoints: the keys each lacks come from the model factory, with their digest
+    #: (`indexer.checkpoints.LoadReport`), recorded in the manifest and checked by the service at load
+    base_weights: list[dict] = field(default_factory=list)
 
 
 def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, strict: bool = True) -> Prepared:
@@ -84,22 +90,30 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
     autograd, the service's query path, the projection, FAISS factory and device. Raises ConfigError (one
     line); with `strict=False` a failed self-check is only reported."""
     task = config.task.build()
-    try:
-        checkpoints = resolve_checkpoints([(c.path, c.lr) for c in config.checkpoints])
-    except CheckpointError as exc:
-        raise ConfigError(str(exc)) from None
     model = task.build_model()
-    for i, (ckpt, spec) in enumerate(zip(checkpoints, config.checkpoints)):
-        where = f"checkpoints[{i}] ({ckpt.path.name})"
+    check_model(model)  # before its checkpoints are read: a quantised model's would fail for another reason
+    recorded_lrs: list[float | None] = []
+    loads = []
+    for i, spec in enumerate(config.checkpoints):
+        where = f"checkpoints[{i}] ({spec.path.name})"
         try:
-            state, meta = load_checkpoint(ckpt.path, spec.prefix)
+            state, meta = load_checkpoint(spec.path, spec.prefix)
             recorded = recorded_lr(meta, where)
-            load_state_into(model, state, where)
+            loaded = load_state_into(model, state, where)
+            if loaded.partial and i and not set(loaded.from_factory) <= set(loads[0].from_factory):
+                loaded = load_state_into(task.build_model(), state, where)  # the factory's values, not a checkpoint's
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
-        if recorded is not None and not np.isclose(recorded, ckpt.lr, rtol=1e-9, atol=0.0):
-            raise ConfigError(f"checkpoints[{i}].lr: {ckpt.lr!r} in the config but {ckpt.path.name} records lr "
+        loads.append(loaded)
+        if loaded.partial:
+            (log or say)(f"{where}: {'the PEFT adapter ' + repr(loaded.adapter) + ' only' if loaded.adapter else 'a partial state'}"
+                         f": {len(loaded.from_factory)} frozen parameters and buffers come from the task's model factory")
+        if isinstance(spec.lr, float) and recorded is not None and not np.isclose(recorded, spec.lr, rtol=1e-9,
+                                                                                  atol=0.0):
+            raise ConfigError(f"checkpoints[{i}].lr: {spec.lr!r} in the config but {spec.path.name} records lr "
                               f"{recorded!r}; remove lr from the config (the file's is used) or re-save the file")
+        recorded_lrs.append(recorded)
+    checkpoints = [Checkpoint(spec.path, 1.0) for spec in config.checkpoints]  # weights only, until the plan
     if config.index.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"index.device: {config.index.device!r} requested but CUDA is not available")
     examples = task.training_set()
@@ -117,6 +131,7 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
     plan = plan_embedding(task, checkpoints, config.layers, config.projection.kind, config.projection.dim,
                           config.projection.seed, examples.batch(0, min(len(examples), PROBE_ROWS)),
                           config.index.compute_dtype, config.index.device, state=states[0])
+    checkpoints = checkpoint_steps(config, task, plan, recorded_lrs, log)
     if plan.total_dim > FAISS_MAX_DIM:
         raise ConfigError(f"projection: {config.projection.kind} mode gives {plan.total_dim:,} numbers per example "
                           f"({len(examples):,} examples x {plan.total_dim:,} numbers = "
@@ -136,12 +151,42 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
         log(f"self-check: {len(plan.blocks)} traced blocks on {len(report.rows)} examples x "
             f"{len(report.checkpoints)} checkpoints, max relative error {report.to_json()['max_error']:.1e} "
             f"({report.seconds:.1f}s)")
+    for note in report.notes:
+        (log or say)(f"self-check: {note}")
     if not report.ok:
         if strict:
             raise ConfigError(report.refusal())
     else:
         check_query_path(task, last, examples)
-    return Prepared(task, checkpoints, plan, examples, label_width(examples.labels), report)
+    base_weights = [{"checkpoint": i, "keys": len(r.from_factory), "sha256": r.factory_sha256,
+                     **({"adapter": r.adapter} if r.adapter else {})} for i, r in enumerate(loads) if r.partial]
+    return Prepared(task, checkpoints, plan, examples, label_width(examples.labels), report, base_weights)
+
+
+def checkpoint_steps(config: IndexConfig, task: Task, plan: ProjectionPlan, recorded_lrs: list[float | None],
+                     log: Callable[[str], None] | None = None) -> list[Checkpoint]:
+    """Each checkpoint of the config with its StepWeights for the plan's traced parameters: the formula and
+    per-parameter weights from the optimizer state saved with it (`indexer.optimizer`), the config's lr
+    (one number or a table) or the lr the file records. Warnings (e.g. Adam without its state) are said once
+    per checkpoint. Raises ConfigError (one line) when a step cannot be weighed exactly."""
+    from indexer.optimizer.state import read_saved_optimizer
+    from indexer.optimizer.step import step_weights
+
+    traced = [p for b in plan.blocks for p in b.params]
+    model = task.build_model()
+    dtype = DTYPES[plan.compute_dtype]
+    out = []
+    for i, (spec, recorded) in enumerate(zip(config.checkpoints, recorded_lrs)):
+        where = f"checkpoints[{i}] ({spec.path.name})"
+        try:
+            weights = step_weights(read_saved_optimizer(spec.path), model, traced, config.step_options, spec.lr,
+                                   recorded, where, dtype)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+        for warning in weights.warnings:
+            (log or say)(warning)
+        out.append(Checkpoint(spec.path, weights.lr, weights))
+    return out
 
 
 def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
@@ -381,6 +426,7 @@ class _Job:
     estimate: int = 0
     label_width: int = 0
     check: SelfCheckReport | None = None
+    base_weights: list[dict] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -392,7 +438,8 @@ class _Job:
         ready = prepare(config)
         digests = [checkpoint_digest(c.path) for c in ready.checkpoints]
         return cls(config, out, overwrite, ready.task, ready.checkpoints, digests, ready.plan, ready.examples,
-                   _config_hash(config, digests), label_width=ready.label_width, check=ready.check)
+                   _config_hash(config, digests), label_width=ready.label_width, check=ready.check,
+                   base_weights=ready.base_weights)
 
 
 def _check_faiss_training(config: IndexConfig, dim: int, count: int) -> None:
@@ -627,8 +674,9 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
         save_npy(staging.path / LABEL_REVIEW_FILE, review_table)
         (staging.path / INPUT_RANGES_FILE).write_text(dump_input_ranges(record_input_ranges(job.task, job.examples)))
         _write_examples(job.task, job.examples, staging.path)
-        ckpt_entries = _copy_checkpoints(job, staging.path)
-        names = [INDEX_FILE, *extra_files, SELF_INFLUENCE_FILE, LABEL_REVIEW_FILE, INPUT_RANGES_FILE, EXAMPLES_FILE]
+        ckpt_entries, step_files = _copy_checkpoints(job, staging.path)
+        names = [INDEX_FILE, *extra_files, SELF_INFLUENCE_FILE, LABEL_REVIEW_FILE, INPUT_RANGES_FILE, EXAMPLES_FILE,
+                 *step_files]
         if (staging.path / NORMALIZED_INDEX_FILE).is_file():
             names.append(NORMALIZED_INDEX_FILE)
         if (staging.path / QUERIES_FILE).is_file():
@@ -640,6 +688,7 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
             "task": {"ref": config.task.ref, "args": config.task.args, "class_names": _class_names(job.task),
                      "label_kind": job.task.kind, "label_width": job.label_width},
             "checkpoints": ckpt_entries,
+            "optimizer": optimizer_summary(job.checkpoints, config),
             "layers": plan.describe(),
             "capture": {**plan.capture.to_json(), "compute_dtype": plan.compute_dtype,
                         "self_check": job.check.to_json() if job.check is not None else None},
@@ -651,12 +700,16 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
             "label_review": review_entry(review_table),
             "faiss": faiss_info,
             "files": file_hashes(staging.path, names),
+            **({"base_weights": job.base_weights} if job.base_weights else {}),
             "versions": library_versions(),
             "build": {"seconds": round(time.perf_counter() - started, 3), "embed_seconds": round(embed_seconds, 3),
                       "batch_size": config.index.batch_size, "device": config.index.device,
                       "self_check_seconds": round(job.check.seconds, 3) if job.check is not None else None},
         }
         write_manifest(staging.path, manifest)
+        key = os.environ.get(INDEX_KEY_ENV, "")
+        if key.strip():  # a keyed signature for indexes shared between machines (verified by tracin serve)
+            sign_index(staging.path, key)
         kill_point("manifest-written")
         if resume_dir is not None and resume_dir.is_dir():
             (resume_dir / COMMITTING).write_text(sha256_file(staging.path / MANIFEST_FILE) + "\n")
@@ -744,13 +797,20 @@ def _write_examples(task: Task, examples: ExampleSet, directory: Path) -> None:
         ))
 
 
-def _copy_checkpoints(job: _Job, directory: Path) -> list[dict]:
+def _copy_checkpoints(job: _Job, directory: Path) -> tuple[list[dict], list[str]]:
     """checkpoints/NN-name: a byte copy of a checkpoint file the service reads as it is; a normalised
-    tracin checkpoint (weights under the model's own names, the lr) for a folder or a prefixed file."""
+    tracin checkpoint (weights under the model's own names, the lr) for a folder, a prefixed file or a file
+    that also holds optimizer state (the index keeps the weights, not the state); checkpoints/NN.step.safetensors:
+    the step weights lr * Gamma per traced parameter where they are tensors (`indexer.optimizer.step`).
+    Returns (the manifest's checkpoint entries, the step files written)."""
+    from safetensors.torch import save_file
+
+    from indexer.optimizer.state import read_saved_optimizer
+
     (directory / CHECKPOINT_DIR).mkdir()
-    entries = []
+    entries, step_files = [], []
     for i, (ckpt, digest, spec) in enumerate(zip(job.checkpoints, job.digests, job.config.checkpoints)):
-        if ckpt.path.is_file() and not spec.prefix:
+        if ckpt.path.is_file() and not spec.prefix and read_saved_optimizer(ckpt.path) is None:
             name = f"{CHECKPOINT_DIR}/{i:02d}-{ckpt.path.name}"
             shutil.copyfile(ckpt.path, directory / name)
             sha = digest
@@ -763,5 +823,24 @@ def _copy_checkpoints(job: _Job, directory: Path) -> list[dict]:
         entry = {"file": name, "source": str(ckpt.path), "lr": ckpt.lr, "sha256": sha}
         if sha != digest:
             entry["source_sha256"] = digest
+        if ckpt.step is not None:
+            tensors = ckpt.step.tensors()
+            step_file = None
+            if tensors:
+                step_file = f"{CHECKPOINT_DIR}/{i:02d}.step.safetensors"
+                save_file(tensors, str(directory / step_file), metadata={"format": "tracin-step/1"})
+                step_files.append(step_file)
+            entry["step"] = ckpt.step.to_json(step_file)
         entries.append(entry)
-    return entries
+    return entries, step_files
+
+
+def optimizer_summary(checkpoints: list[Checkpoint], config: IndexConfig) -> dict:
+    """The manifest's `optimizer`: which formula the index uses and why (per checkpoint details are in
+    each checkpoint's `step`)."""
+    formulas = [c.formula for c in checkpoints]
+    first = checkpoints[0].step
+    return {"formula": formulas[0] if len(set(formulas)) == 1 else "mixed", "per_checkpoint": formulas,
+            "why": first.why if first is not None else "one lr per checkpoint",
+            "forced": config.step_options.formula == "sgd", "momentum": config.step_options.momentum,
+            "bounded": sum(c.step.bounded for c in checkpoints if c.step is not None)}

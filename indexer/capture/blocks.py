@@ -100,8 +100,8 @@ def _hook_eligible(module: nn.Module) -> str | None:
     if isinstance(module, nn.Embedding):
         if module.scale_grad_by_freq:
             return "Embedding with scale_grad_by_freq"
-        if module.sparse:
-            return "Embedding with sparse gradients"
+        # sparse=True only changes the layout autograd gives the weight's gradient (rows of the ids used);
+        # the hooks never form that gradient, and the checks densify it (`indexer.capture.routes.dense_grad`)
     return None
 
 
@@ -130,11 +130,39 @@ def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
     return out
 
 
+def quantized_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, type) of every quantised module (`torch.ao.quantization.quantize_dynamic` / static
+    quantisation: int8 packed weights with no autograd, e.g. torch.ao.nn.quantized.dynamic.Linear)."""
+    out: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(parent + ".") for parent, _ in out):  # its packed parameters
+            continue
+        where = type(module).__module__
+        if where.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")) \
+                or hasattr(module, "_packed_params"):
+            out.append((name or type(module).__name__, f"{where}.{type(module).__name__}"))
+    return out
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse (ConfigError, one line) a model no gradient can be taken through: quantised modules."""
+    quantized = quantized_modules(model)
+    if quantized:
+        names = ", ".join(repr(n) for n, _ in quantized[:5]) + (" ..." if len(quantized) > 5 else "")
+        raise ConfigError(
+            f"model: module{'s' if len(quantized) > 1 else ''} {names} {'are' if len(quantized) > 1 else 'is'} "
+            f"quantised ({quantized[0][1]}): their int8 packed weights have no gradient, and none flows through "
+            "them, so TracIn cannot be computed; index the float model (before quantize_dynamic / convert) and "
+            "its float checkpoints")
+
+
 def select_blocks(model: nn.Module, patterns: list[str] | None) -> list[TracedBlock]:
     """Traced blocks for module-name patterns (fnmatch globs); None = every trainable parameter.
 
     A matched module contributes every trainable parameter below it. Raises ConfigError when a pattern
-    matches no module or the selection holds no trainable parameter."""
+    matches no module, the selection holds no trainable parameter, or the model is quantised
+    (`check_model`)."""
+    check_model(model)
     modules = dict(model.named_modules())
     if patterns is None:
         roots = [""]

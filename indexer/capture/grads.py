@@ -23,6 +23,7 @@ squares are computed in the capture's dtype and squared in float64.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -322,6 +323,26 @@ class BlockGrad:
     def select(self, rows) -> "BlockGrad":
         return BlockGrad(self.block, [t.select(rows) for t in self.terms])
 
+    def weighted(self, scale: float | torch.Tensor) -> "BlockGrad":
+        """scale (.) G_b: the gradient weighted by the square root of the optimizer's step weights
+        (`indexer.optimizer.step`). A float scales one factor of each term (the factored form is kept); a
+        tensor [m, n] (a diagonal preconditioner) multiplies the explicit gradient."""
+        if isinstance(scale, torch.Tensor):
+            return BlockGrad(self.block, [Dense(self.full() * scale.to(self.dtype))])
+        terms: list[Term] = []
+        for t in self.terms:
+            if isinstance(t, Outer):
+                terms.append(Outer(t.u, t.v * scale) if t.indexed else Outer(t.u * scale, t.v))
+            elif isinstance(t, ConvOuter):
+                terms.append(ConvOuter(tuple(ConvCall(c.x, c.d * scale, c.kernel_size, c.stride, c.padding, c.dilation)
+                                             for c in t.calls), t.bias))
+            else:
+                terms.append(Dense(t.g * scale))
+        out = BlockGrad(self.block, terms)
+        if self._full is not None:
+            out._full = self._full * scale
+        return out
+
     def _use_factors(self, other: "BlockGrad", pairs: int, cross: bool) -> bool:
         if self._full is not None and (other is self or other._full is not None):
             return False
@@ -338,14 +359,43 @@ class BlockGrad:
             full += self.batch * m * n
         return factored < full
 
-    def squared_norm(self) -> torch.Tensor:
+    def explicit_cheaper(self, dim: int) -> bool:
+        """Whether the explicit gradient is the cheaper way to both sketch this block into `dim` numbers and
+        take its exact norm (else: the FFT tensor sketch of the factors and the factored Gram identity).
+
+        A fixed cost model (so that the same build always takes the same route and writes the same bytes),
+        fitted to single-thread CPU timings of a batch of 64 (docs/benchmarks.md "Capture routes"), in ns
+        per example with T positions, an m x n block and dim = k:
+            explicit  m n (20 + 0.035 T)                       form G (a matmul or a weight-gradient
+                                                               convolution), scatter and square its m n entries
+            factored  T (c k log2(k) / 4608 + 6 (m + n))       count sketches and FFTs of the factors
+                      + 0.1 T^2 (m + n) + 10 T n [conv]        the float64 Gram identity (after im2col)
+        with c = 8000 for Conv2d (im2col first) and 3000 for other factors. E.g. a 512x4608 convolution at
+        4x4: explicit 1.8 s vs factored 0.06 s per batch of 64; 64x576 at 32x32: 0.12 s vs 3.7 s."""
+        if self._full is not None:
+            return True
+        if not all(isinstance(t, (Outer, ConvOuter)) and not t.indexed for t in self.terms):
+            return True
+        m, n = self.block.m, self.block.n
+        T = sum(t.positions for t in self.terms)
+        conv = any(isinstance(t, ConvOuter) for t in self.terms)
+        fft = (8000 if conv else 3000) * dim * max(1.0, math.log2(dim)) / 4608
+        factored = T * (fft + 6 * (m + n)) + 0.1 * T * T * (m + n) + (10 * T * n if conv else 0)
+        explicit = m * n * (20 + 0.035 * T)
+        return explicit <= factored
+
+    def squared_norm(self, dim: int = 512) -> torch.Tensor:
         """Exact ||G_b||_F^2 [B], never approximated (factored Gram identity or the explicit gradient,
-        whichever costs less)."""
+        whichever costs less when the block is also sketched into `dim` numbers: `explicit_cheaper`)."""
         if len(self.terms) == 1 and isinstance(self.terms[0], Outer) and self.terms[0].positions == 1 \
                 and not self.terms[0].indexed:
             u, v = self.terms[0].factors()
             return _sq(u) * _sq(v)
-        if self._use_factors(self, self.batch, cross=False):
+        if all(isinstance(t, (Outer, ConvOuter)) and not t.indexed for t in self.terms):
+            use_factors = self._full is None and not self.explicit_cheaper(dim)
+        else:
+            use_factors = self._use_factors(self, self.batch, cross=False)
+        if use_factors:
             total = None
             for i, x in enumerate(self.terms):
                 for j, y in enumerate(self.terms[i:], start=i):
@@ -357,7 +407,13 @@ class BlockGrad:
         return _sq(self.full())
 
     def inner(self, other: "BlockGrad") -> torch.Tensor:
-        """Exact <G_a, G_b>_F for every pair: [Ba, Bb] (self = a, other = b, same block)."""
+        """Exact <G_a, G_b>_F for every pair: [Ba, Bb] (self = a, other = b, same block), float64."""
+        self_dense = all(isinstance(t, Dense) for t in self.terms)
+        other_dense = all(isinstance(t, Dense) for t in other.terms)
+        if self_dense and not other_dense and other._full is None:
+            return _dense_inner(self.full(), other.terms, self.block)
+        if other_dense and not self_dense and self._full is None:
+            return _dense_inner(other.full(), self.terms, self.block).T
         if self._use_factors(other, self.batch * other.batch, cross=True):
             total = None
             for x in self.terms:
@@ -393,6 +449,38 @@ class BlockGrad:
                     terms.append(Dense(torch.cat([t.g for t in group])))
             return BlockGrad(block, terms)
         return BlockGrad(block, [Dense(torch.cat([p.full() for p in parts]))])
+
+
+def _dense_inner(q: torch.Tensor, terms: Sequence[Term], block: TracedBlock) -> torch.Tensor:
+    """<Q_a, G_b>_F [A, B] (float64) of explicit gradients q [A, m, n] with a batch given by its terms,
+    without forming the batch's explicit gradients: Outer: sum_t u_t^T Q v_t; one-hot rows: sum_t
+    Q[x_t] . v_t; Conv2d: a convolution with Q's rows as filters, dotted with the output gradients."""
+    q = q.to(torch.float64)
+    A, m, n = q.shape
+    total = None
+    for term in terms:
+        if isinstance(term, Dense):
+            part = q.reshape(A, -1) @ term.g.to(torch.float64).reshape(term.batch, -1).T
+        elif isinstance(term, ConvOuter):
+            part = None
+            for call in term.calls:
+                c_in = call.x.shape[1]
+                kh, kw = call.kernel_size
+                weight = q[:, :, : c_in * kh * kw].reshape(A * m, c_in, kh, kw)
+                bias = q[:, :, -1].reshape(A * m) if term.bias else None
+                out = F.conv2d(call.x.to(torch.float64), weight, bias, call.stride, call.padding, call.dilation)
+                d = call.d.to(torch.float64)
+                value = (out.reshape(d.shape[0], A, m, -1) * d.reshape(d.shape[0], 1, m, -1)).sum(dim=(2, 3)).T
+                part = value if part is None else part + value
+        elif term.indexed:
+            ids, v = term.u, term.v.to(torch.float64)
+            valid = (ids >= 0).to(torch.float64).unsqueeze(-1)
+            part = torch.stack([(q[a][ids.clamp(min=0)] * valid * v).sum(dim=(1, 2)) for a in range(A)])
+        else:
+            u, v = term.u.to(torch.float64), term.v.to(torch.float64)
+            part = torch.stack([((u @ q[a]) * v).sum(dim=(1, 2)) for a in range(A)])
+        total = part if total is None else total + part
+    return total
 
 
 def _term_shape(term: Term) -> tuple:

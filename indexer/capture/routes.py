@@ -10,6 +10,9 @@ Routes, fastest first (each block has one, chosen by `calibrate` and recorded in
   loop   one `torch.autograd.grad` of each example's own loss: correct wherever the model can train.
 
 `calibrate` decides from the model itself, on a few training examples:
+  * a forward that is random in eval mode (two forwards of the same examples differ: F.dropout(training=
+    True), stochastic depth) is refused, naming the first module whose output differs for the same input;
+    so are traced layers that the forward calls only with gradients disabled (a torch.no_grad() region);
   * a structural probe with two batch sizes finds each hooked module's batch axis (the one axis whose
     size follows the batch size, in every call); a module never called as a module (attention's
     out_proj), called a varying number of times, or whose rows are not examples (sequence-first with an
@@ -20,7 +23,14 @@ Routes, fastest first (each block has one, chosen by `calibrate` and recorded in
     uses the hooks miss: tied or functional reuse, reparametrised weights, regularisers);
   * torch.func is tried and compared with the loop; where it fails or disagrees, the loop is used.
 During indexing the batch axis of every call is verified and the sum check repeats on a sample of
-batches; a violation raises `CaptureError` naming the layer, never a silently wrong number.
+batches; a violation raises `CaptureError` naming the layer, never a silently wrong number (per-example
+gradients that are all zero while the batch gradient is not are named as such).
+
+Activation checkpointing inside the model's forward (`torch.utils.checkpoint`) runs its function plainly
+while any route, the calibration or the per-example loop runs (`indexer.capture.plain_checkpoints`): its
+values and gradients are the plain forward's by definition, and the reentrant kind would otherwise hide
+its parameters from the hooks (an all-zero capture). The first traced layer's output is handed to the model
+as a copy of the leaf the backward runs to, so in-place ops after it (ReLU(inplace=True), `out += x`) work.
 
 All factors are kept in the capture's compute dtype (float32, or float64 for float64 models): models in
 bfloat16 / float16 are run in float32 (`compute_dtype`), so norms and inner products are never
@@ -38,6 +48,7 @@ from torch import nn
 from indexer.capture.blocks import TracedBlock, Use
 from indexer.config import ConfigError
 from indexer.capture.grads import BlockGrad, ConvCall, ConvOuter, Dense, Outer
+from indexer.capture.plain_checkpoints import plainly
 from indexer.task import Inputs, batch_size_of, take_rows, unsqueeze_inputs
 
 ROUTES = ("hook", "vmap", "loop")
@@ -45,6 +56,7 @@ ROUTES = ("hook", "vmap", "loop")
 # message for our users (and a catch_warnings around each call would race between threads).
 warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
 PROBE_ROWS = 3  # training rows calibration probes
+RANDOM_TRIES = 3  # forwards compared with the first one to tell a random forward from a deterministic one
 SUM_CHECK_EVERY = 64  # besides the first batch of each checkpoint, every 64th batch is sum-checked
 
 
@@ -179,10 +191,12 @@ class _Recorder:
         self.inputs.append(kept)
         self.deltas.append(None)
         if not output.requires_grad:
-            # First traced layer on this path: make its output the leaf the backward runs to.
-            output = output.detach().requires_grad_(True)
-            output.register_hook(lambda g, s=slot: self._store(s, g))
-            return output
+            # First traced layer on this path: make its output a leaf the backward runs to, and hand the
+            # model a copy of it, so that an in-place op that follows (VGG's ReLU(inplace=True), a residual
+            # `out += x`) modifies the copy, never the leaf.
+            leaf = output.detach().requires_grad_(True)
+            leaf.register_hook(lambda g, s=slot: self._store(s, g))
+            return leaf.clone()
         output.register_hook(lambda g, s=slot: self._store(s, g))
         return None
 
@@ -254,6 +268,7 @@ class GradientCapture:
         tune_allocator()
 
     # -- public -----------------------------------------------------------------------------------
+    @plainly  # activation checkpointing runs as the plain forward it stands for (`plain_checkpoints`)
     def capture(self, inputs: Inputs, labels: torch.Tensor, check: bool = False,
                 loss: Callable | None = None) -> Captured:
         """Gradients, losses and outputs for a batch. With `check`, the hook route's per-example
@@ -324,8 +339,7 @@ class GradientCapture:
         if check:
             grads_by_param = dict(zip([p for b in blocks for p in b.params], batch_grads))
             for block in blocks:
-                reference = [grads_by_param[p] if grads_by_param[p] is not None else torch.zeros_like(self.params[p])
-                             for p in block.params]
+                reference = [dense_grad(grads_by_param[p], self.params[p]) for p in block.params]
                 expected = block.assemble([g.unsqueeze(0) for g in reference])[0].to(self.dtype)
                 _compare_sum(block, out[block.name].batch_sum(), expected, self.dtype)
         return out, outputs, losses
@@ -371,6 +385,7 @@ class GradientCapture:
                 for b in blocks}
 
 
+@plainly
 def per_example_loop(model: nn.Module, forward: Callable, loss: Callable, params: list[torch.Tensor], inputs,
                      labels: torch.Tensor) -> list[torch.Tensor]:
     """The definition: for each example alone, `torch.autograd.grad` of its own loss w.r.t. `params`.
@@ -388,11 +403,20 @@ def per_example_loop(model: nn.Module, forward: Callable, loss: Callable, params
                 grads = torch.autograd.grad(losses.sum(), params, allow_unused=True) if losses.requires_grad \
                     else [None] * len(params)
             for i, (g, p) in enumerate(zip(grads, params)):
-                rows[i].append(g.detach() if g is not None else torch.zeros_like(p))
+                rows[i].append(dense_grad(g, p))
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
     return [torch.stack(r) for r in rows]
+
+
+def dense_grad(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient from autograd as a dense tensor of its shape: zeros where autograd gave None
+    (unused), `.to_dense()` where it gave a sparse one (`nn.Embedding(sparse=True)`)."""
+    if grad is None:
+        return torch.zeros_like(param)
+    grad = grad.detach()
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 class _LossModule(nn.Module):
@@ -417,6 +441,11 @@ def check_losses(losses: Any, batch: int) -> None:
 def _compare_sum(block: TracedBlock, got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     scale = max(float(expected.abs().max()), float(got.abs().max()))
     err = float((got - expected).abs().max())
+    if float(got.abs().max()) == 0.0 and float(expected.abs().max()) > 0.0:
+        raise CaptureError(
+            f"layer {block.name!r}: its per-example gradients are all zero while the batch gradient is not (max "
+            f"{scale:.3g}): the capture does not see how the loss depends on it (e.g. activation checkpointing or "
+            "a custom autograd Function around it)")
     if err > tolerance(dtype) * max(scale, 1e-30) and err > 1e-30:
         raise CaptureError(
             f"layer {block.name!r}: its per-example gradients from hooks do not sum to the batch gradient "
@@ -436,6 +465,7 @@ def _device(model: nn.Module) -> torch.device:
 
 # -- calibration ----------------------------------------------------------------------------------
 
+@plainly
 def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, loss: Callable, inputs, labels,
               dtype: torch.dtype = torch.float32) -> CapturePlan:
     """Choose each block's route on a few examples (`inputs`: the first rows of the training set; the first
@@ -454,6 +484,9 @@ def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, lo
         if not b.uses:
             kind = holders.get(id(params[b.params[0]]), "module")
             reasons[b.name] = f"{kind} parameter: no factored route"
+    probe = (take_rows(inputs, slice(0, min(N, 3))), labels[:min(N, 3)])
+    _refuse_random_forward(model, forward, loss, *probe, dtype)
+    _refuse_no_grad_regions(model, blocks, forward, probe[0])
     if N < 2:
         for b in blocks:
             routes[b.name], reasons[b.name] = "loop", "a single training example"
@@ -511,6 +544,120 @@ def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, lo
     if loop_blocks:
         GradientCapture(model, plan, forward, loss, dtype)._loop_or_refuse(loop_blocks, *big)
     return plan
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a module's arguments or output (tuples, lists, dicts, Hugging Face ModelOutputs), as
+    detached copies (a later in-place op must not change what was recorded)."""
+    if isinstance(value, torch.Tensor):
+        return [value.detach().clone()]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> bool:
+    if len(a) != len(b) or any(x.shape != y.shape or x.dtype != y.dtype for x, y in zip(a, b)):
+        return False
+    for x, y in zip(a, b):
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return False
+            continue
+        scale = max(float(x.abs().max()) if x.numel() else 0.0, 1e-30)
+        if x.numel() and float((x.double() - y.double()).abs().max()) > tolerance(dtype) * scale:
+            return False
+    return True
+
+
+def _refuse_random_forward(model: nn.Module, forward: Callable, loss: Callable, inputs, labels,
+                           dtype: torch.dtype) -> None:
+    """Refuse (CaptureError, one line) a forward that is random in eval mode: two forwards of the same examples
+    give different outputs or losses (F.dropout(training=True), stochastic depth drawn whatever the mode,
+    noise layers). Names the first module, in the order calls complete, whose output differs for the same
+    input (located on one example, with every module's inputs and outputs recorded twice)."""
+    def run(batch, batch_labels, records=None):
+        handles = [] if records is None else [
+            m.register_forward_hook(lambda mod, args, out, n=name: records.append((n, _tensors(args), _tensors(out))))
+            for name, m in model.named_modules()]
+        try:
+            with torch.no_grad():
+                outputs = forward(model, batch)
+                return _tensors(outputs) + _tensors(loss(outputs, batch_labels))
+        finally:
+            for h in handles:
+                h.remove()
+
+    try:  # a random draw may repeat (stochastic depth keeps a branch with probability p): several tries
+        reference = run(inputs, labels)
+        if all(_same(reference, run(inputs, labels), dtype) for _ in range(RANDOM_TRIES)):
+            return
+        one = (take_rows(inputs, slice(0, 1)), labels[:1])
+        for _ in range(4 * RANDOM_TRIES):
+            first: list = []
+            second: list = []
+            if not _same(run(*one, first), run(*one, second), dtype):
+                break
+    except Exception:  # noqa: BLE001 - a forward that fails is reported by the checks that follow
+        return
+    occurrences: dict[str, int] = {}
+    by_call = {}
+    for name, args, out in second:
+        by_call[(name, occurrences.get(name, 0))] = (args, out)
+        occurrences[name] = occurrences.get(name, 0) + 1
+    occurrences.clear()
+    culprit = None
+    for name, args, out in first:
+        key = (name, occurrences.get(name, 0))
+        occurrences[name] = key[1] + 1
+        other = by_call.get(key)
+        if other is not None and _same(args, other[0], dtype) and not _same(out, other[1], dtype):
+            culprit = name
+            break
+    modules = dict(model.named_modules())
+    if culprit is None:
+        where = "outside the model's modules (in Task.forward or Task.loss?)"
+    elif culprit == "":
+        where = f"in the model's own forward ({type(model).__name__})"
+    else:
+        where = f"first in module {culprit!r} ({type(modules[culprit]).__name__}), whose output changes for the same input"
+    raise CaptureError(
+        f"the forward is random in eval mode: two forwards of the same training examples differ, {where} (e.g. "
+        "F.dropout(..., training=True), or stochastic depth drawn whatever the mode); TracIn needs a deterministic "
+        "forward: make that randomness follow module.training")
+
+
+def _refuse_no_grad_regions(model: nn.Module, blocks: list[TracedBlock], forward: Callable, inputs) -> None:
+    """Refuse (CaptureError, one line) traced layers that the forward calls only with gradients disabled (a
+    `torch.no_grad()` / `inference_mode()` region inside forward): their parameters get no gradient."""
+    traced = {p for b in blocks for p in b.params}
+    names = {id(p): n for n, p in model.named_parameters()}
+    holders = {}
+    for name, module in model.named_modules():
+        own = [names[id(p)] for p in module._parameters.values() if p is not None and names.get(id(p)) in traced]
+        if own:
+            holders[name] = (module, own)
+    calls: dict[str, list[bool]] = {}
+    handles = [module.register_forward_pre_hook(lambda m, a, n=name: calls.setdefault(n, []).append(
+        torch.is_grad_enabled())) for name, (module, _) in holders.items()]
+    try:
+        with torch.enable_grad():
+            forward(model, inputs)
+    except Exception:  # noqa: BLE001 - a forward that fails is reported by the checks that follow
+        return
+    finally:
+        for h in handles:
+            h.remove()
+    cold = [name for name, flags in calls.items() if not any(flags)]
+    if cold:
+        params = [p for name in cold for p in holders[name][1]]
+        raise CaptureError(
+            f"layer{'s' if len(cold) > 1 else ''} {', '.join(repr(n) for n in cold[:5])} "
+            f"{'run' if len(cold) > 1 else 'runs'} only inside a torch.no_grad() region of the forward, so the traced "
+            f"parameters {', '.join(repr(p) for p in params[:5])}{' ...' if len(params) > 5 else ''} get no gradient "
+            "(TracIn over them is zero): leave them out of `layers`, or move the no_grad region")
 
 
 def _slow_under_vmap(model: nn.Module, plan: CapturePlan) -> str | None:

@@ -36,6 +36,7 @@ class BlockCheck:
     route: str
     error: float  # max over examples and checkpoints of ||G - G_ref|| / ||G_ref||
     ok: bool
+    captured_zero: bool = False  # the capture gave exactly 0 on every checked example while autograd did not
 
 
 @dataclass
@@ -48,9 +49,17 @@ class SelfCheckReport:
     per_example: bool = False
     notes: list[str] = field(default_factory=list)
 
+    zero: list[str] = field(default_factory=list)  # blocks whose gradient is exactly 0 on every checked example
+
+    @property
+    def all_zero(self) -> bool:
+        """Every traced block's gradient is exactly zero on every checked example and checkpoint (per-example
+        autograd and the capture agree on it): the loss does not depend on the traced parameters."""
+        return bool(self.blocks) and len(self.zero) == len(self.blocks)
+
     @property
     def ok(self) -> bool:
-        return all(b.ok for b in self.blocks)
+        return all(b.ok for b in self.blocks) and not self.all_zero
 
     def failures(self) -> list[BlockCheck]:
         return [b for b in self.blocks if not b.ok]
@@ -64,16 +73,30 @@ class SelfCheckReport:
 
     def refusal(self) -> str:
         bad = self.failures()
+        if not bad and self.all_zero:
+            return (f"self-check: every traced block's gradient is exactly zero on the {len(self.rows)} checked "
+                    f"examples at checkpoints {self.checkpoints}: the task's loss does not depend on the traced "
+                    "parameters (a torch.no_grad() region, a .detach(), or layers the forward does not use); check "
+                    "`layers` and Task.forward / Task.loss")
         worst = max(bad, key=lambda b: b.error)
         names = ", ".join(repr(b.name) for b in bad[:5])
+        silent = [b for b in bad if b.captured_zero]
+        if silent:
+            names = ", ".join(repr(b.name) for b in silent[:5])
+            return (f"self-check: the per-example gradients of {names} ({silent[0].route} route) are all zero while "
+                    f"torch.autograd.grad on each example alone is not; this model is not indexed rather than indexed "
+                    "as zeros (`tracin check CONFIG` prints every block)")
         return (f"self-check: the per-example gradients of {names} ({worst.route} route) disagree with "
                 f"torch.autograd.grad on each example alone (relative error {worst.error:.2e} > "
                 f"{self.threshold:.0e}); this model is not indexed rather than indexed wrongly "
                 "(`tracin check CONFIG` prints every block)")
 
     def to_json(self) -> dict[str, Any]:
-        return {"rows": self.rows, "checkpoints": self.checkpoints, "threshold": self.threshold,
-                "max_error": max((b.error for b in self.blocks), default=0.0), "ok": self.ok}
+        out = {"rows": self.rows, "checkpoints": self.checkpoints, "threshold": self.threshold,
+               "max_error": max((b.error for b in self.blocks), default=0.0), "ok": self.ok}
+        if self.zero:
+            out["zero_blocks"] = list(self.zero)
+        return out
 
 
 def check_rows(count: int, wanted: int = 4) -> list[int]:
@@ -94,6 +117,8 @@ def self_check(task: Task, checkpoints: list[Checkpoint], plan: ProjectionPlan, 
     which = sorted({0, len(checkpoints) - 1})
     threshold = THRESHOLDS[plan.compute_dtype]
     errors = {b.name: 0.0 for b in plan.blocks}
+    nonzero_ref = {b.name: False for b in plan.blocks}
+    nonzero_got = {b.name: False for b in plan.blocks}
     for c in which:
         embedder = (embedders or {}).get(c) or CheckpointEmbedder(task, checkpoints[c], c, plan, device,
                                                                   state=(states or {}).get(c))
@@ -109,9 +134,16 @@ def self_check(task: Task, checkpoints: list[Checkpoint], plan: ProjectionPlan, 
             ref = block.assemble([by_name[p] for p in block.params]).to(torch.float64)
             got = grad.full().to(torch.float64)
             errors[block.name] = max(errors[block.name], _relative_error(got, ref))
+            nonzero_ref[block.name] |= bool(ref.ne(0).any())
+            nonzero_got[block.name] |= bool(got.ne(0).any())
     checks = [BlockCheck(b.name, b.kind, (b.m, b.n), plan.capture.routes[b.name], errors[b.name],
-                         errors[b.name] <= threshold) for b in plan.blocks]
-    return SelfCheckReport(checks, rows, which, threshold, time.perf_counter() - started, plan.capture.per_example)
+                         errors[b.name] <= threshold, nonzero_ref[b.name] and not nonzero_got[b.name])
+              for b in plan.blocks]
+    zero = [b.name for b in plan.blocks if not nonzero_ref[b.name] and not nonzero_got[b.name]]
+    notes = [f"block {name!r} has an exactly zero gradient on every checked example (a layer the loss does not "
+             "use?); its part of every embedding is zero" for name in zero] if len(zero) < len(plan.blocks) else []
+    return SelfCheckReport(checks, rows, which, threshold, time.perf_counter() - started, plan.capture.per_example,
+                           notes, zero)
 
 
 def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:

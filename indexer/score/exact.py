@@ -2,13 +2,15 @@
 
 The compact index only proposes candidates; their exact scores
 
-    TracInCP(q, z_c) = sum_i lr_i sum_l <G_{i,l}(q), G_{i,l}(z_c)>_F
+    TracInCP(q, z_c) = sum_i sum_l <G_{i,l}(q), w_{i,l} (.) G_{i,l}(z_c)>_F
 
-are recomputed here from the training examples themselves (read through the task, only the candidates'
-rows), at every checkpoint, in batches, with the capture plan that built the index. Inner products use
-the factored identity where it is cheaper than explicit gradients (`indexer.capture.grads.BlockGrad.inner`), and
-are accumulated in float64. The per-checkpoint terms are returned too: they sum to the score and say
-where it comes from.
+(w_{i,l}: the optimizer's step weights of block l at checkpoint i, `indexer.optimizer.step`: the lr of its
+parameter group, or lr * Gamma for Adam-type optimizers) are recomputed here from the training examples
+themselves (read through the task, only the candidates' rows), at every checkpoint, in batches, with the
+capture plan that built the index. Inner products use the factored identity where it is cheaper than
+explicit gradients (`indexer.capture.grads.BlockGrad.inner`; a tensor weight is applied to the query's
+explicit gradient once), and are accumulated in float64. The per-checkpoint and per-block terms are
+returned too: each set sums to the score and says where it comes from.
 """
 from __future__ import annotations
 
@@ -20,21 +22,23 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from indexer.capture.grads import BlockGrad, Dense
 from indexer.sketch.embedding import Embedder
-from indexer.capture.grads import BlockGrad
 from indexer.task import ExampleSet, Inputs, input_tensors
 
 
 @dataclass
 class ExactScores:
-    """Exact scores of one query against `rows`: total [K] and per checkpoint [C, K] (float64, lr-weighted),
-    and each row's training loss at each checkpoint [C, K]."""
+    """Exact scores of one query against `rows`: total [K], per checkpoint [C, K] and per traced block
+    [C, L, K] (float64, weighted by the step weights; both sum to `total`), and each row's training loss at
+    each checkpoint [C, K]. `blocks` names the L blocks (the capture plan's order)."""
 
     rows: np.ndarray
     total: np.ndarray
     per_checkpoint: np.ndarray
     losses: np.ndarray
-
+    per_block: np.ndarray | None = None
+    blocks: tuple[str, ...] = ()
 
 class ExactScorer:
     """Recomputes candidates' per-example gradients at every checkpoint and scores them exactly.
@@ -56,35 +60,36 @@ class ExactScorer:
         keep_grads=True).per_checkpoint[c].grads`); `rows` = training rows to score."""
         rows = np.asarray(rows, dtype=np.int64)
         C = len(self.embedder.per_checkpoint)
+        names = tuple(b.name for b in self.embedder.plan.blocks)
         if rows.size == 0:
-            return ExactScores(rows, np.zeros(0), np.zeros((C, 0)), np.zeros((C, 0)))
-        per_checkpoint, losses = self._terms(query, rows)
-        per_checkpoint = per_checkpoint[:, 0, :]
-        return ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint, losses)
+            return ExactScores(rows, np.zeros(0), np.zeros((C, 0)), np.zeros((C, 0)),
+                               np.zeros((C, len(names), 0)), names)
+        terms, losses = self._terms(query, rows)
+        per_block = terms[:, :, 0, :]
+        per_checkpoint = per_block.sum(axis=1)
+        return ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint, losses, per_block, names)
 
     def matrix(self, query: Sequence[Sequence[BlockGrad]], rows: np.ndarray) -> np.ndarray:
         """Exact TracIn float64 [Q, K] of Q queries (block gradients with Q rows at each checkpoint)
         against training `rows`: each row's gradients are computed once for every query."""
         rows = np.asarray(rows, dtype=np.int64)
-        return self._terms(query, rows)[0].sum(axis=0)
+        return self._terms(query, rows)[0].sum(axis=(0, 1))
 
     def _terms(self, query: Sequence[Sequence[BlockGrad]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(lr-weighted per-checkpoint inner products [C, Q, K] float64, the rows' losses [C, K])."""
+        """(weighted inner products per checkpoint and block [C, L, Q, K] float64, the rows' losses [C, K])."""
         batches = [rows[s:s + self.batch_size] for s in range(0, rows.size, self.batch_size)]
         data = [self.rows_of(b) for b in batches]
 
         def one_checkpoint(c: int) -> tuple[np.ndarray, np.ndarray]:
             embedder = self.embedder.per_checkpoint[c]
+            weighted = [weigh(q, w) for q, w in zip(query[c], embedder.weights)]
             parts, losses = [], []
             for inputs, labels in data:
                 captured = embedder.grads(inputs, labels)
-                total = None
-                for q, g in zip(query[c], captured.grads):
-                    term = q.inner(g)
-                    total = term if total is None else total + term
-                parts.append(total.to("cpu", torch.float64).numpy())
+                blocks = [scale * q.inner(g) for (q, scale), g in zip(weighted, captured.grads)]
+                parts.append(torch.stack(blocks).to("cpu", torch.float64).numpy())
                 losses.append(captured.losses.detach().to("cpu", torch.float64).numpy())
-            return embedder.checkpoint.lr * np.concatenate(parts, axis=1), np.concatenate(losses)
+            return np.concatenate(parts, axis=2), np.concatenate(losses)
 
         C = len(self.embedder.per_checkpoint)
         if self.pool is not None and C > 1:
@@ -107,6 +112,14 @@ class ExactScorer:
                                  .detach().to("cpu", torch.float64).numpy())
             out.append(np.concatenate(parts) if parts else np.zeros(0))
         return np.stack(out)
+
+
+def weigh(query: BlockGrad, weight: float | torch.Tensor) -> tuple[BlockGrad, float]:
+    """(the query's side of <G_q, w (.) G_z>, the scalar left to multiply by): a float weight stays a factor
+    (the query keeps its factored form); a tensor [m, n] is applied once to the query's explicit gradient."""
+    if isinstance(weight, float):
+        return query, weight
+    return BlockGrad(query.block, [Dense(query.full() * weight.to(query.dtype))]), 1.0
 
 
 def training_set_digest(examples: ExampleSet, max_bytes: int = 1 << 30, sample: int = 4096,

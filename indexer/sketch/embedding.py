@@ -1,12 +1,14 @@
 """The shared embedding function: the indexer and the service both call it.
 
-For checkpoint i with learning rate lr_i and traced blocks l (per-example gradients G_{i,l}(z)):
-    e_i(z)  = sqrt(lr_i) * sum_l P_{i,l} G_{i,l}(z)            (projected kinds, [B, dim])
-            = sqrt(lr_i) * concat_l vec G_{i,l}(z)             (exact kind)
-    s_i(z)  = lr_i * sum_l ||G_{i,l}(z)||^2                    (exact self-influence part)
+For checkpoint i with step weights w_{i,l} per traced block l (`indexer.optimizer.step`: the lr of each
+parameter's group, or lr * Gamma for Adam-type optimizers) and per-example block gradients G_{i,l}(z):
+    e_i(z)  = sum_l P_{i,l} (sqrt(w_{i,l}) (.) G_{i,l}(z))      (projected kinds, [B, dim])
+            = concat_l vec(sqrt(w_{i,l}) (.) G_{i,l}(z))         (exact kind)
+    s_i(z)  = sum_l ||sqrt(w_{i,l}) (.) G_{i,l}(z)||^2          (exact self-influence part)
 and over checkpoints e(z) = sum_i e_i(z) (projected; added in float32 in checkpoint order, exactly as
 the indexer accumulates its vectors) or concat_i e_i(z) (exact), self_influence(z) = sum_i s_i(z), so
-    e(z) . e(z') ~= TracInCP(z, z') = sum_i lr_i grad l(w_i, z) . grad l(w_i, z')   (unbiased; = for exact)
+    e(z) . e(z') ~= TracIn(z, z') = sum_i <grad l(w_i, z), w_i (.) grad l(w_i, z')>   (unbiased; = for exact)
+With one lr for every parameter (plain SGD) w_i is the number lr_i and the vectors are scaled once.
 """
 from __future__ import annotations
 
@@ -31,10 +33,21 @@ from indexer.task import Inputs, Task, move_inputs
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint file and the learning rate to weigh it with."""
+    """A checkpoint file and how to weigh its gradients: `step` (indexer.optimizer.step.StepWeights: per
+    traced parameter w = lr_g, or lr_g * Gamma for Adam-type optimizers), or, without it, one learning rate
+    `lr` for every parameter (plain SGD). `lr` is always the first group's learning rate (a summary)."""
 
     path: Path
     lr: float
+    step: Any = None
+
+    def block_weight(self, block: TracedBlock) -> float | torch.Tensor:
+        """w of a traced block at this checkpoint: a float, or a tensor [m, n] in the block's layout."""
+        return self.lr if self.step is None else self.step.block_weight(block)
+
+    @property
+    def formula(self) -> str:
+        return "sgd" if self.step is None else self.step.formula
 
 
 def resolve_checkpoints(specs: list[tuple[Path, float | None]]) -> list[Checkpoint]:
@@ -178,7 +191,14 @@ class CheckpointEmbedder:
         self.model = load_model(task, checkpoint, self.device, self.dtype, state)
         self.projectors = [p.to(self.device, self.dtype) for p in plan.projectors[index]]
         self.capture = GradientCapture(self.model, plan.capture, task.forward, task.loss, self.dtype)
-        self.scale = checkpoint.lr ** 0.5
+        weights = [checkpoint.block_weight(b) for b in plan.blocks]
+        #: w per block (float, or a tensor [m, n] on the device in the compute dtype), as exact scores use it
+        self.weights = [w if isinstance(w, float) else w.to(self.device, self.dtype) for w in weights]
+        floats = {w for w in weights if isinstance(w, float)}
+        #: the one weight of every block (plain SGD, one lr): the vectors are scaled once, not per block
+        self.uniform = floats.pop() if len(floats) == 1 and len(weights) == sum(isinstance(w, float) for w in weights) \
+            else None
+        self.scales = [w ** 0.5 if isinstance(w, float) else w.sqrt() for w in self.weights]
         self._lock = threading.Lock()  # hooks live on the shared model: one batch at a time
 
     def prepare(self, inputs: Inputs, labels: torch.Tensor | None = None):
@@ -200,23 +220,31 @@ class CheckpointEmbedder:
 
     def embed(self, inputs: Inputs, labels: torch.Tensor, check: bool = False,
               keep_grads: bool = False, objective: Callable | None = None) -> CheckpointEmbedding:
-        """sqrt(lr) * projected gradients [B, width], lr * sum_l ||G_l||^2 [B], losses (the objective's
-        values), outputs."""
+        """Projected sqrt(w) (.) G per block [B, width] (w: the checkpoint's step weights), exact
+        sum_l ||sqrt(w_l) (.) G_l||^2 [B] float64, losses (the objective's values), outputs. The kept
+        gradients are the unweighted G (exact scores weigh one side by w)."""
         captured = self.grads(inputs, labels, check, objective)
         with torch.no_grad():
             sq = None
             parts = []
             total = torch.zeros(captured.losses.shape[0], self.plan.dim, dtype=self.dtype, device=self.device) \
                 if self.plan.summed else None
-            for projector, grad in zip(self.projectors, captured.grads):
-                if self.plan.summed:
-                    projector.project(grad, out=total)  # every block adds into the same dim numbers
-                else:
-                    parts.append(projector.project(grad))
-                norm = grad.squared_norm().to(torch.float64)
+            for projector, grad, scale in zip(self.projectors, captured.grads, self.scales):
+                tensor = None
+                if self.uniform is None:
+                    if isinstance(scale, torch.Tensor):
+                        tensor = scale  # applied to the explicit gradient, chunk by chunk
+                    else:
+                        grad = grad.weighted(scale)
+                part, norm = projector.embed(grad, total, tensor)  # every block adds into the same dim numbers
+                if part is not None:
+                    parts.append(part)
+                norm = norm.to(torch.float64)
                 sq = norm if sq is None else sq + norm
-            vectors = (total if self.plan.summed else torch.cat(parts, dim=1)) * self.scale
-            return CheckpointEmbedding(vectors, sq * self.checkpoint.lr, captured.losses, captured.outputs,
+            vectors = total if self.plan.summed else torch.cat(parts, dim=1)
+            if self.uniform is not None:
+                vectors, sq = vectors * self.uniform ** 0.5, sq * self.uniform
+            return CheckpointEmbedding(vectors, sq, captured.losses, captured.outputs,
                                        captured.grads if keep_grads else None)
 
 
@@ -288,8 +316,8 @@ def load_embedder(index_dir, device: str | torch.device = "cpu", threads: int = 
     if manifest["task"].get("label_kind"):
         task.label_kind = manifest["task"]["label_kind"]
     proj = manifest["projection"]
-    checkpoints = [Checkpoint(path, lr) for path, lr in index_dir.checkpoint_paths()]
     blocks = select_blocks(task.build_model(), proj.get("layer_patterns"))
+    checkpoints = index_dir.checkpoints(blocks)
     try:
         capture = CapturePlan.from_json(blocks, manifest["capture"])
     except CaptureError as exc:

@@ -39,6 +39,9 @@ from indexer.store.manifest import (
     MANIFEST, MANIFEST_DIGEST, SCHEMA_VERSION, Manifest, ManifestError, is_index_directory, read_manifest,
 )
 
+#: HMAC-SHA256 of manifest.json under the key in TRACIN_INDEX_KEY (`sign_index`, `verify_signature`)
+SIGNATURE_FILE = "manifest.hmac"
+INDEX_KEY_ENV = "TRACIN_INDEX_KEY"
 INDEX_FILE = "index.faiss"
 #: approximate indexes only: the same vectors divided by the exact gradient norm sqrt(self-influence), so
 #: normalised queries (cosine, train) rank by the normalised score over the whole index
@@ -55,6 +58,49 @@ __all__ = ["SCHEMA_VERSION", "MANIFEST", "MANIFEST_DIGEST", "IndexDirectory", "I
 
 class IndexDirectoryError(RuntimeError):
     """The index directory is missing, incomplete or does not match its manifest."""
+
+
+def manifest_hmac(directory: str | Path, key: str) -> str:
+    """HMAC-SHA256 (hex) of `directory`/manifest.json under `key` (UTF-8). The manifest records every other
+    file's sha256 (the files map, each checkpoint's sha256), so a valid signature with the files' digests
+    verified covers the whole index directory."""
+    import hashlib
+    import hmac
+
+    data = (Path(directory) / MANIFEST).read_bytes()
+    return hmac.new(key.encode("utf-8"), data, hashlib.sha256).hexdigest()
+
+
+def sign_index(directory: str | Path, key: str) -> Path:
+    """Write manifest.hmac (`<hex>  manifest.json`, the sha256sum layout) for `directory` under `key`
+    (`tracin index` does it when TRACIN_INDEX_KEY is set). ValueError on an empty key."""
+    if not key or not key.strip():
+        raise ValueError(f"{INDEX_KEY_ENV} is empty")
+    out = Path(directory) / SIGNATURE_FILE
+    out.write_text(f"{manifest_hmac(directory, key)}  {MANIFEST}\n")
+    return out
+
+
+def verify_signature(directory: str | Path, key: str) -> None:
+    """Refuse (IndexDirectoryError, one line) an index directory whose manifest.hmac is missing, malformed or
+    not the HMAC-SHA256 of its manifest.json under `key` (compared in constant time)."""
+    import hmac
+
+    directory = Path(directory)
+    file = directory / SIGNATURE_FILE
+    if not (directory / MANIFEST).is_file():
+        raise IndexDirectoryError(f"{directory} is not an index directory: {MANIFEST} is missing")
+    if not file.is_file() or file.is_symlink():
+        raise IndexDirectoryError(f"{directory}: {INDEX_KEY_ENV} is set but the index is not signed (no "
+                                  f"{SIGNATURE_FILE}); build it with {INDEX_KEY_ENV} set, or sign it where it was "
+                                  "built (indexer.store.directory.sign_index)")
+    parts = file.read_text(errors="replace").split()
+    if len(parts) != 2 or parts[1] != MANIFEST or len(parts[0]) != 64:
+        raise IndexDirectoryError(f"{directory}: {SIGNATURE_FILE} is malformed (expected '<64 hex digits>  "
+                                  f"{MANIFEST}')")
+    if not hmac.compare_digest(parts[0], manifest_hmac(directory, key)):
+        raise IndexDirectoryError(f"{directory}: {SIGNATURE_FILE} does not match {MANIFEST} under {INDEX_KEY_ENV} "
+                                  "(signed with another key, or the manifest was edited)")
 
 
 class IndexBuildError(RuntimeError):
@@ -139,7 +185,7 @@ def check_replaceable(target: Path, protected: Iterable[Path] = ()) -> None:
         raise IndexBuildError(f"--force: {target} is not an index directory (no tracin {MANIFEST}); --force only "
                               "replaces index directories, so it is left as it is (choose another --out)")
     raw = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
-    known = {MANIFEST, MANIFEST_DIGEST, *[str(k) for k in raw.get("files", {})]}
+    known = {MANIFEST, MANIFEST_DIGEST, SIGNATURE_FILE, *[str(k) for k in raw.get("files", {})]}
     for entry in raw.get("checkpoints") or []:
         if isinstance(entry, dict) and isinstance(entry.get("file"), str):
             known.add(entry["file"])
@@ -299,6 +345,43 @@ class IndexDirectory:
 
     def checkpoint_paths(self) -> list[tuple[Path, float]]:
         return [(self.path / c["file"], float(c["lr"])) for c in self.manifest["checkpoints"]]
+
+    def checkpoints(self, blocks) -> list:
+        """The index's checkpoints (`indexer.sketch.embedding.Checkpoint`) with the step weights of the traced
+        `blocks` (`indexer.capture.blocks.TracedBlock`), read from each checkpoint's `step` entry and its
+        weights file (an index without `step` entries weighs every parameter by the checkpoint's lr). Raises
+        IndexDirectoryError (one line naming the checkpoint and file) when they do not fit the blocks."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from indexer.optimizer.state import OptimizerError
+        from indexer.optimizer.step import StepWeights
+        from indexer.sketch.embedding import Checkpoint
+
+        shapes = {p: tuple(s) for b in blocks for p, s in zip(b.params, b.shapes)}
+        out = []
+        for i, entry in enumerate(self.model.checkpoints):
+            step = None
+            if entry.step is not None:
+                where = f"{self.path}: checkpoints[{i}].step"
+                listed = [p for g in entry.step.groups for p in g.params]
+                if set(listed) != set(shapes):
+                    raise IndexDirectoryError(f"{where}: its groups list {sorted(set(listed) ^ set(shapes))[:5]} "
+                                              "differently from the traced parameters")
+                try:
+                    tensors = load_file(str(self.path / entry.step.file)) if entry.step.file else {}
+                except (OSError, SafetensorError) as exc:
+                    raise IndexDirectoryError(f"{where}: cannot read {entry.step.file}: {exc}") from None
+                for name, tensor in tensors.items():
+                    if tuple(tensor.shape) != shapes.get(name):
+                        raise IndexDirectoryError(f"{where}: {entry.step.file} holds {name!r} {tuple(tensor.shape)}, "
+                                                  "not a traced parameter of that shape")
+                try:
+                    step = StepWeights.from_json(entry.step.model_dump(), tensors, list(shapes), where)
+                except OptimizerError as exc:
+                    raise IndexDirectoryError(str(exc)) from None
+            out.append(Checkpoint(self.path / entry.file, float(entry.lr), step))
+        return out
 
     @classmethod
     def open(cls, path: str | Path, mmap: bool = False, verify: bool = True) -> "IndexDirectory":

@@ -85,11 +85,34 @@ class TaskEntry(_Part):
     label_width: Optional[Annotated[StrictInt, Field(ge=0)]] = None
 
 
+class StepGroup(_Part):
+    """One parameter group of a checkpoint's step (`indexer.optimizer.step`): its lr, the traced parameters it
+    holds, the momentum factor when applied, and the optimizer's hyperparameters (kept as extra keys)."""
+
+    lr: LearningRate
+    params: list[StrictStr] = Field(min_length=1)
+    factor: Optional[LearningRate] = None
+
+
+class StepEntry(_Part):
+    """How a checkpoint's gradients are weighted: the formula, the groups, and (for Adam-type formulas) the
+    file of tensor weights lr * Gamma per traced parameter (safetensors, listed in `files`)."""
+
+    formula: Literal["sgd", "adam", "rmsprop", "adagrad"]
+    groups: list[StepGroup] = Field(min_length=1)
+    file: Optional[Annotated[RelativeFile, AfterValidator(lambda v: _under("checkpoints", v))]] = None
+    bounded: Annotated[StrictInt, Field(ge=0)] = 0
+    why: Optional[StrictStr] = None
+    source: Optional[StrictStr] = None
+    mapping: Optional[StrictStr] = None
+
+
 class CheckpointEntry(_Part):
     file: Annotated[RelativeFile, AfterValidator(lambda v: _under("checkpoints", v))]
     lr: LearningRate
     sha256: Sha256
     source: Optional[StrictStr] = None
+    step: Optional[StepEntry] = None
 
 
 def _under(folder: str, value: str) -> str:
@@ -187,6 +210,16 @@ def parse_manifest(data: Any, where: str = MANIFEST) -> Manifest:
     names = [c.file for c in manifest.checkpoints]
     if len(set(names)) != len(names):
         raise ManifestError(f"{where}: checkpoints: a file is listed twice")
+    for i, c in enumerate(manifest.checkpoints):
+        if c.step is None:
+            continue
+        if c.step.file is not None and c.step.file not in manifest.files:
+            raise ManifestError(f"{where}: checkpoints[{i}].step.file {c.step.file!r} is not in files")
+        if c.step.formula != "sgd" and c.step.file is None:
+            raise ManifestError(f"{where}: checkpoints[{i}].step: formula {c.step.formula!r} needs its weights file")
+        traced = [p for g in c.step.groups for p in g.params]
+        if len(set(traced)) != len(traced):
+            raise ManifestError(f"{where}: checkpoints[{i}].step.groups: a parameter is listed twice")
     return manifest
 
 
