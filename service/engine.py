@@ -18,6 +18,7 @@ import numpy as np
 
 from service.errors import ApiError, ServiceStartupError
 from service.first_stage import FirstStage, _ends
+from service.hints import influence_hints
 from service.labels import Labels
 from service.ood import input_warnings
 from service.settings import Settings
@@ -319,6 +320,7 @@ class Engine:
                       "candidates": int(rows.size) if rows is not None else self.count},
             "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
             "warnings": input_warnings(self, req),
+            "hints": influence_hints(proponents + opponents, self.count, normalize),
         }
 
     def _prediction(self, predicted: Any, probabilities) -> dict[str, Any]:

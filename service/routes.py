@@ -18,13 +18,27 @@ from service.schemas import (
 )
 from service.settings import Settings
 
+#: the error answers of the data routes (401, with a key set, is added by service.app to every route but the
+#: health probes)
 ERRORS = {
-    401: {"model": ErrorResponse, "description": "missing or wrong bearer key (when TRACIN_API_KEY is set)"},
     408: {"model": ErrorResponse, "description": "request body not complete within TRACIN_BODY_TIMEOUT_S"},
     413: {"model": ErrorResponse, "description": "request body over TRACIN_MAX_BODY_BYTES"},
     422: {"model": ErrorResponse, "description": "invalid input; `detail[].field` names the field"},
 }
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown id"}}
+#: routes that take a compute slot (service.compute)
+BUSY = {503: {"model": ErrorResponse, "description": "all compute slots busy and TRACIN_MAX_QUEUE requests waiting "
+                                                     "(or the index not loaded yet); see the Retry-After header",
+              "headers": {"Retry-After": {"description": "seconds to wait before retrying",
+                                          "schema": {"type": "integer"}}}}}
+#: the label filter of the listing routes; `?label=` (empty) is no filter, like leaving it out
+LABEL_FILTER = ("only training examples with this label (integer class id or class name; empty or left out: "
+                "all)")
+
+
+def _no_filter_if_empty(label: Optional[str]) -> Optional[str]:
+    """`?label=` with nothing after it (what an HTML form sends for "all") means no label filter."""
+    return label if label else None
 
 
 def _engine(request: Request):
@@ -51,15 +65,18 @@ def build_router(request_model: type[BaseModel], settings: Settings,
     router = APIRouter()
     max_page = settings.max_page
 
-    @router.post("/influence", response_model=InfluenceResponse, responses=ERRORS, tags=["influence"],
+    @router.post("/influence", response_model=InfluenceResponse, responses={**ERRORS, **BUSY}, tags=["influence"],
                  summary="Top proponents and opponents of a prediction")
     async def influence(request: Request,
                         body: request_model = Body(..., openapi_examples=examples or None)) -> Any:  # type: ignore[valid-type]
-        """Embed the posted `example` with the indexer's embedding function (loss on `label`, default the
-        model's prediction at the last checkpoint) or take the stored vector of training example
-        `train_id`, then return the `k` training examples with the largest positive TracIn scores
-        (proponents) and the `k` with the most negative (opponents). `filter_label` restricts the
-        search to training examples of one label inside FAISS."""
+        """Give exactly one of `example` and `train_id`. A posted `example` is embedded with the indexer's
+        embedding function (loss on `label`, default the model's prediction at the last checkpoint); a
+        `train_id` starts from the stored vector of that training example (its gradients are recomputed
+        from the training set for exact re-ranking and for a metric). Returns the `k` training examples
+        with the largest positive TracIn scores (proponents) and the `k` with the most negative
+        (opponents), re-ranked by exact TracIn unless `rerank` is 0. `filter_label` restricts the search
+        to training examples of one label inside FAISS. Scores are raw TracIn by default (`normalize`);
+        `hints` says when most hits are high-self-influence examples."""
         started = time.perf_counter()
         if body.example is not None:
             reject_non_finite(body.example.model_dump(mode="python"), ("example",))
@@ -67,8 +84,7 @@ def build_router(request_model: type[BaseModel], settings: Settings,
             if isinstance(raw, dict):  # strict numbers: no `true` or "3" where the task's schema wants a number
                 reject_coerced_numbers(raw.get("example"), body.example.model_dump(mode="python", by_alias=True),
                                        ("example",))
-        return await anyio.to_thread.run_sync(_engine(request).influence, body, started,
-                                              limiter=request.app.state.limiter)
+        return await request.app.state.compute.run(request, _engine(request).influence, body, started)
 
     @router.get("/self-influence/top", response_model=SelfInfluencePage, responses=ERRORS, tags=["influence"],
                 summary="Training examples by descending exact self-influence")
@@ -76,23 +92,22 @@ def build_router(request_model: type[BaseModel], settings: Settings,
         request: Request,
         k: int = Query(10, ge=1, le=max_page, description=f"items per page (1..{max_page})"),
         offset: int = Query(0, ge=0, description="items to skip"),
-        label: Optional[str] = Query(None, description="only training examples with this label (integer or "
-                                                       "class name)"),
+        label: Optional[str] = Query(None, description=LABEL_FILTER),
     ) -> Any:
         """Mislabeled, rare and odd training examples first: self-influence sum_i lr_i ||g_i(z)||^2, exact."""
-        return _engine(request).self_influence_page(k, offset, label)
+        return _engine(request).self_influence_page(k, offset, _no_filter_if_empty(label))
 
     @router.get("/self-influence/histogram", response_model=SelfInfluenceHistogram, responses=ERRORS,
                 tags=["influence"], summary="Histogram of exact self-influence")
     async def self_influence_histogram(
         request: Request,
         bins: int = Query(40, ge=1, le=1000, description="number of bins"),
-        label: Optional[str] = Query(None, description="only training examples with this label"),
+        label: Optional[str] = Query(None, description=LABEL_FILTER),
         scale: Literal["log", "linear"] = Query("log", description="bin spacing"),
     ) -> Any:
         """Bins over all (or one label's) training examples, with per-bin counts of boolean display
         fields such as `flipped`; clicking bin i in a dashboard maps to offset sum(counts[i+1:])."""
-        return _engine(request).self_influence_histogram(bins, label, scale)
+        return _engine(request).self_influence_histogram(bins, _no_filter_if_empty(label), scale)
 
     @router.get("/label-review", response_model=LabelReviewPage, responses=ERRORS, tags=["label review"],
                 summary="Training examples most likely mislabeled first, by a chosen ranking")
@@ -101,15 +116,15 @@ def build_router(request_model: type[BaseModel], settings: Settings,
         ranking: Optional[RankingName] = Query(None, description=RANKING_HELP),
         k: int = Query(10, ge=1, le=max_page, description=f"items per page (1..{max_page})"),
         offset: int = Query(0, ge=0, description="items to skip"),
-        label: Optional[str] = Query(None, description="only training examples with this label (integer or "
-                                                       "class name)"),
+        label: Optional[str] = Query(None, description=LABEL_FILTER),
     ) -> Any:
         """The training set ranked for label review, most suspicious first, with the model's prediction at
         the last checkpoint, its probability and the suggested label (the prediction where it differs from
         the given label) per row. Every ranking is computed at index time from the checkpoints (no extra
         training); `combined` is the default. Measured on Fashion-MNIST with 10% of the labels flipped, in
         docs/mislabel.md."""
-        return await anyio.to_thread.run_sync(_engine(request).label_review_page, ranking, k, offset, label)
+        return await anyio.to_thread.run_sync(_engine(request).label_review_page, ranking, k, offset,
+                                              _no_filter_if_empty(label))
 
     @router.get("/label-review/histogram", response_model=LabelReviewHistogram, responses=ERRORS,
                 tags=["label review"], summary="Histogram of a label-review ranking's scores")
@@ -117,14 +132,15 @@ def build_router(request_model: type[BaseModel], settings: Settings,
         request: Request,
         ranking: Optional[RankingName] = Query(None, description=RANKING_HELP),
         bins: int = Query(40, ge=1, le=1000, description="number of bins"),
-        label: Optional[str] = Query(None, description="only training examples with this label"),
+        label: Optional[str] = Query(None, description=LABEL_FILTER),
         scale: Literal["log", "linear"] = Query("log", description="bin spacing (log only for scores >= 0)"),
     ) -> Any:
         """Bins over all (or one label's) training examples, with per-bin counts of boolean display fields
         such as `flipped`."""
-        return await anyio.to_thread.run_sync(_engine(request).label_review_histogram, ranking, bins, label, scale)
+        return await anyio.to_thread.run_sync(_engine(request).label_review_histogram, ranking, bins,
+                                              _no_filter_if_empty(label), scale)
 
-    @router.get("/label-review/export", responses={**ERRORS, 200: {
+    @router.get("/label-review/export", responses={**ERRORS, **BUSY, 200: {
         "content": {"text/csv": {}, "application/json": {}},
         "description": "the ranked list as a CSV file or a JSON document (an attachment)"}},
         tags=["label review"], summary="The ranked label-review list as CSV or JSON", response_class=Response)
@@ -132,7 +148,7 @@ def build_router(request_model: type[BaseModel], settings: Settings,
         request: Request,
         format: Literal["csv", "json"] = Query("csv", description="csv or json"),
         ranking: Optional[RankingName] = Query(None, description=RANKING_HELP),
-        label: Optional[str] = Query(None, description="only training examples with this label"),
+        label: Optional[str] = Query(None, description=LABEL_FILTER),
         limit: Optional[int] = Query(None, ge=1, description="only the first `limit` rows (default: all)"),
     ) -> Response:
         """Every training example (or the first `limit`), most suspicious first: rank, id, label,
@@ -142,8 +158,8 @@ def build_router(request_model: type[BaseModel], settings: Settings,
         from service.review import to_csv
 
         engine = _engine(request)
-        name, items = await anyio.to_thread.run_sync(engine.label_review_export, ranking, label, limit,
-                                                     limiter=request.app.state.limiter)
+        name, items = await request.app.state.compute.run(request, engine.label_review_export, ranking,
+                                                          _no_filter_if_empty(label), limit)
         filename = f"label-review-{name}.{format}"
         headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
         if format == "csv":

@@ -72,8 +72,24 @@ class RerankInfo(BaseModel):
     candidates: int = Field(description="distinct training examples re-scored by exact TracIn")
 
 
+class Hint(BaseModel):
+    """Something to know about this answer (service.hints)."""
+
+    code: str = Field(description="machine-readable, e.g. high_self_influence")
+    message: str
+    fraction: Optional[float] = Field(None, description="high_self_influence: share of the hits in the top 10% "
+                                                        "by self-influence (0..1)")
+    in_top: Optional[int] = None
+    hits: Optional[int] = None
+    top_ranks: Optional[int] = Field(None, description="ranks 1..top_ranks are the top 10% by self-influence")
+    suggestion: dict[str, Any] = Field(default_factory=dict, description="request fields that answer the hint, "
+                                                                         "e.g. {\"normalize\": \"train\"}")
+
+
 class InfluenceResponse(BaseModel):
-    prediction: Optional[Prediction] = Field(None, description="null for train_id queries (no gradient work)")
+    prediction: Optional[Prediction] = Field(None, description="the model's prediction at the last checkpoint; for "
+                                                               "a train_id query null only when the training set is "
+                                                               "not loaded here (re-ranking off or unavailable)")
     label_used: LabelValue = Field(description="label of the query loss: `label` if given, else the prediction "
                                                "(train_id: the stored training label)")
     label_used_name: str
@@ -96,6 +112,12 @@ class InfluenceResponse(BaseModel):
                     "white background; ids never seen in training), judged from ranges of the training inputs "
                     "recorded at index time; empty when it looks like training data, for train_id queries, and for "
                     "an index built before the ranges were recorded. The answer is computed all the same")
+    hints: list[Hint] = Field(
+        default_factory=list,
+        description="about the hits: `high_self_influence` when more than half of them are among the top 10% of "
+                    "training examples by self-influence (raw scores favour mislabeled and atypical examples); "
+                    "its `suggestion` {\"normalize\": \"train\"} asks for the normalised ranking. Raw TracIn "
+                    "stays the default (`normalize`)")
 
 
 class SelfInfluenceItem(BaseModel):
@@ -277,8 +299,21 @@ class ErrorResponse(BaseModel):
 
 # -- requests ----------------------------------------------------------------------------------
 
+EXACTLY_ONE = ("Give exactly one of `example` and `train_id`: a posted example (gradient work) or the id of a "
+               "training example to explain; both or neither is 422 naming `example`.")
+
+
+def _exactly_one_of_example_and_train_id(schema: dict[str, Any]) -> None:
+    """The JSON-schema form of EXACTLY_ONE (a `oneOf` of the two ways to ask), for OpenAPI clients."""
+    def only(given: str, absent: str) -> dict[str, Any]:
+        return {"title": f"by {given}", "required": [given],
+                "properties": {given: {"not": {"type": "null"}}, absent: {"type": "null"}}}
+
+    schema["oneOf"] = [only("example", "train_id"), only("train_id", "example")]
+
+
 class _InfluenceRequestBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_of_example_and_train_id)
 
 
 def metric_field(metrics: dict[str, Any] | None):
@@ -309,9 +344,11 @@ def make_influence_request(example_schema: type[BaseModel], max_k: int, default_
     return create_model(
         "InfluenceRequest",
         __base__=_InfluenceRequestBase,
+        __doc__=f"The body of POST /influence. {EXACTLY_ONE}",
         example=(Optional[example_schema], Field(None, description="the query example in the task's schema")),
-        train_id=(Optional[StrictStr], Field(None, description="explain a training example from its stored "
-                                                               "vector instead (no gradient work)")),
+        train_id=(Optional[StrictStr], Field(None, description="explain a training example instead (its stored "
+                                                               "vector; its gradients are recomputed for exact "
+                                                               "re-ranking and metrics)")),
         label=(Optional[QueryLabel], Field(None, description="label for the query loss, in the form the task's loss "
                                                              "takes: class id or name, regression target (number or "
                                                              "list), or multi-label vector (0/1 list or class names); "

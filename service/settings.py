@@ -26,9 +26,16 @@
                                file checksums are then always verified
     TRACIN_TORCH_THREADS       torch intra-op threads (default: CPUs // TRACIN_COMPUTE_THREADS, at least 1)
     TRACIN_COMPUTE_THREADS     requests doing gradient / search work at once (default: min(4, CPUs))
+    TRACIN_MAX_QUEUE           requests that may wait for a compute slot (default 64; 0 = none wait); beyond
+                               it POST /influence and GET /label-review/export answer 503 with Retry-After
     TRACIN_MAX_BODY_BYTES      larger request bodies get 413 (default 1 MiB)
     TRACIN_BODY_TIMEOUT_S      a request body not complete this many seconds after the request started
                                gets 408 (slow clients; default 30)
+    TRACIN_HEADER_TIMEOUT_S    a request line and headers not complete this many seconds after their first
+                               byte (or after the connection opened) get 408 and the connection is closed
+                               (slowloris; default 10; `tracin serve` / python -m service.server)
+    TRACIN_MAX_URL_BYTES       longer request targets (path + query) get 414 JSON (default 16 KiB)
+    TRACIN_MAX_HEADER_BYTES    larger request heads (request line + headers) get 431 JSON (default 64 KiB)
     TRACIN_DEVICE              torch device for query gradients (default cpu)
     TRACIN_FAISS_GPU           search a GPU copy of the FAISS index (needs faiss-gpu): auto (default: when
                                TRACIN_DEVICE is cuda and FAISS has GPU support), true, false
@@ -83,8 +90,12 @@ class Settings(BaseSettings):
     index_key: SecretStr | None = Field(None, description="HMAC key an index must be signed with (manifest.hmac)")
     torch_threads: int | None = Field(None, ge=1)
     compute_threads: int | None = Field(None, ge=1)
+    max_queue: int = Field(64, ge=0, le=1_000_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    max_url_bytes: int = Field(16 << 10, ge=1024, le=1 << 20)
+    max_header_bytes: int = Field(64 << 10, ge=4096, le=16 << 20)
     device: str = "cpu"
     faiss_gpu: Literal["auto", "true", "false"] = "auto"
     max_rerank: int = Field(1000, ge=0, le=100_000)
