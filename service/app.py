@@ -77,7 +77,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     from indexer.score.metrics import task_metrics
 
     request_model = make_influence_request(task.example_schema, settings.max_k, settings.default_k,
-                                           settings.max_rerank, settings.rerank, task_metrics(task))
+                                           settings.max_rerank, settings.rerank, task_metrics(task),
+                                           settings.max_set, settings.max_batch)
     examples = _openapi_examples(engine, settings) if engine is not None else _manifest_examples(settings)
 
     @asynccontextmanager
