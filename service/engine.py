@@ -148,22 +148,37 @@ class Engine:
                 "inputs": inputs}
 
     def _failing_example(self, examples: list[Any], fields: list[tuple[str, str]], exc: Exception):
-        """(the field of the first example the task cannot encode alone, its error), for a batch whose
-        encoding failed (the batch's own error when each example encodes alone)."""
-        if len(examples) > 1:
-            for example, (field_name, _) in zip(examples, fields):
-                try:
-                    self.task.encode([example])
-                except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as one:
-                    return field_name, one
-        return fields[0][0] if len(fields) == 1 else fields[0][0].split(".")[0], exc
+        """(the field of the example at fault, its error) for a batch whose encoding failed: the first that the
+        task cannot encode alone, else the first whose encoded shape differs from most members'."""
+        if len(examples) == 1:
+            return fields[0][0], exc
+        from collections import Counter
+
+        from indexer.task import input_tensors
+
+        shapes = []
+        for example, (field_name, _) in zip(examples, fields):
+            try:
+                encoded = self.task.encode([example])
+            except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as one:
+                return field_name, one
+            shapes.append(tuple(tuple(t.shape[1:]) if hasattr(t, "shape") else () for t in input_tensors(encoded)))
+        usual = Counter(shapes).most_common(1)[0][0]
+        for shape, (field_name, _) in zip(shapes, fields):
+            if shape != usual:
+                return field_name, f"its encoded shape {list(shape)} differs from the other members' {list(usual)}"
+        return fields[0][0].split(".")[0], exc
 
     def _predict(self, inputs, fields: list[str] | None = None) -> tuple[list[Any], Any]:
         """(predictions as JSON labels, probabilities float64 or None) at the last checkpoint. A non-finite
         output is a 422 naming the example (`fields[i]`, default "example")."""
         import torch
 
-        predicted, probabilities = self.embedder.predict(inputs)
+        try:
+            predicted, probabilities = self.embedder.predict(inputs)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # the model cannot run on this input
+            raise ApiError(422, "invalid_example", self._failing_forward(inputs, fields, exc),
+                           f"the model cannot run on this example ({type(exc).__name__}: {str(exc)[:300]})") from None
         predicted = predicted.detach().to("cpu")
         if probabilities is not None:
             probabilities = probabilities.detach().to("cpu", torch.float64)
@@ -175,6 +190,20 @@ class Engine:
             raise ApiError(422, "non_finite_output", fields[row] if fields else "example",
                            "the model's output is not finite for this example")
         return [self.task.label_to_json(predicted[i]) for i in range(predicted.shape[0])], probabilities
+
+    def _failing_forward(self, inputs, fields: list[str] | None, exc: Exception) -> str:
+        """The field of the first example the model cannot run on alone (the batch's first field otherwise)."""
+        if not fields:
+            return "example"
+        if len(fields) > 1:
+            from indexer.task import take_rows
+
+            for i, field_name in enumerate(fields):
+                try:
+                    self.embedder.predict(take_rows(inputs, slice(i, i + 1)))
+                except (RuntimeError, ValueError, IndexError, TypeError):
+                    return field_name
+        return fields[0]
 
     def _embed(self, inputs, labels, keep_grads: bool, objective, fields: list[str] | None = None) -> dict[str, Any]:
         """The embedding of a batch (vectors, exact self-influence, per-checkpoint parts, gradients when
