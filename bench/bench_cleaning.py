@@ -257,7 +257,8 @@ def summarise(results: list[dict], sizes: list[int], methods: list[str]) -> dict
         acc = np.array([r["accuracy"] for r in got])
         loss = np.array([r["loss"] for r in got])
         rows.append({"method": method, "m": m, "seeds": sorted(r["seed"] for r in got),
-                     "accuracy_mean": float(acc.mean()), "accuracy_sd": float(acc.std(ddof=1)) if acc.size > 1 else None,
+                     "accuracy_mean": float(acc.mean()),
+                     "accuracy_sd": float(acc.std(ddof=1)) if acc.size > 1 else None,
                      "accuracy_min": float(acc.min()), "accuracy_max": float(acc.max()),
                      "loss_mean": float(loss.mean()), "loss_sd": float(loss.std(ddof=1)) if loss.size > 1 else None,
                      "flipped_among_acted_on": got[0]["flipped_among_acted_on"],

@@ -269,8 +269,9 @@ def _embed_rows(engine, plan: Plan, positions: list[int]) -> _Part:
     if recompute:
         if engine.scorer is None:
             cause = "metric" if plan.objective is not None else "normalize"
-            raise ApiError(422, "unsupported", cause, f"a {'metric' if cause == 'metric' else 'normalised set'} "
-                                                      f"on a training example needs its gradient: {engine.rerank_error}")
+            what = "metric" if cause == "metric" else "normalised set"
+            raise ApiError(422, "unsupported", cause,
+                           f"a {what} on a training example needs its gradient: {engine.rerank_error}")
         with engine.stage("embed"):
             emb = engine._embed(inputs, labels, plan.keep_grads, plan.objective, fields)
         checkpoints = engine._query_checkpoints(emb["per_checkpoint"], labels, plan.metric, plan.params)
@@ -408,7 +409,8 @@ def assemble(engine, plan: Plan, query: Query, cand: Candidates, exact, started:
         hit_at = np.unique(np.concatenate([pro_at, opp_at]))
         terms = {int(rows[i]): {"raw_score": float(exact.total[i]),
                                 "checkpoints": [float(x) for x in exact.per_checkpoint[:, i] * weight[i]],
-                                "blocks": {name: float(per_block[b, i] * weight[i]) for b, name in enumerate(exact.blocks)},
+                                "blocks": {name: float(per_block[b, i] * weight[i])
+                                           for b, name in enumerate(exact.blocks)},
                                 "losses": [float(x) for x in exact.losses[:, i]]} for i in hit_at.tolist()}
         if plan.member_scores and hit_at.size:
             with engine.stage("rerank"):

@@ -353,7 +353,8 @@ def test_exclude_leaves_a_sets_own_training_members_out():
         ids = [h["id"] for h in answer["proponents"] + answer["opponents"]]
         assert not set(members) & set(ids) and len(answer["proponents"]) + len(answer["opponents"]) > 0
         kept = [h for h in plain["proponents"] if h["id"] not in members]
-        assert [h["id"] for h in answer["proponents"]][:len(kept)] == [h["id"] for h in kept][:len(answer["proponents"])]
+        shown = [h["id"] for h in answer["proponents"]]
+        assert shown[:len(kept)] == [h["id"] for h in kept][:len(shown)]
 
 
 # -- bad input: a 4xx naming the member, never a 500 -----------------------------------------------------
@@ -392,3 +393,51 @@ def test_bad_set_and_batch_input_is_refused_naming_the_member():
     response = client.post("/influence", content=b'{"examples": [{"x": [1,2,3,4,5,6]}, {"x": [1,2,NaN,4,5,6]}], '
                                                   b'"aggregate": "sum"}', headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and response.json()["detail"][0]["field"].startswith("examples.1")
+
+
+# -- the Python client over a real server (tracin serve) ---------------------------------------------------
+def test_the_client_asks_sets_and_batches_sync_and_async():
+    import asyncio
+
+    from service.client import AsyncInfluenceClient, InfluenceAPIError, InfluenceClient
+    from tests.service_support import mlp_index, start_server
+
+    server = start_server(mlp_index(), env={"TRACIN_MAX_SET": "4", "TRACIN_MAX_BATCH": "3"})
+    try:
+        with InfluenceClient(server.base_url) as client:
+            examples = [q.example for q in client.queries(limit=3).items]
+            answer = client.influence_set(examples[:2], train_ids=["ex3"], labels=[1, None], k=5, member_scores=True,
+                                          exclude_self=True)
+            assert answer.set.size == 3 and [m.field for m in answer.set.members] == \
+                ["examples.0", "examples.1", "train_ids.0"]
+            assert "ex3" not in [h.id for h in answer.proponents + answer.opponents]
+            for hit in answer.proponents + answer.opponents:
+                assert sum(hit.member_scores) == pytest.approx(hit.score, rel=1e-9, abs=1e-12)
+                assert sum(hit.blocks.values()) == pytest.approx(hit.score, rel=1e-9, abs=1e-12)
+            batch = client.influence_batch(examples, labels=[0, None, 1], k=4)
+            singles = [client.influence(e, label=y, k=4) for e, y in zip(examples, [0, None, 1])]
+            assert [[h.id for h in r.proponents] for r in batch.results] == \
+                [[h.id for h in r.proponents] for r in singles]
+            with pytest.raises(InfluenceAPIError) as err:
+                client.influence_set([examples[0], {"x": [1.0, 2.0]}], k=3)
+            assert err.value.status == 422 and err.value.fields == ["examples.1.x"]
+            with pytest.raises(InfluenceAPIError) as err:
+                client.influence_set(examples, train_ids=["ex1", "ex2"], k=3)
+            assert err.value.status == 413 and err.value.fields == ["train_ids.1"]
+            with pytest.raises(InfluenceAPIError) as err:
+                client.influence_batch(examples, train_ids=["ex1"], k=3)
+            assert err.value.status == 413 and err.value.fields == ["train_ids.0"]
+
+        async def ask():
+            async with AsyncInfluenceClient(server.base_url) as client:
+                one = await client.influence_set(examples[:2], train_ids=["ex3"], labels=[1, None], k=5,
+                                                 member_scores=True, exclude_self=True)
+                many = await client.influence_batch(examples, labels=[0, None, 1], k=4)
+                return one, many
+
+        one, many = asyncio.run(ask())
+        assert [h.id for h in one.proponents] == [h.id for h in answer.proponents]
+        assert [h.score for h in one.opponents] == pytest.approx([h.score for h in answer.opponents], rel=1e-12)
+        assert [[h.id for h in r.opponents] for r in many.results] == [[h.id for h in r.opponents] for r in singles]
+    finally:
+        server.stop()
