@@ -179,8 +179,8 @@ class InfluenceClient:
     def example(self, example_id: str) -> ExampleInfo:
         return self._get(f"/examples/{quote(example_id, safe='')}", ExampleInfo)
 
-    def queries(self, offset: int = 0, limit: int = 100) -> QueryPage:
-        return self._get("/queries", QueryPage, offset=offset, limit=limit)
+    def queries(self, offset: int = 0, limit: int = 100, predictions: bool = False) -> QueryPage:
+        return self._get("/queries", QueryPage, offset=offset, limit=limit, predictions=predictions or None)
 
     def index_info(self) -> IndexInfo:
         return self._get("/index", IndexInfo)
@@ -270,8 +270,8 @@ class AsyncInfluenceClient:
     async def example(self, example_id: str) -> ExampleInfo:
         return await self._get(f"/examples/{quote(example_id, safe='')}", ExampleInfo)
 
-    async def queries(self, offset: int = 0, limit: int = 100) -> QueryPage:
-        return await self._get("/queries", QueryPage, offset=offset, limit=limit)
+    async def queries(self, offset: int = 0, limit: int = 100, predictions: bool = False) -> QueryPage:
+        return await self._get("/queries", QueryPage, offset=offset, limit=limit, predictions=predictions or None)
 
     async def index_info(self) -> IndexInfo:
         return await self._get("/index", IndexInfo)

@@ -389,10 +389,36 @@ class Engine:
                 "display": ex.get("display") or {}, "self_influence": float(self.index_dir.self_influence[row]),
                 "rank": int(self.si_rank[row])}
 
-    def queries_page(self, offset: int, limit: int) -> dict[str, Any]:
+    def queries_page(self, offset: int, limit: int, predictions: bool = False) -> dict[str, Any]:
+        """A page of the held-out examples; with `predictions`, each with the model's prediction at the last
+        checkpoint (a forward pass over the page; None for an example the task cannot encode)."""
+        page = self.queries[offset:offset + limit]
         items = [{"id": str(q.get("id")), "label": q.get("label"), "example": q.get("example"),
-                  "display": q.get("display") or {}} for q in self.queries[offset:offset + limit]]
+                  "display": q.get("display") or {}} for q in page]
+        if predictions and items:
+            with self.stage("predict"):
+                for item, prediction in zip(items, self._query_predictions(page)):
+                    item["prediction"] = prediction
         return {"items": items, "total": len(self.queries), "offset": offset, "limit": limit}
+
+    def _query_predictions(self, queries: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+        out: list[dict[str, Any] | None] = [None] * len(queries)
+        valid, at = [], []
+        for i, q in enumerate(queries):
+            try:
+                valid.append(self.task.example_schema.model_validate(q.get("example")))
+                at.append(i)
+            except Exception:  # noqa: BLE001 - a stored example that does not fit: no prediction
+                continue
+        for start in range(0, len(valid), 256):
+            part = valid[start:start + 256]
+            try:
+                predicted, probabilities = self._predict(self.task.encode(part))
+            except (ApiError, ValueError, TypeError, IndexError, KeyError, RuntimeError):
+                continue
+            for j, p in enumerate(predicted):
+                out[at[start + j]] = self._prediction(p, probabilities, j)
+        return out
 
     def index_info(self) -> dict[str, Any]:
         m = self.index_dir.manifest

@@ -176,8 +176,13 @@ def build_router(request_model: type[BaseModel], settings: Settings,
                 summary="Held-out examples shipped with the index (ready to post to /influence)")
     async def queries(request: Request,
                       offset: int = Query(0, ge=0),
-                      limit: int = Query(100, ge=1, le=max_page)) -> Any:
-        return _engine(request).queries_page(offset, limit)
+                      limit: int = Query(100, ge=1, le=max_page),
+                      predictions: bool = Query(False, description="add the model's prediction at the last "
+                                                                    "checkpoint to each item (a forward pass)")) -> Any:
+        if not predictions:
+            return _engine(request).queries_page(offset, limit)
+        return await anyio.to_thread.run_sync(_engine(request).queries_page, offset, limit, True,
+                                              limiter=request.app.state.limiter)
 
     @router.get("/index", response_model=IndexInfo, responses=ERRORS, tags=["service"],
                 summary="Summary of the served index (manifest)")
