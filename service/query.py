@@ -8,7 +8,8 @@
                                                   whose vector and gradients are the sums (means) of its
                                                   members'; a batch is one query per member; the members of
                                                   both are captured together (one pass per MEMBER_CHUNK)
-    first_stage(engine, plan, query)           -> Candidates from the FAISS index (normalised if asked)
+    first_stage(engine, plan, query)           -> Candidates from the FAISS index (normalised if asked); a
+                                                  batch scans an exact Flat index once for all its members
     rerank(engine, plan, embedded, candidates) -> exact scores of each query's candidates; a batch scores
                                                   the union of its members' candidates once
     assemble(engine, plan, query, candidates, exact) -> the answer of one query (the response dict)
@@ -368,6 +369,25 @@ def first_stage(engine, plan: Plan, query: Query) -> Candidates:
     return Candidates(pro_rows, pro_scores * q_scale, opp_rows, opp_scores * q_scale, q_scale)
 
 
+def first_stage_many(engine, plan: Plan, queries: list[Query]) -> list[Candidates]:
+    """`first_stage` for every query of a batch, the stored vectors scanned once for all of them (an exact Flat
+    index: one matrix product; the scores equal the single queries' up to float32 summation order)."""
+    if len(queries) == 1:
+        return [first_stage(engine, plan, queries[0])]
+    scales = []
+    for q in queries:
+        q_norm = float(np.sqrt(max(q.self_influence or 0.0, 0.0)))
+        scales.append((1.0 / q_norm if q_norm > 0 else 0.0) if plan.normalize == "cosine" else 1.0)
+    wants = [max(plan.k, plan.depth) + int(q.exclude.size) for q in queries]
+    with engine.stage("search"):
+        found = engine.first_stage.search_many(np.stack([q.vector for q in queries]), max(wants), max(wants),
+                                               plan.rows, normalized=plan.normalize != "none")
+    out = []
+    for ((pr, ps), (orows, os_)), want, scale in zip(found, wants, scales):
+        out.append(Candidates(pr[:want], ps[:want] * scale, orows[:want], os_[:want] * scale, scale))
+    return out
+
+
 # -- 4. exact re-ranking -----------------------------------------------------------------------------
 def rerank(engine, plan: Plan, embedded: Embedded, candidates: list[Candidates]) -> list:
     """Exact scores (`indexer.score.exact.ExactScores`) of each query's own candidates; None without re-ranking.
@@ -454,7 +474,7 @@ def answer_request(engine, req: Any, started: float) -> dict[str, Any]:
     batch, one answer per member, each equal to the member's own single answer."""
     plan = parse(engine, req)
     embedded = embed(engine, plan)
-    candidates = [first_stage(engine, plan, q) for q in embedded.queries]
+    candidates = first_stage_many(engine, plan, embedded.queries)
     exact = rerank(engine, plan, embedded, candidates)
     answers = [assemble(engine, plan, q, c, e, started) for q, c, e in zip(embedded.queries, candidates, exact)]
     if plan.kind != "batch":

@@ -441,3 +441,19 @@ def test_the_client_asks_sets_and_batches_sync_and_async():
         assert [[h.id for h in r.opponents] for r in many.results] == [[h.id for h in r.opponents] for r in singles]
     finally:
         server.stop()
+
+
+def test_a_batch_scans_a_flat_index_once_with_the_single_scans_answers():
+    engine = client_for("sgd").app.state.engine
+    stage = engine.first_stage
+    assert stage.flat_vectors is not None
+    dim = stage.flat_vectors.shape[1]
+    vectors = np.random.default_rng(3).standard_normal((5, dim)).astype(np.float32)
+    for normalized in (False, True):
+        together = stage.search_many(vectors, 7, 9, None, normalized)
+        for v, ((pr, ps), (orows, os_)) in zip(vectors, together):
+            (pr1, ps1), (or1, os1) = stage.search(v, 7, 9, None, normalized)
+            assert pr.tolist() == pr1.tolist() and orows.tolist() == or1.tolist()
+            np.testing.assert_allclose(ps, ps1, rtol=1e-5)
+            np.testing.assert_allclose(os_, os1, rtol=1e-5)
+            assert len(pr) <= 7 and len(orows) <= 9
