@@ -457,3 +457,65 @@ def test_a_batch_scans_a_flat_index_once_with_the_single_scans_answers():
             np.testing.assert_allclose(ps, ps1, rtol=1e-5)
             np.testing.assert_allclose(os_, os1, rtol=1e-5)
             assert len(pr) <= 7 and len(orows) <= 9
+
+
+# -- the indexer functions and the service's stages, alone -------------------------------------------------
+def test_sum_queries_scores_each_and_query_self_influence_equal_the_oracle():
+    from indexer.score.exact import query_self_influence, sum_queries
+
+    checkpoints = adamw_index()[1]
+    engine = client_for("adamw").app.state.engine
+    ts, tx, ty = _training()
+    qx = torch.tensor([e["x"] for e in _members(5, seed=40)], dtype=torch.float64)
+    qy = torch.tensor([0, 2, 1, 1, 0])
+    grads = [p.grads for p in engine.embedder.embed(qx, qy, keep_grads=True).per_checkpoint]
+    first = [[g.select([0, 1]) for g in per] for per in grads]
+    rest = [[g.select([2, 3, 4]) for g in per] for per in grads]
+    matrix = oracle(checkpoints, qx, qy, tx, ty)  # [5, N]
+    rows = np.arange(N)
+    for scale in (1.0, 0.2):
+        summed = sum_queries([first, rest], scale)
+        assert all(g.batch == 1 for per in summed for g in per)
+        np.testing.assert_allclose(engine.scorer.scores(summed, rows).total, scale * matrix.sum(axis=0),
+                                   rtol=1e-9, atol=1e-12)
+        gram = oracle(checkpoints, qx, qy, qx, qy)
+        assert query_self_influence(engine.embedder, summed)[0] == pytest.approx(scale ** 2 * gram.sum(), rel=1e-9)
+    np.testing.assert_allclose(query_self_influence(engine.embedder, grads), np.diag(gram), rtol=1e-9)
+    each = engine.scorer.scores_each(grads, rows[::3])
+    for q, scores in enumerate(each):
+        np.testing.assert_allclose(scores.total, matrix[q, ::3], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(scores.per_block.sum(axis=(0, 1)), scores.total, rtol=1e-12)
+    with pytest.raises(ValueError):
+        sum_queries([])
+
+
+def test_the_stages_alone_parse_embed_search_rerank_assemble():
+    from types import SimpleNamespace
+
+    from service import query as stages
+    from service.errors import ApiError
+
+    engine = client_for("sgd").app.state.engine
+    schema = engine.task.example_schema
+    examples = [schema.model_validate(e) for e in _members(3, seed=50)]
+    req = SimpleNamespace(examples=examples, train_ids=["t2"], labels=[1, None, 0], aggregate="mean", k=4, rerank=N,
+                          normalize="none", metric=None, member_scores=True, exclude_self=True, exclude=None)
+    plan = stages.parse(engine, req)
+    assert plan.kind == "set" and [m.field for m in plan.members] == ["examples.0", "examples.1", "examples.2",
+                                                                      "train_ids.0"]
+    assert plan.members[0].label == 1 and plan.members[1].label is None and plan.members[3].row == 2
+    embedded = stages.embed(engine, plan)
+    (query,) = embedded.queries
+    batch = stages.embed(engine, stages.parse(engine, SimpleNamespace(**{**vars(req), "aggregate": None,
+                                                                         "member_scores": False})))
+    assert len(batch.queries) == 4 and batch.stacked is not None
+    np.testing.assert_allclose(query.vector, np.mean([q.vector for q in batch.queries], axis=0), rtol=1e-5, atol=1e-6)
+    assert query.exclude.tolist() == [2] and query.scale == 0.25
+    candidates = stages.first_stage(engine, plan, query)
+    assert 2 not in candidates.for_rerank(plan.depth, 1, query.exclude)
+    (exact,) = stages.rerank(engine, plan, embedded, [candidates])
+    answer = stages.assemble(engine, plan, query, candidates, exact, 0.0)
+    assert answer["set"]["size"] == 4 and "t2" not in [h["id"] for h in answer["proponents"] + answer["opponents"]]
+    with pytest.raises(ApiError) as err:
+        stages.parse(engine, SimpleNamespace(**{**vars(req), "train_ids": ["t2", "nope"]}))
+    assert err.value.field == "train_ids.1" and err.value.status == 422
