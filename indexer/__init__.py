@@ -1,7 +1,8 @@
 """tracin-service indexer: TracIn gradient embeddings and index directories for PyTorch models.
 
-TracInCP(z, z') = sum_i lr_i * grad l(w_i, z) . grad l(w_i, z')   over checkpoints w_i.
-Each example is embedded as concat_i sqrt(lr_i) * P_i g_i(z) so that TracInCP ~= e(z) . e(z').
+TracIn(z, z') = sum_i <grad l(w_i, z), s_i (.) grad l(w_i, z')> over checkpoints w_i, with s_i the step
+the optimizer took per coordinate (lr of each parameter group; lr * Gamma for Adam-type optimizers).
+Each example is embedded as sum_i P_i (sqrt(s_i) (.) g_i(z)) so that TracIn ~= e(z) . e(z').
 """
 from indexer.task import ExampleSet, Task
 from indexer.checkpoints import save_checkpoint, load_checkpoint

@@ -1,5 +1,6 @@
-"""Training-loop callbacks that save checkpoints with their learning rate, in the format `tracin index`
-reads (that of `indexer.checkpoints.save_checkpoint`).
+"""Training-loop callbacks that save checkpoints with their learning rate and the optimizer's state (every
+group's lr and parameter names, Adam's second moments: `tracin index` weighs each parameter by the step
+the optimizer took), in the format of `indexer.checkpoints.save_checkpoint`.
 
     from indexer.callbacks import TracInTrainerCallback        # Hugging Face transformers.Trainer
     trainer = Trainer(..., callbacks=[TracInTrainerCallback("checkpoints")])          # one per epoch
@@ -70,10 +71,23 @@ class _Saver:
             warnings.warn(f"{self.who}: learning rate {lr:g} at step {step} (warm-up?): checkpoint {name} not saved, "
                           "it would add nothing to TracIn", stacklevel=3)
             return None
-        path = save_checkpoint(self.dirpath / name, model, lr=lr, step=step, epoch=epoch)
+        path = save_checkpoint(self.dirpath / name, model, _torch_optimizer(optimizer), lr=lr, step=step, epoch=epoch)
         self.last_saved_step = step
         self.saved.append(path)
         return path
+
+
+def _torch_optimizer(optimizer: Any) -> Any:
+    """The innermost torch optimizer under a framework's wrapper (accelerate's AcceleratedOptimizer keeps it
+    as `.optimizer`), or None."""
+    import torch
+
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
 _CLASSES: dict[str, type] = {}

@@ -121,8 +121,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     f = m["faiss"]
     extra = f"  recall@10 {f.get('recall_at_10')}" if f["approximate"] else ""
     print(f"faiss      {f['factory']} ({'approximate' if f['approximate'] else 'exact'}){extra}")
+    opt = m.get("optimizer") or {"formula": "sgd", "why": "an index built before optimizer-aware TracIn"}
+    print(f"formula    {opt['formula']}: {opt['why']}"
+          + (f" ({opt['bounded']} preconditioner coordinates bounded)" if opt.get("bounded") else ""))
     for c in m["checkpoints"]:
-        print(f"checkpoint {c['file']}  lr={c['lr']:g}  sha256={c['sha256'][:12]}")
+        step = c.get("step") or {}
+        groups = step.get("groups") or []
+        lrs = "  groups " + ", ".join(f"{g['lr']:g} ({len(g['params'])} tensors)" for g in groups) \
+            if len(groups) > 1 else ""
+        print(f"checkpoint {c['file']}  {step.get('formula', 'sgd')}  lr={c['lr']:g}{lrs}  sha256={c['sha256'][:12]}")
     for layer in m["layers"]:
         print(f"layer      {layer['name']:<24} {layer['kind']:<9} {layer['shape'][0]}x{layer['shape'][1]}"
               f" -> {layer['projection']} {layer['dim']}")

@@ -121,11 +121,16 @@ def step_weights_bruteforce(optimizer_state: dict, names_by_group: list[list[str
 
     groups = optimizer_state["param_groups"]
     state = optimizer_state["state"]
-    scale = 1.0 if lr_in_force is None else lr_in_force / float(groups[0]["lr"])
+    first = float(groups[0]["lr"])
     out = {}
     number = 0
     for group, names in zip(groups, names_by_group):
-        lr = float(group["lr"]) * scale
+        if lr_in_force is None:
+            lr = float(group["lr"])
+        elif first == 0:  # the schedule's end: the saved lrs are all 0, the lr in force is the logged one
+            lr = lr_in_force
+        else:
+            lr = lr_in_force * (float(group["lr"]) / first)
         for name in names:
             st = state.get(number, {})
             number += 1

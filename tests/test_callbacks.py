@@ -229,3 +229,26 @@ def test_schedule_arguments_are_checked():
         _Saver("x", None, 0, "TracInTrainerCallback")
     with pytest.raises(ValueError, match="give every_n_epochs or every_n_steps"):
         _Saver("x", None, None, "TracInLightningCallback")
+
+
+def test_callbacks_record_the_optimizer_state_so_adamw_runs_are_scored_with_adam(tmp_path):
+    """The Trainer's default optimizer (AdamW) through TracInTrainerCallback: each file records the optimizer's
+    class, its state and every group's parameter names, and the index uses the Adam formula."""
+    _needs("transformers", "accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from indexer.callbacks import TracInTrainerCallback
+
+    saver = TracInTrainerCallback(tmp_path / "epochs")
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=2, per_device_train_batch_size=8,
+                             learning_rate=0.01, save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    Trainer(model=tiny_bert(), args=args, train_dataset=TokenDataset(), callbacks=[saver]).train()
+    payload = torch.load(saver.saved[-1], weights_only=True)
+    assert payload["optimizer_class"].endswith("AdamW")
+    names = payload["optimizer_param_names"]
+    assert len(names) == 2 and {n for g in names for n in g} == {n for n, _ in tiny_bert().named_parameters()}
+    assert all("exp_avg_sq" in s for s in payload["optimizer_state_dict"]["state"].values())
+    index = _index(tmp_path, "tests.test_callbacks:TinyBertTask", saver.saved, ["classifier"])
+    assert index.manifest["optimizer"]["formula"] == "adam"
+    assert index.manifest["checkpoints"][0]["step"]["mapping"] == "parameter names recorded with the optimizer"

@@ -196,3 +196,28 @@ def test_what_cannot_be_captured_is_refused_in_one_line(tmp_path, name):
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert words in lines[0]
     assert not (tmp_path / "index").exists() and not list(tmp_path.glob(".index*"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adamw_trained_index_equals_weighted_bruteforce(tmp_path, name):
+    """Every zoo model trained with AdamW (two parameter groups): the exact index and self-influence equal
+    TracIn of the step AdamW took, lr_g / (sqrt(v_hat) + eps) per coordinate, brute-forced in float64."""
+    from tests.conftest import make_adamw_checkpoints
+    from tests.oracle import step_weights_bruteforce, weighted_tracin_matrix
+    from indexer.sketch.embedding import Checkpoint
+
+    task = zoo.EXACT[name]()
+    runs = make_adamw_checkpoints(task, tmp_path)
+    shapes = {n: tuple(p.shape) for n, p in task.build_model().named_parameters()}
+    weights = [step_weights_bruteforce(state, names, shapes) for _, state, names in runs]
+    data = {"task": f"tests.zoo:{name}", "checkpoints": [{"path": str(p)} for p, _, _ in runs],
+            "projection": {"kind": "exact"}, "index": {"batch_size": zoo.SEQ}}
+    index = IndexDirectory.open(build_index(parse_config(data, tmp_path), tmp_path / "index").path)
+    assert index.manifest["optimizer"]["formula"] == "adam"
+    ts = task.training_set()
+    x, y = ts.batch(0, len(ts))
+    oracle = weighted_tracin_matrix(task, [Checkpoint(p, 1.0) for p, _, _ in runs], weights, x, y, x, y)
+    vectors = index.index.reconstruct_n(0, index.count).astype(np.float64)
+    tol = 1e-3 if name == "BFloat16" else TOL
+    assert _rel(vectors @ vectors.T, oracle.numpy()) < tol
+    assert float(np.abs(index.self_influence - oracle.diagonal().numpy()).max() / oracle.abs().max()) < tol

@@ -23,6 +23,7 @@ squares are computed in the capture's dtype and squared in float64.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -358,14 +359,43 @@ class BlockGrad:
             full += self.batch * m * n
         return factored < full
 
-    def squared_norm(self) -> torch.Tensor:
+    def explicit_cheaper(self, dim: int) -> bool:
+        """Whether the explicit gradient is the cheaper way to both sketch this block into `dim` numbers and
+        take its exact norm (else: the FFT tensor sketch of the factors and the factored Gram identity).
+
+        A fixed cost model (so that the same build always takes the same route and writes the same bytes),
+        fitted to single-thread CPU timings of a batch of 64 (docs/benchmarks.md "Capture routes"), in ns
+        per example with T positions, an m x n block and dim = k:
+            explicit  m n (20 + 0.035 T)                       form G (a matmul or a weight-gradient
+                                                               convolution), scatter and square its m n entries
+            factored  T (c k log2(k) / 4608 + 6 (m + n))       count sketches and FFTs of the factors
+                      + 0.1 T^2 (m + n) + 10 T n [conv]        the float64 Gram identity (after im2col)
+        with c = 8000 for Conv2d (im2col first) and 3000 for other factors. E.g. a 512x4608 convolution at
+        4x4: explicit 1.8 s vs factored 0.06 s per batch of 64; 64x576 at 32x32: 0.12 s vs 3.7 s."""
+        if self._full is not None:
+            return True
+        if not all(isinstance(t, (Outer, ConvOuter)) and not t.indexed for t in self.terms):
+            return True
+        m, n = self.block.m, self.block.n
+        T = sum(t.positions for t in self.terms)
+        conv = any(isinstance(t, ConvOuter) for t in self.terms)
+        fft = (8000 if conv else 3000) * dim * max(1.0, math.log2(dim)) / 4608
+        factored = T * (fft + 6 * (m + n)) + 0.1 * T * T * (m + n) + (10 * T * n if conv else 0)
+        explicit = m * n * (20 + 0.035 * T)
+        return explicit <= factored
+
+    def squared_norm(self, dim: int = 512) -> torch.Tensor:
         """Exact ||G_b||_F^2 [B], never approximated (factored Gram identity or the explicit gradient,
-        whichever costs less)."""
+        whichever costs less when the block is also sketched into `dim` numbers: `explicit_cheaper`)."""
         if len(self.terms) == 1 and isinstance(self.terms[0], Outer) and self.terms[0].positions == 1 \
                 and not self.terms[0].indexed:
             u, v = self.terms[0].factors()
             return _sq(u) * _sq(v)
-        if self._use_factors(self, self.batch, cross=False):
+        if all(isinstance(t, (Outer, ConvOuter)) and not t.indexed for t in self.terms):
+            use_factors = self._full is None and not self.explicit_cheaper(dim)
+        else:
+            use_factors = self._use_factors(self, self.batch, cross=False)
+        if use_factors:
             total = None
             for i, x in enumerate(self.terms):
                 for j, y in enumerate(self.terms[i:], start=i):

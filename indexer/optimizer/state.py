@@ -13,7 +13,8 @@ An `optimizer.state_dict()` numbers the parameters 0, 1, ... in the order its gr
 not name them (unless the optimizer was built from `named_parameters()`: torch then records
 "param_names"). `map_parameters` gives each number its parameter name, from recorded names, from the
 config's group patterns, or from the one hypothesis that fits every saved state tensor's shape:
-    model order      one group, or groups whose concatenation is the model's parameters in order
+    model order      one group, or groups whose concatenation is the model's parameters in order (all of
+                     them, the trainable ones, or the traced ones: an optimizer over the traced layers only)
     Trainer groups   the Hugging Face Trainer's split: parameters with weight decay, then those without
                      (biases and normalisation weights), each in model order
 A mapping that cannot be established is refused in one line naming the groups (`OptimizerError`).
@@ -203,11 +204,13 @@ def optimizer_kind(saved: SavedOptimizer) -> str:
     or "unknown". From the recorded class when there is one, else from the keys of its groups and state."""
     if saved.class_name:
         name = saved.class_name.rsplit(".", 1)[-1].lower()
-        known = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop", "adagrad": "adagrad",
-                 "sparseadam": "sparseadam"}
+        known = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "rmsprop": "rmsprop", "adagrad": "adagrad"}
         if name in known:
             return known[name]
-        return name
+        if name in ("nadam", "radam", "adamax", "adadelta", "rprop", "asgd", "lbfgs", "sparseadam", "adafactor",
+                    "lion"):
+            return name
+        # another class (a wrapper or a subclass): judged by its groups' and state's keys below
     keys = set().union(*(set(g) for g in saved.groups)) if saved.groups else set()
     state_keys = set().union(*(set(s) for s in saved.state.values())) if saved.state else set()
     if "momentum_decay" in keys:
@@ -255,7 +258,7 @@ class Mapping:
 
 
 def map_parameters(saved: SavedOptimizer, model: nn.Module, group_patterns: list[list[str]] | None,
-                   where: str) -> Mapping:
+                   where: str, traced: list[str] | None = None) -> Mapping:
     """Name every parameter number of `saved` with one of `model`'s parameter names (see the module
     docstring for the rules). Raises OptimizerError in one line naming the groups when it cannot."""
     numbers_ = saved.numbers
@@ -284,7 +287,7 @@ def map_parameters(saved: SavedOptimizer, model: nn.Module, group_patterns: list
             names.extend(members)
         return _checked(saved, dict(zip(numbers_, names)), params, "[optimizer] groups of the config", where,
                         strict=True)
-    candidates = _hypotheses(saved, model)
+    candidates = _hypotheses(saved, model, traced)
     fitting = [(how, mapping) for how, mapping in candidates if _fits(saved, mapping, params)]
     differing = {tuple(sorted(m.items())) for _, m in fitting}
     hint = ("save checkpoints with indexer.checkpoints.save_checkpoint(path, model, optimizer) (it records "
@@ -321,12 +324,15 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
 
 
-def _hypotheses(saved: SavedOptimizer, model: nn.Module) -> list[tuple[str, dict[int, str]]]:
+def _hypotheses(saved: SavedOptimizer, model: nn.Module, traced: list[str] | None = None
+                ) -> list[tuple[str, dict[int, str]]]:
     numbers_ = saved.numbers
     names_all = [n for n, _ in model.named_parameters()]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    traced_order = [n for n in names_all if traced is not None and n in set(traced)]
     out = []
-    for how, order in (("model order", names_all), ("model order, trainable parameters", trainable)):
+    for how, order in (("model order", names_all), ("model order, trainable parameters", trainable),
+                       ("model order, traced parameters (an optimizer over the traced layers only)", traced_order)):
         if len(order) == len(numbers_):
             out.append((how, dict(zip(numbers_, order))))
     if len(saved.groups) == 2:

@@ -167,7 +167,7 @@ def step_weights(saved: SavedOptimizer | None, model: nn.Module, traced: list[st
     if saved is not None and saved.trainer and not saved.groups:
         kind = "adam"  # a Trainer folder saved without optimizer.pt: the Trainer's default optimizer
     have_groups = saved is not None and bool(saved.groups)
-    mapping = map_parameters(saved, model, options.groups, where) if have_groups else None
+    mapping = map_parameters(saved, model, options.groups, where, traced) if have_groups else None
     group_of: dict[str, int] = {}
     if mapping is not None:
         for g, names in enumerate(mapping.groups):

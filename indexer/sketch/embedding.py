@@ -1,12 +1,14 @@
 """The shared embedding function: the indexer and the service both call it.
 
-For checkpoint i with learning rate lr_i and traced blocks l (per-example gradients G_{i,l}(z)):
-    e_i(z)  = sqrt(lr_i) * sum_l P_{i,l} G_{i,l}(z)            (projected kinds, [B, dim])
-            = sqrt(lr_i) * concat_l vec G_{i,l}(z)             (exact kind)
-    s_i(z)  = lr_i * sum_l ||G_{i,l}(z)||^2                    (exact self-influence part)
+For checkpoint i with step weights w_{i,l} per traced block l (`indexer.optimizer.step`: the lr of each
+parameter's group, or lr * Gamma for Adam-type optimizers) and per-example block gradients G_{i,l}(z):
+    e_i(z)  = sum_l P_{i,l} (sqrt(w_{i,l}) (.) G_{i,l}(z))      (projected kinds, [B, dim])
+            = concat_l vec(sqrt(w_{i,l}) (.) G_{i,l}(z))         (exact kind)
+    s_i(z)  = sum_l ||sqrt(w_{i,l}) (.) G_{i,l}(z)||^2          (exact self-influence part)
 and over checkpoints e(z) = sum_i e_i(z) (projected; added in float32 in checkpoint order, exactly as
 the indexer accumulates its vectors) or concat_i e_i(z) (exact), self_influence(z) = sum_i s_i(z), so
-    e(z) . e(z') ~= TracInCP(z, z') = sum_i lr_i grad l(w_i, z) . grad l(w_i, z')   (unbiased; = for exact)
+    e(z) . e(z') ~= TracIn(z, z') = sum_i <grad l(w_i, z), w_i (.) grad l(w_i, z')>   (unbiased; = for exact)
+With one lr for every parameter (plain SGD) w_i is the number lr_i and the vectors are scaled once.
 """
 from __future__ import annotations
 
@@ -228,13 +230,16 @@ class CheckpointEmbedder:
             total = torch.zeros(captured.losses.shape[0], self.plan.dim, dtype=self.dtype, device=self.device) \
                 if self.plan.summed else None
             for projector, grad, scale in zip(self.projectors, captured.grads, self.scales):
+                tensor = None
                 if self.uniform is None:
-                    grad = grad.weighted(scale)
-                if self.plan.summed:
-                    projector.project(grad, out=total)  # every block adds into the same dim numbers
-                else:
-                    parts.append(projector.project(grad))
-                norm = grad.squared_norm().to(torch.float64)
+                    if isinstance(scale, torch.Tensor):
+                        tensor = scale  # applied to the explicit gradient, chunk by chunk
+                    else:
+                        grad = grad.weighted(scale)
+                part, norm = projector.embed(grad, total, tensor)  # every block adds into the same dim numbers
+                if part is not None:
+                    parts.append(part)
+                norm = norm.to(torch.float64)
                 sq = norm if sq is None else sq + norm
             vectors = total if self.plan.summed else torch.cat(parts, dim=1)
             if self.uniform is not None:

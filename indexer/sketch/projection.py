@@ -29,10 +29,11 @@ from dataclasses import dataclass
 import torch
 
 from indexer.capture.blocks import TracedBlock
-from indexer.capture.grads import BlockGrad, ConvOuter, Dense, Outer
+from indexer.capture.grads import BlockGrad, ConvOuter, Dense, Outer, _sq
 
 KINDS = ("exact", "sketch", "kronecker", "gaussian")
-FFT_CONV_PENALTY = 16
+#: at most this many explicit per-example gradient entries are formed at once (64 MiB of float32)
+EXAMPLE_CHUNK = 1 << 24
 
 
 def _generator(seed: int, checkpoint: int, layer: str, side: str) -> torch.Generator:
@@ -84,6 +85,39 @@ class BlockProjector:
             out = torch.zeros(grad.batch, self.dim, dtype=grad.dtype, device=grad.device)
         getattr(self, f"_{self.kind}")(grad, out)
         return out
+
+    def embed(self, grad: BlockGrad, out: torch.Tensor | None, scale: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Project scale (.) G into `out` [B, dim] (projected kinds: added into it) or return it ([B, m n],
+        exact kind), and return the exact squared norms ||scale (.) G||^2 [B] float64 alongside.
+
+        `scale` [m, n] is the square root of a tensor step weight (indexer.optimizer.step), or None (a float
+        weight is already in the factors: `BlockGrad.weighted`). Where the explicit gradient is needed (a
+        tensor scale, the exact / place / gaussian kinds, dense terms, or cheaper: `explicit_cheaper`) it is
+        formed EXAMPLE_CHUNK entries at a time, so memory does not grow with the layer's width; otherwise
+        the factored routes (FFT tensor sketch, Kronecker) and the Gram identity never form it."""
+        B = grad.batch
+        factored = scale is None and self.kind in ("sketch", "kronecker") and not grad.explicit_cheaper(self.dim)
+        if factored:
+            self.project(grad, out)
+            return None, grad.squared_norm(self.dim)
+        size = self.block.m * self.block.n
+        step = max(1, EXAMPLE_CHUNK // max(size, 1))
+        parts, norms = [], []
+        for start in range(0, B, step):
+            rows = slice(start, min(B, start + step))
+            part = grad if (start == 0 and step >= B) else grad.select(rows)
+            full = part.full()
+            if scale is not None:
+                full = full * scale
+            chunk = BlockGrad(grad.block, [Dense(full)])
+            norms.append(_sq_f64(full))
+            if self.kind == "exact":
+                parts.append(full.reshape(full.shape[0], -1))
+            else:
+                getattr(self, f"_{self.kind}")(chunk, out[rows])
+        sq = torch.cat(norms) if len(norms) > 1 else norms[0]
+        return (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else None, sq
 
     # -- kinds ---------------------------------------------------------------------------------
     def _exact(self, grad: BlockGrad) -> torch.Tensor:
@@ -140,7 +174,7 @@ class BlockProjector:
                 buckets = (h_o[idx].unsqueeze(-1) + h_i.view(1, 1, n)) % k
                 values = v * s_i.view(1, 1, n) * (s_o[idx].unsqueeze(-1) * valid)
                 out.scatter_add_(1, buckets.reshape(B, -1), values.reshape(B, -1))
-            elif isinstance(term, Dense) or not self._fft_cheaper(term):
+            elif isinstance(term, Dense) or grad.explicit_cheaper(k):
                 full = grad.full() if len(grad.terms) == 1 else term.full(m, n)  # the block's cached G when it is one
                 out.index_add_(1, self._buckets(), full.reshape(B, -1) * self._signs())
             else:
@@ -165,21 +199,9 @@ class BlockProjector:
                                              * self.arrays["s_in"].view(1, n)).reshape(1, -1)
         return self.__dict__["cached_signs"]
 
-    def _fft_cheaper(self, term) -> bool:
-        """Cost model of the two sketch routes, fitted to CPU timings (1 thread, k = 1024): the FFT route
-        scatters T(m + n) values and runs T FFTs; the explicit route forms G (a matmul, T m n) and scatters
-        its m n entries. E.g. T=1, 128x1569: FFT 16 us vs explicit 1 ms per example; T=64, 256x129:
-        FFT 0.94 ms vs explicit 0.08 ms."""
-        m, n, k = self.block.m, self.block.n, self.dim
-        T = term.positions
-        fft_cost = T * (4 * (m + n) + k * max(1, math.log2(k)))
-        explicit_cost = m * n * (2 + T / 20)
-        if isinstance(term, ConvOuter):
-            # The explicit G of a conv is one batched weight-gradient convolution, while the FFT route first
-            # unfolds the patches (im2col) and scatters [B, T, n] into [B, T, k]: memory-bound steps that
-            # measured ~10-20x slower per element than the convolution. Choose FFT only where G is far larger.
-            fft_cost *= FFT_CONV_PENALTY
-        return fft_cost < explicit_cost
+
+def _sq_f64(full: torch.Tensor) -> torch.Tensor:
+    return _sq(full).to(torch.float64)
 
 
 def _count_sketch(x: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, k: int) -> torch.Tensor:
