@@ -176,6 +176,8 @@ class Engine:
 
         try:
             predicted, probabilities = self.embedder.predict(inputs)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # the model cannot run on this input
             raise ApiError(422, "invalid_example", self._failing_forward(inputs, fields, exc),
                            f"the model cannot run on this example ({type(exc).__name__}: {str(exc)[:300]})") from None
