@@ -325,8 +325,8 @@ def run(args: argparse.Namespace) -> dict:
         if cached is not None and cached.get("settings") == settings:
             results.append(cached["result"])
             continue
-        if args.max_jobs is not None and args.max_jobs <= 0:
-            break
+        if args.report_only or (args.max_jobs is not None and args.max_jobs <= 0):
+            continue
         t0 = time.perf_counter()
         result = retrain(args, ranked, method, m, seed)
         write_json(path, {"settings": settings, "result": result})
@@ -342,7 +342,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"\n{done}/{len(todo)} retrainings done\n\n{table}\n")
     print("\n".join(lines))
     base = read_json(out / "run.json") or {}
-    figures = {"command": "bench/bench_cleaning.py " + " ".join(args.argv), "done": done, "jobs": len(todo),
+    command = "bench/bench_cleaning.py " + " ".join(a for a in args.argv if a != "--report-only")
+    figures = {"command": command.strip(), "done": done, "jobs": len(todo),
                "settings": settings, "sizes": args.sizes, "seeds": args.seeds, "set_query": ranked["summary"],
                "flipped_in_top": {name: {str(m): int(ranked["flipped"][ranked[name][:m]].sum()) for m in args.sizes}
                                   for name in ("influence", "self_influence", "review")},
@@ -378,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--prepare-only", action="store_true", help="only train the base run and build its index")
     parser.add_argument("--max-jobs", type=int, default=None, help="retrain at most N variants this time")
+    parser.add_argument("--report-only", action="store_true",
+                        help="retrain nothing: the table of the retrainings cached so far (the run may go on)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if not data_available(args.data_dir):
