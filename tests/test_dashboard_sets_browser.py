@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_dashboard_browser import (  # noqa: F401 - fixtures
-    api, api_key, assert_hits_equal, banner, browser, css, pytestmark, screenshot, server, wait_for,
-)
+from tests import test_dashboard_browser as dashboard
+from tests.test_dashboard_browser import assert_hits_equal, banner, css, screenshot, wait_for
+
+# the same fixtures (a real `tracin serve` with an API key, one chromium session) and skip conditions
+pytestmark = dashboard.pytestmark
+api_key, server, api, browser = dashboard.api_key, dashboard.server, dashboard.api, dashboard.browser
 
 
 def _open_sets(browser, server, api_key):
