@@ -519,3 +519,31 @@ def test_the_stages_alone_parse_embed_search_rerank_assemble():
     with pytest.raises(ApiError) as err:
         stages.parse(engine, SimpleNamespace(**{**vars(req), "train_ids": ["t2", "nope"]}))
     assert err.value.field == "train_ids.1" and err.value.status == 422
+
+
+@pytest.mark.parametrize("name,labels,bad", [
+    ("Regression", [0.25, -1.5, 2], "x"),
+    ("MultiOutputRegression", [[0.5, -1.0], [1.0, 0.0], [-0.25, 2.0]], [1.0]),
+    ("MultiLabel", [[1, 0, 1, 0], [0, 1, 0, 1], ["red", "round"]], [1, 0]),
+])
+def test_sets_take_labels_of_every_kind_and_equal_the_sum_of_single_answers(name, labels, bad):
+    from tests import zoo
+    from tests.test_label_kinds import index_of
+
+    with TestClient(create_app(Settings(index_dir=index_of(name), access_log=False))) as client:
+        held = getattr(zoo, name)().held_out_set()
+        examples = [held.example_of(i) for i in range(3)]
+        n = client.get("/index").json()["count"]
+        answer = _post(client, {"examples": examples, "labels": labels, "aggregate": "sum", "k": n, "rerank": n})
+        singles = []
+        for example, label in zip(examples, labels):
+            single = _post(client, {"example": example, "label": label, "k": n, "rerank": n})
+            singles.append({h["id"]: h["score"] for h in single["proponents"] + single["opponents"]})
+        assert [m["label_used"] for m in answer["set"]["members"]] == \
+            [_post(client, {"example": e, "label": y, "k": 1})["label_used"] for e, y in zip(examples, labels)]
+        for hit in answer["proponents"] + answer["opponents"]:
+            assert hit["score"] == pytest.approx(sum(s.get(hit["id"], 0.0) for s in singles), rel=1e-9, abs=1e-12)
+            assert sum(hit["blocks"].values()) == pytest.approx(hit["score"], rel=1e-9, abs=1e-12)
+        response = client.post("/influence", json={"examples": examples, "labels": [labels[0], bad, None],
+                                                   "aggregate": "sum"})
+        assert response.status_code == 422 and response.json()["detail"][0]["field"] == "labels.1"
