@@ -254,6 +254,7 @@ def summarise(results: list[dict], sizes: list[int], methods: list[str]) -> dict
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in results:
         groups.setdefault((r["method"], r["m"]), []).append(r)
+    full = {r["seed"]: r for r in groups.get(("full", 0), [])}
     rows = []
     for method, m in [("full", 0)] + [(meth, m) for m in sizes for meth in methods]:
         got = groups.get((method, m), [])
@@ -268,6 +269,14 @@ def summarise(results: list[dict], sizes: list[int], methods: list[str]) -> dict
                      "loss_mean": float(loss.mean()), "loss_sd": float(loss.std(ddof=1)) if loss.size > 1 else None,
                      "flipped_among_acted_on": got[0]["flipped_among_acted_on"],
                      "relabelled": got[0]["relabelled"]})
+        paired = [(r["accuracy"] - full[r["seed"]]["accuracy"], r["loss"] - full[r["seed"]]["loss"])
+                  for r in got if r["seed"] in full]
+        if method != "full" and paired:  # against the full set retrained with the same seed (init, batch order)
+            d_acc, d_loss = np.array([p[0] for p in paired]), np.array([p[1] for p in paired])
+            rows[-1].update(paired_seeds=len(paired), d_accuracy_mean=float(d_acc.mean()),
+                            d_accuracy_sd=float(d_acc.std(ddof=1)) if d_acc.size > 1 else None,
+                            d_loss_mean=float(d_loss.mean()),
+                            d_loss_sd=float(d_loss.std(ddof=1)) if d_loss.size > 1 else None)
     return {"rows": rows}
 
 
@@ -275,12 +284,16 @@ def markdown(summary: dict) -> str:
     def pm(mean, sd, scale=1.0, digits=2):
         return f"{mean * scale:.{digits}f}" + ("" if sd is None else f" ± {sd * scale:.{digits}f}")
 
-    lines = ["| variant | m | seeds | accuracy % (mean ± s.d.) | test loss (mean ± s.d.) | flipped among the m |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | m | seeds | accuracy % (mean ± s.d.) | test loss (mean ± s.d.) | Δ accuracy, points "
+             "(paired) | Δ loss (paired) | flipped among the m |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         name = "full noisy training set" if r["method"] == "full" else METHODS[r["method"]]
+        paired = "d_accuracy_mean" in r
         lines.append(f"| {name} | {r['m'] or '-'} | {len(r['seeds'])} | "
                      f"{pm(r['accuracy_mean'], r['accuracy_sd'], 100)} | {pm(r['loss_mean'], r['loss_sd'], 1, 4)} | "
+                     f"{pm(r['d_accuracy_mean'], r['d_accuracy_sd'], 100) if paired else '-'} | "
+                     f"{pm(r['d_loss_mean'], r['d_loss_sd'], 1, 4) if paired else '-'} | "
                      f"{r['flipped_among_acted_on'] if r['method'] != 'full' else '-'} |")
     return "\n".join(lines)
 
