@@ -164,3 +164,15 @@ def _json_or_none(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def test_the_digits_schema_names_the_member_at_fault(api):
+    """The issue's example: mixed train_ids and examples, member 7 of the wrong schema -> 422 examples.7.pixels."""
+    examples = [q["example"] for q in api.get("/queries", params={"limit": 8}).json()["items"]]
+    bad = examples[:7] + [{"pixels": [1, 2, 3]}]
+    for body in ({"examples": bad, "train_ids": ["train-1"], "aggregate": "sum"}, {"examples": bad}):
+        response = api.post("/influence", json=body)
+        assert response.status_code == 422 and response.json()["detail"][0]["field"] == "examples.7.pixels"
+    response = api.post("/influence", json={"examples": examples[:2], "train_ids": ["train-1", "no-such-id"],
+                                            "aggregate": "mean"})
+    assert response.status_code == 422 and response.json()["detail"][0]["field"] == "train_ids.1"
