@@ -47,6 +47,12 @@ def _openapi_examples(engine: Engine | None, settings: Settings) -> dict[str, An
     if query is not None:
         out["held-out example"] = {"summary": f"held-out example {query.get('id')}",
                                    "value": {"example": query["example"], "k": settings.default_k}}
+        several = [q for q in engine.queries if q.get("example") is not None][:3]
+        out["set"] = {"summary": f"a set of {len(several)} held-out examples: influence on their summed loss",
+                      "value": {"examples": [q["example"] for q in several], "aggregate": "sum",
+                                "k": settings.default_k, "member_scores": True}}
+        out["batch"] = {"summary": f"a batch of {len(several)} queries: one answer each",
+                        "value": {"examples": [q["example"] for q in several], "k": settings.default_k}}
     if engine.examples:
         first = engine.examples[0]["id"]
         out["training example"] = {"summary": f"explain training example {first}",
@@ -79,7 +85,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     from indexer.score.metrics import task_metrics
 
     request_model = make_influence_request(task.example_schema, settings.max_k, settings.default_k,
-                                           settings.max_rerank, settings.rerank, task_metrics(task))
+                                           settings.max_rerank, settings.rerank, task_metrics(task),
+                                           settings.max_set, settings.max_batch)
     examples = _openapi_examples(engine, settings) if engine is not None else _manifest_examples(settings)
 
     @asynccontextmanager

@@ -47,7 +47,8 @@ class ApiError(Exception):
                  echo: Any = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.field, self.message, self.echo = status, code, field, message, echo
-        self.loc = list(loc) if loc is not None else ["body", *field.split(".")] if field else ["body"]
+        self.loc = list(loc) if loc is not None else \
+            ["body", *(int(p) if p.isdigit() else p for p in field.split("."))] if field else ["body"]
         self.headers = dict(headers or {})
 
 

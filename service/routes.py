@@ -4,7 +4,7 @@ No `from __future__ import annotations` here: FastAPI must see the request model
 as a real annotation, not a string.
 """
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import anyio
 from fastapi import APIRouter, Body, Path, Query, Request
@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from service.errors import ApiError, reject_coerced_numbers, reject_non_finite
 from service.schemas import (
-    ErrorResponse, ExampleInfo, Health, IndexInfo, InfluenceResponse, LabelReviewHistogram, LabelReviewPage,
+    BatchInfluenceResponse, ErrorResponse, ExampleInfo, Health, IndexInfo, InfluenceResponse, LabelReviewHistogram, LabelReviewPage,
     QueryPage, RankingName, Ready, SelfInfluenceHistogram, SelfInfluencePage,
 )
 from service.settings import Settings
@@ -65,25 +65,38 @@ def build_router(request_model: type[BaseModel], settings: Settings,
     router = APIRouter()
     max_page = settings.max_page
 
-    @router.post("/influence", response_model=InfluenceResponse, responses={**ERRORS, **BUSY}, tags=["influence"],
-                 summary="Top proponents and opponents of a prediction")
+    @router.post("/influence", response_model=Union[InfluenceResponse, BatchInfluenceResponse],
+                 responses={**ERRORS, **BUSY, 413: {"model": ErrorResponse, "description": (
+                     "request body over TRACIN_MAX_BODY_BYTES, or a set / batch over TRACIN_MAX_SET / "
+                     "TRACIN_MAX_BATCH members (the field names the first member beyond)")}},
+                 tags=["influence"], summary="Top proponents and opponents of a prediction, a set or a batch")
     async def influence(request: Request,
                         body: request_model = Body(..., openapi_examples=examples or None)) -> Any:  # type: ignore[valid-type]
-        """Give exactly one of `example` and `train_id`. A posted `example` is embedded with the indexer's
-        embedding function (loss on `label`, default the model's prediction at the last checkpoint); a
-        `train_id` starts from the stored vector of that training example (its gradients are recomputed
-        from the training set for exact re-ranking and for a metric). Returns the `k` training examples
-        with the largest positive TracIn scores (proponents) and the `k` with the most negative
-        (opponents), re-ranked by exact TracIn unless `rerank` is 0. `filter_label` restricts the search
-        to training examples of one label inside FAISS. Scores are raw TracIn by default (`normalize`);
-        `hints` says when most hits are high-self-influence examples."""
+        """Give exactly one of `example`, `train_id`, or members (`examples` / `train_ids`).
+
+        Embed the posted `example` with the indexer's embedding function (loss on `label`, default the
+        model's prediction at the last checkpoint) or take the stored vector of training example
+        `train_id`, then return the `k` training examples with the largest positive TracIn scores
+        (proponents) and the `k` with the most negative (opponents). `filter_label` restricts the
+        search to training examples of one label inside FAISS.
+
+        Several members (`examples` and/or `train_ids`) with `aggregate` ("sum" or "mean") are one set
+        query: the training examples ranked by their exact influence on the members' summed (mean)
+        metric, each score the sum (mean) of the members' own scores. Without `aggregate` they are a batch:
+        `results`, one answer per member, computed together."""
         started = time.perf_counter()
-        if body.example is not None:
-            reject_non_finite(body.example.model_dump(mode="python"), ("example",))
+        posted = [("example", body.example)] if body.example is not None else []
+        posted += [(("examples", i), e) for i, e in enumerate(body.examples or [])]
+        if posted:
             raw = await request.json()  # parsed once by FastAPI and cached on the request
+        for where, example in posted:
+            loc = where if isinstance(where, tuple) else (where,)
+            reject_non_finite(example.model_dump(mode="python"), loc)
             if isinstance(raw, dict):  # strict numbers: no `true` or "3" where the task's schema wants a number
-                reject_coerced_numbers(raw.get("example"), body.example.model_dump(mode="python", by_alias=True),
-                                       ("example",))
+                given = raw.get(loc[0])
+                if len(loc) > 1:
+                    given = given[loc[1]] if isinstance(given, list) and loc[1] < len(given) else None
+                reject_coerced_numbers(given, example.model_dump(mode="python", by_alias=True), loc)
         return await request.app.state.compute.run(request, _engine(request).influence, body, started)
 
     @router.get("/self-influence/top", response_model=SelfInfluencePage, responses=ERRORS, tags=["influence"],
@@ -178,8 +191,12 @@ def build_router(request_model: type[BaseModel], settings: Settings,
                 summary="Held-out examples shipped with the index (ready to post to /influence)")
     async def queries(request: Request,
                       offset: int = Query(0, ge=0),
-                      limit: int = Query(100, ge=1, le=max_page)) -> Any:
-        return _engine(request).queries_page(offset, limit)
+                      limit: int = Query(100, ge=1, le=max_page),
+                      predictions: bool = Query(False, description="add the model's prediction at the last "
+                                                                    "checkpoint to each item (a forward pass)")) -> Any:
+        if not predictions:
+            return _engine(request).queries_page(offset, limit)
+        return await request.app.state.compute.run(request, _engine(request).queries_page, offset, limit, True)
 
     @router.get("/index", response_model=IndexInfo, responses=ERRORS, tags=["service"],
                 summary="Summary of the served index (manifest)")

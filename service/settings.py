@@ -7,6 +7,10 @@
     TRACIN_CORS_ORIGINS        comma-separated (or JSON list) allowed origins; empty = CORS closed
     TRACIN_MAX_K               largest k for POST /influence (default 100)
     TRACIN_MAX_PAGE            largest k / limit for the listing routes (default 1000)
+    TRACIN_MAX_SET             most members (examples + train_ids) of a set query, POST /influence with
+                               `aggregate` (default 1000; more gets 413 naming the first member beyond)
+    TRACIN_MAX_BATCH           most members of a batch query, POST /influence `examples` / `train_ids`
+                               without `aggregate` (default 100; more gets 413)
     TRACIN_FAISS_PARAMS        JSON object of FAISS search parameters, e.g. {"nprobe": 32}; overrides
                                the manifest's index.search_params
     TRACIN_FAISS_THREADS       OpenMP threads FAISS may use per search (default: FAISS's own default)
@@ -80,6 +84,8 @@ class Settings(BaseSettings):
     max_k: int = Field(100, ge=1, le=100_000)
     default_k: int = Field(10, ge=1)
     max_page: int = Field(1000, ge=1, le=1_000_000)
+    max_set: int = Field(1000, ge=1, le=1_000_000)
+    max_batch: int = Field(100, ge=1, le=100_000)
     faiss_params: dict[str, int | float] = Field(default_factory=dict)
     faiss_threads: int | None = Field(None, ge=1)
     search: Literal["auto", "faiss"] = "auto"

@@ -123,16 +123,24 @@ def _spec(**kw) -> dict:
         return client.get("/openapi.json", headers=headers).json()
 
 
-def test_openapi_states_exactly_one_of_example_and_train_id():
+def test_openapi_states_exactly_one_kind_of_question():
     spec = _spec()
     ref = spec["paths"]["/influence"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     schema = spec["components"]["schemas"][ref.rsplit("/", 1)[-1]]
-    assert "exactly one of `example` and `train_id`" in schema["description"]
-    one_of = schema["oneOf"]
-    assert [sorted(s["required"]) for s in one_of] == [["example"], ["train_id"]]
-    for s in one_of:  # the other one must be absent or null
-        other = "train_id" if s["required"] == ["example"] else "example"
-        assert s["properties"][other] == {"type": "null"}
+    assert "exactly one kind of question" in schema["description"]
+    assert [s["title"] for s in schema["oneOf"]] == ["by example", "by train_id", "by members"]
+    # the oneOf alone (fields' own schemas aside) accepts exactly the bodies the service accepts
+    jsonschema = pytest.importorskip("jsonschema")
+    shape = {"oneOf": schema["oneOf"]}
+    ok = [{"example": {}}, {"train_id": "a"}, {"examples": [{}]}, {"train_ids": ["a"]},
+          {"examples": [{}], "train_ids": ["a"]}, {"example": {}, "train_id": None}]
+    bad = [{}, {"example": {}, "train_id": "a"}, {"example": {}, "examples": [{}]},
+           {"train_id": "a", "train_ids": ["b"]}, {"example": None, "train_id": None}]
+    for body in ok:
+        jsonschema.validate(body, shape)
+    for body in bad:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(body, shape)
     post = spec["paths"]["/influence"]["post"]
     assert "exactly one of" in post["description"]
 

@@ -1,6 +1,7 @@
 // tracin-service influence dashboard: a client of the public REST API only (the reference dashboard).
 // Views: #/explain[/query/<offset>|/train/<id>], #/self?ranking=&label=&offset=&k=, #/index.
 import { api, ApiError, getApiKey, setApiKey } from "./api.js";
+import { createSets } from "./sets.js";
 import {
   ImageInput, binScores, clear, displayExtras, drawHistogram, exampleVisual, fieldColumns, fieldsTable, flippedBadge,
   fmtInt, fmtScore, h, hasVisual, hitList, inputSpec, labelChip, labelSummary, probabilityBars, safeImageUrl,
@@ -55,6 +56,12 @@ function labelText(label) {
 // Errors of these actions belong to the Explain view: the results of an earlier request are cleared, so
 // that the page never shows an error banner above answers it does not belong to.
 const EXPLAIN_CONTEXTS = new Set(["explain", "upload", "your example", "example JSON"]);
+
+const sets = createSets({
+  info: () => state.info, labelName: (l) => labelName(l), labelText: (l) => labelText(l),
+  navigate: (hash) => navigate(hash), clearError: () => clearError(),
+  guarded: (fn, context) => guarded(fn, context),
+});
 
 function showError(err, context = "") {
   if (EXPLAIN_CONTEXTS.has(context)) {  // the trail and "again" follow the query that failed, not the last answer
@@ -990,7 +997,7 @@ function navigate(hash) {
 }
 
 function showView(name) {
-  for (const v of ["explain", "self", "index"]) {
+  for (const v of ["explain", "set", "self", "index"]) {
     $(`view-${v}`).hidden = v !== name;
     $(`tab-${v}`).classList.toggle("active", v === name);
     if (v === name) $(`tab-${v}`).setAttribute("aria-current", "page");
@@ -1017,6 +1024,9 @@ async function route() {
   } else if (view === "index") {
     showView("index");
     renderIndex();
+  } else if (view === "set") {
+    showView("set");
+    if (state.info) await guarded(sets.load, "held-out set");
   } else {
     showView("explain");
     if (!state.queryPage && state.info) await guarded(() => loadQueries(0), "held-out examples");
@@ -1039,11 +1049,13 @@ function init() {
     state.info = null;
     state.queryPage = null;
     state.hist.clear();
+    sets.reset();
     $("key-save").textContent = "Saved";
     setTimeout(() => { $("key-save").textContent = "Save"; }, 1200);
     await route();
   });
   $("error-close").addEventListener("click", clearError);
+  sets.init();
   $("raw-run").addEventListener("click", () => guarded(explainRaw, "explain"));
   $("si-label").addEventListener("change", () => navigate(selfHash({ label: $("si-label").value, offset: 0 })));
   $("si-k").addEventListener("change", () => navigate(selfHash({ k: Number($("si-k").value), offset: 0 })));
