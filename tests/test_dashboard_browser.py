@@ -389,7 +389,18 @@ def test_index_panel(browser, api):
     assert ("approximate" if info["approximate"] else "exact") in text
     lrs = [float(td.text) for td in css(browser, "#index-panel table.plain td.num")]
     assert lrs == pytest.approx([c["lr"] for c in info["checkpoints"]], rel=1e-3)
+    _assert_optimizer_shown(browser, info)
     screenshot(browser, "index")
+
+
+def _assert_optimizer_shown(browser, info: dict) -> None:
+    """The Index view says which formula the index uses and why (issue 18), per checkpoint too."""
+    assert one(browser, "#optimizer-formula").text == info["optimizer"]["formula"]
+    assert one(browser, "#optimizer-why").text == info["optimizer"]["why"]
+    formulas = [td.text for td in css(browser, "#checkpoints-table td.formula")]
+    assert formulas == [c["formula"] for c in info["checkpoints"]]
+    groups = [td.text for td in css(browser, "#checkpoints-table td.group-lrs")]
+    assert [len(g.split(" · ")) for g in groups] == [max(1, len(c["groups"])) for c in info["checkpoints"]]
 
 
 def test_input_follows_the_task_example_schema(browser):
@@ -776,6 +787,34 @@ def text_server(tmp_path_factory):
         yield proc.base_url
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def adamw_server(tmp_path_factory):
+    """The digits demo trained with AdamW (two checkpoints with their optimizer state): an adam-formula index."""
+    from indexer.build.pipeline import build_index
+    from indexer.config import load_config
+    from indexer.demo.digits import train_digits
+
+    work = tmp_path_factory.mktemp("digits-adamw")
+    config = train_digits(work / "run", epochs=2, checkpoints=2, optimizer="adamw")
+    index_dir = build_index(load_config(config), work / "index").path
+    proc = start_server(index_dir, env={"TRACIN_API_KEY": "", "TRACIN_TORCH_THREADS": "1"})
+    try:
+        yield proc.base_url
+    finally:
+        proc.stop()
+
+
+def test_index_panel_of_an_adamw_index_shows_the_adam_formula(browser, adamw_server):
+    info = httpx.get(adamw_server + "/index").json()
+    assert info["optimizer"]["formula"] == "adam" and "optimizer" in info["optimizer"]["why"].lower()
+    browser.get(adamw_server + "/")
+    one(browser, "#tab-index").click()
+    wait_for(lambda: css(browser, "#optimizer-card"), what="index panel")
+    _assert_optimizer_shown(browser, info)
+    assert "Γ = 1/(√v̂ + ε)" in one(browser, "#optimizer-card").text
+    screenshot(browser, "index-adamw")
 
 
 def test_text_task(browser, text_server):

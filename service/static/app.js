@@ -872,6 +872,16 @@ function selfHash(change = {}) {
 
 // -- index ------------------------------------------------------------------------------------
 
+// Which TracIn formula the index weighs gradients with (GET /index `optimizer`, issue 18): plain SGD's lr per
+// parameter group, or lr * Gamma from the Adam / RMSprop / Adagrad state saved with each checkpoint.
+const FORMULA_TEXT = {
+  sgd: "lr · g (each parameter's group lr)",
+  adam: "lr · Γ ⊙ g, Γ = 1/(√v̂ + ε) from the saved Adam state",
+  rmsprop: "lr · Γ ⊙ g, Γ = 1/(√v + ε) from the saved RMSprop state",
+  adagrad: "lr · Γ ⊙ g, Γ = 1/(√Σg² + ε) from the saved Adagrad state",
+  mixed: "per checkpoint (see the checkpoints table)",
+};
+
 function renderIndex() {
   const i = state.info;
   const panel = clear($("index-panel"));
@@ -883,6 +893,17 @@ function renderIndex() {
   const kv = (pairs) => h("dl", { class: "facts" }, pairs.filter(Boolean).flatMap(([k, v]) =>
     [h("dt", { text: k }), h("dd", {}, v instanceof Node ? v : h("span", { text: String(v) }))]));
   const mono = (t) => h("span", { class: "mono", text: t });
+  const optimizerCard = (o) => (!o ? card("Optimizer", h("p", { class: "muted small",
+    text: "not recorded (an index built before optimizer-aware TracIn)" })) :
+    h("div", { class: "panel card", id: "optimizer-card" }, h("h2", { text: "Optimizer" }),
+      kv([
+        ["formula", h("span", {}, h("span", { class: "mono", id: "optimizer-formula", text: o.formula }),
+          h("span", { class: "muted", text: ` · ${FORMULA_TEXT[o.formula] || ""}` }))],
+        ["why", h("span", { id: "optimizer-why", text: o.why })],
+        o.forced ? ["forced", "the plain formula, forced by the config ([optimizer] formula)"] : null,
+        ["momentum", mono(o.momentum ?? "ignore")],
+        o.bounded ? ["bounded Γ", mono(`${fmtInt(o.bounded)} coordinates (second moment 0)`)] : null,
+      ])));
   const f = i.faiss || {};
   const recallKeys = Object.keys(f).filter((k) => /recall/i.test(k));
   const approx = h("span", { class: i.approximate ? "approx" : "exact", text: i.approximate ? "approximate" : "exact" });
@@ -927,6 +948,7 @@ function renderIndex() {
         ["memory-mapped", i.mmap ? "yes" : "no"],
         ["max k", mono(String(i.max_k))],
       ])),
+    optimizerCard(i.optimizer),
     card("Projection",
       kv([
         ["kind", mono(p.kind ?? "?")],
@@ -938,12 +960,15 @@ function renderIndex() {
     h("div", { class: "panel card wide" }, h("h2", { text: `Checkpoints (${(i.checkpoints || []).length}) · Σ lr = ${fmtScore(lrs.reduce((a, b) => a + b, 0))}` }),
       h("div", { class: "table-scroll" }, h("table", { class: "plain", id: "checkpoints-table" },
         h("thead", {}, h("tr", {}, h("th", { text: "#" }), h("th", { text: "file" }), h("th", { class: "num", text: "learning rate" }),
-          h("th", { text: "" }), h("th", { text: "sha256" }))),
+          h("th", { text: "" }), h("th", { text: "formula" }), h("th", { text: "group lrs" }), h("th", { text: "sha256" }))),
         h("tbody", {}, (i.checkpoints || []).map((c, n) => h("tr", {},
           h("td", { class: "mono", text: String(n) }),
           h("td", { class: "mono nowrap", text: c.file }),
           h("td", { class: "num mono", text: fmtScore(c.lr) }),
           h("td", { class: "bar-col" }, h("div", { class: "score-bar" }, h("span", { style: { width: `${(100 * c.lr) / Math.max(...lrs)}%` } }))),
+          h("td", { class: "formula", text: c.formula ?? "sgd" }),
+          h("td", { class: "mono small group-lrs", title: "learning rate of each parameter group (traced parameter tensors in it)",
+            text: (c.groups || []).map((g) => `${fmtScore(g.lr)} (${g.params})`).join(" · ") || "–" }),
           h("td", { class: "mono small muted", title: c.sha256, text: c.sha256.slice(0, 12) }))))))),
     h("div", { class: "panel card full", id: "blocks-card" }, h("h2", { text: `Traced blocks (${(i.layers || []).length})` }),
       h("div", { class: "table-scroll", id: "blocks-scroll" }, h("table", { class: "plain", id: "blocks-table" },
