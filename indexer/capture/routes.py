@@ -165,6 +165,14 @@ def _cat_outputs(outputs: list[Any]) -> Any:
 
 # -- hooks ----------------------------------------------------------------------------------------
 
+#: `CapturePlan.axes` value of a module whose input and output hold ONE row shared by every example (position
+#: ids given as [1, T] and broadcast over the batch downstream, as in BERT / GPT-2 position embeddings): the hook
+#: route hands the model the output expanded to the batch, so that the gradient reaching it holds one row per
+#: example (downstream broadcasting made exactly that expansion); calibrate proves each such block against the
+#: per-example loop before it keeps the route.
+BROADCAST = -1
+
+
 class _Recorder:
     """Forward + tensor hooks of one hooked module; several calls per forward are supported.
 
@@ -179,13 +187,27 @@ class _Recorder:
     def forward_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
         x = args[0]
         ax, B = self.axis, self.batch
+        if ax == BROADCAST:
+            if not isinstance(output, torch.Tensor) or x.dim() < 2 or output.dim() < 2 \
+                    or x.shape[0] != 1 or output.shape[0] != 1:
+                raise CaptureError(
+                    f"layer {self.name!r}: input {tuple(x.shape)} / output {tuple(getattr(output, 'shape', ()))} are "
+                    "not one row shared by the batch as they were when the capture was planned; its per-example "
+                    "gradient cannot be taken from hooks")
+            return self._record(module, x.expand(B, *x.shape[1:]), x, output.expand(B, *output.shape[1:]), 0)
         if not isinstance(output, torch.Tensor) or x.dim() <= ax or output.dim() <= ax \
                 or x.shape[ax] != B or output.shape[ax] != B:
             raise CaptureError(
                 f"layer {self.name!r}: input {tuple(x.shape)} / output {tuple(getattr(output, 'shape', ()))} do not "
                 f"hold one row per example on axis {ax} (batch of {B}) as they did when the capture was planned; "
                 "its per-example gradient cannot be taken from hooks")
-        self.versions.append((x, x._version))
+        return self._record(module, x, x, output, ax)
+
+    def _record(self, module: nn.Module, x: torch.Tensor, given: torch.Tensor, output: torch.Tensor, ax: int):
+        """Keep the input x (examples on axis `ax`) and hook the output's gradient; returns what the model gets
+        instead of the module's output (None: the output itself)."""
+        B = self.batch
+        self.versions.append((given, given._version))
         if isinstance(module, nn.Conv2d):
             kept = x.detach().to(self.dtype)
         elif isinstance(module, nn.Embedding):
@@ -202,11 +224,12 @@ class _Recorder:
             # First traced layer on this path: make its output a leaf the backward runs to, and hand the
             # model a copy of it, so that an in-place op that follows (VGG's ReLU(inplace=True), a residual
             # `out += x`) modifies the copy, never the leaf.
-            leaf = output.detach().requires_grad_(True)
+            leaf = output.detach()
+            leaf = (leaf.contiguous() if self.axis == BROADCAST else leaf).requires_grad_(True)
             leaf.register_hook(lambda g, s=slot: self._store(s, g))
             return leaf.clone()
         output.register_hook(lambda g, s=slot: self._store(s, g))
-        return None
+        return output if self.axis == BROADCAST else None
 
     def _store(self, slot: int, grad: torch.Tensor) -> None:
         self.deltas[slot] = grad.detach()
@@ -223,7 +246,8 @@ class _Recorder:
         self._check_versions()
         if not self.inputs:
             return []
-        module, B, ax = self.module, self.batch, self.axis
+        module, B = self.module, self.batch
+        ax = 0 if self.axis == BROADCAST else self.axis
         if isinstance(module, nn.Conv2d):
             m = module.out_channels
             calls = []
@@ -585,6 +609,28 @@ def calibrate(model: nn.Module, blocks: list[TracedBlock], forward: Callable, lo
         except Exception as exc:  # noqa: BLE001 - e.g. a module whose hooks break the forward
             routes[b.name], reasons[b.name] = "vmap", f"hooks failed: {type(exc).__name__}: {_short(exc)}"
 
+    # 3b. a module shared by the batch (BROADCAST) keeps the hook route only if its per-example gradients equal
+    #     the per-example loop's and the model's losses are unchanged by the expansion
+    shared = [b for b in capture.by_route["hook"] if any(axes.get(u.module) == BROADCAST for u in b.uses)]
+    if shared:
+        with torch.no_grad():
+            plain = loss(forward(model, big[0]), big[1]).detach()
+        for b in shared:
+            why = None
+            try:
+                got, _, hooked = capture.hook_route([b], *big)
+                if plan.per_example:
+                    got = _run_per_example(capture, plan, lambda x, y, b=b: capture.hook_route([b], x, y), *big)
+                ref = capture.loop_route([b], *big)
+                if not plan.per_example and not _close(hooked.detach(), plain, dtype):
+                    why = "the model's losses change when its shared output is expanded to the batch"
+                elif not _close(got[b.name].full(), ref[b.name].full(), dtype):
+                    why = "per-example gradients of its output shared by the batch disagree with the per-example loop"
+            except Exception as exc:  # noqa: BLE001 - the expansion broke the forward
+                why = f"its output shared by the batch cannot be expanded ({type(exc).__name__}: {_short(exc)})"
+            if why is not None:
+                routes[b.name], reasons[b.name] = "vmap", f"module {b.uses[0].module!r}: {why}"
+
     # 4. torch.func where it works and agrees with the loop
     capture = GradientCapture(model, plan, forward, loss, dtype)
     vmap_blocks = capture.by_route["vmap"]
@@ -804,8 +850,12 @@ def _probe_axes(model, forward, names: list[str], small, big, B1: int, B2: int, 
             if isinstance(module, nn.Conv2d):
                 ok = ok & {0} if len(in1) == 4 else set()
             found = ok if found is None else found & ok
+        shared = isinstance(module, (nn.Embedding, nn.Linear)) and all(
+            len(i) >= 2 and len(o) >= 2 and i[0] == 1 and o[0] == 1 for c in (calls1, calls2) for i, o in c)
         if found and len(found) == 1:
             axes[name] = found.pop()
+        elif not found and shared:  # e.g. position ids [1, T] broadcast over the batch downstream
+            axes[name] = BROADCAST
         else:
             shown = ", ".join(f"{c[0]}" for c in calls2[:2])
             reasons[name] = (f"module {name!r}: no single axis of its input holds the examples (input shapes {shown} "
