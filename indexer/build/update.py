@@ -21,7 +21,9 @@ get the projections a full build would give them. `tracin index CONFIG --out DIR
    stored rows at the new checkpoints ("old", starting from their stored vectors, self-influence and label
    review), and the new rows at every checkpoint ("new");
 4. writes version n + 1 (`pipeline.stage_index` over the stored rows followed by the new ones; the files it
-   shares with version n are hard links) and switches CURRENT to it.
+   shares with version n are hard links) and switches CURRENT to it. The first update also gives version 1
+   (the build at the top of DIR) a folder of its own, DIR/versions/v0001 (hard links), so every version stays
+   servable by its path.
 
 The label review's prediction is the model's at the LAST checkpoint: when checkpoints are added it is
 recomputed for every row at the new last one. An approximate FAISS index is filled into the structure
@@ -414,6 +416,7 @@ def update_index(config: IndexConfig | None, out: str | Path, remove_ids: str | 
             return UpdateResult(base.path, base.number, False, base.count, removed=int(removed.size),
                                 seconds=time.perf_counter() - started)
         kill_point("update-prepared")
+        keep_base_servable(base)
         if changes is None or not changes.any:
             _commit(out, base.number + 1, lambda d: _stage_removal(base, d, removed, ids))
             result = UpdateResult(versions.version_dir(out, base.number + 1), base.number + 1, True, base.count,
@@ -600,6 +603,32 @@ def _stage_removal(base: Base, directory: Path, removed: np.ndarray, ids: list[s
         sign_index(directory, key)
 
 
+def keep_base_servable(base: Base) -> None:
+    """Before the first update of a directory, version 1 (the build, at the top of DIR) gets its own folder too,
+    DIR/versions/v0001 (hard links of its files, the same bytes), so that every version, the first included,
+    can be served by its path while CURRENT names another. Staged and renamed like any version."""
+    from indexer.store.directory import SIGNATURE_FILE
+
+    target = versions.version_dir(base.root, base.number)
+    if base.path != base.root or target.exists():
+        return
+    names = [MANIFEST, "manifest.sha256", *base.manifest["files"], *[c["file"] for c in base.checkpoints]]
+    if (base.root / SIGNATURE_FILE).is_file():
+        names.append(SIGNATURE_FILE)
+    folder = base.root / versions.VERSIONS_DIR
+    folder.mkdir(exist_ok=True)
+    staging = folder / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        for name in names:
+            versions.link_or_copy(base.root / name, staging / name)
+        fsync_path(staging)
+        os.replace(staging, target)
+        fsync_path(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _commit(root: Path, number: int, fill: Callable[[Path], None]) -> Path:
     """Stage version `number` in DIR/versions/.v<n>.tmp-*, fsync it, rename it to v<n> (replacing an orphan of
     an interrupted update, which CURRENT never named), then switch CURRENT to it."""
@@ -768,6 +797,7 @@ def merge_update(config: IndexConfig, out: str | Path, shards: int, keep_shards:
         ids = base.index.examples.ids + [job.examples.id_of(r) for r in range(base.count, job.count)]
         asked = read_remove_ids(remove_ids) if remove_ids is not None else None
         removed = removal(base, ids, asked, str(remove_ids or ""))
+        keep_base_servable(base)
         result = _write_version(job, base, changes, outputs, removed, ids, started, seconds)
         if not keep_shards:
             shutil.rmtree(out.parent / f"{out.name}.shards" / f"update-{tag}", ignore_errors=True)

@@ -5,6 +5,8 @@ A build writes an index directory DIR (version 1: its files at the top of DIR, a
 beside it and switches to it:
 
     DIR/                       version 1 (the build), never changed by an update
+    DIR/versions/v0001/        version 1 again, as hard links of DIR's files (written by the first update),
+                               so that it can be served by its path once CURRENT names another version
     DIR/versions/v0002/        version 2: a whole index directory (manifest, FAISS index, ...); the files
                                it shares with its parent (checkpoints, an unchanged examples table ...)
                                are hard links where the filesystem allows, else copies
@@ -74,7 +76,7 @@ def version_name(number: int) -> str:
 
 
 def version_dir(root: Path, number: int) -> Path:
-    """Where version `number` (>= 2) of the index directory `root` lives."""
+    """Where version `number` of the index directory `root` lives."""
     return Path(root) / VERSIONS_DIR / version_name(number)
 
 
@@ -84,7 +86,7 @@ def _sha256(path: Path) -> str:
 
 def read_pointer(root: Path) -> dict | None:
     """The validated CURRENT pointer of `root` (None when there is none). VersionError (one line) when it is
-    a link, too large, not JSON, of another format, or names anything but ``versions/v<n>`` with n >= 2."""
+    a link, too large, not JSON, of another format, or names anything but ``versions/v<n>``."""
     root = Path(root)
     file = root / CURRENT
     if not file.exists() and not file.is_symlink():
@@ -100,8 +102,8 @@ def read_pointer(root: Path) -> dict | None:
     if not isinstance(data, dict) or data.get("format") != POINTER_FORMAT:
         raise VersionError(f"{root}: {CURRENT} is not a tracin version pointer (format {POINTER_FORMAT!r})")
     number, directory, digest = data.get("version"), data.get("directory"), data.get("manifest_sha256")
-    if type(number) is not int or not 2 <= number < 10 ** 9:
-        raise VersionError(f"{root}: {CURRENT} version must be an integer >= 2, got {number!r}")
+    if type(number) is not int or not 1 <= number < 10 ** 9:
+        raise VersionError(f"{root}: {CURRENT} version must be a positive integer, got {number!r}")
     if directory != f"{VERSIONS_DIR}/{version_name(number)}":
         raise VersionError(f"{root}: {CURRENT} directory must be {VERSIONS_DIR}/{version_name(number)} for version "
                            f"{number}, got {str(directory)[:100]!r}")
