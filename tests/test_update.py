@@ -58,6 +58,8 @@ def config(directory: Path, ckpts, n: int = FULL, checkpoints: int = 5, kind: st
 def stored_vectors(index: IndexDirectory) -> np.ndarray:
     import faiss
 
+    if (index.path / "vectors.npy").is_file():  # factories whose FAISS file does not keep them (IVF, PQ ...)
+        return np.load(index.path / "vectors.npy").astype(np.float64)
     base = faiss.downcast_index(index.index)
     if isinstance(base, faiss.IndexRefine):
         base = faiss.downcast_index(base.refine_index)
@@ -153,6 +155,37 @@ def test_a_second_update_chains_versions_and_keep_versions_prunes(tmp_path, ckpt
     build_index(load_config(config(tmp_path, ckpts, name="c")), tmp_path / "index", overwrite=True)
     rebuilt = IndexDirectory.open(tmp_path / "index")
     assert rebuilt.version.number == 1 and not (tmp_path / "index" / "versions").exists()
+
+
+def test_ivf_is_filled_into_its_trained_structure_unless_recall_drops(tmp_path, ckpts, full_builds):
+    """IVF: the update adds every vector to the structure trained for version 1 (its centroids), measures
+    recall@10 on the held-out queries, and trains again only when that falls below the figure recorded when
+    the structure was trained."""
+    factory = "IVF2,Flat"
+    build_index(load_config(config(tmp_path, ckpts, HALF, 3, factory=factory, name="first")), tmp_path / "index")
+    first = IndexDirectory.open(tmp_path / "index")
+    assert first.manifest["faiss"]["trained_in_version"] == 1
+    figure = first.manifest["faiss"]["trained_recall_at_10"]
+    result = update_index(load_config(config(tmp_path, ckpts, factory=factory)), tmp_path / "index")
+    updated = IndexDirectory.open(tmp_path / "index")
+    info = updated.manifest["faiss"]
+    assert_same_index(updated, full_builds("sketch", factory))
+    measured = {k: info["recall_at_10"][k] for k in ("proponents", "opponents")}
+    if result.retrained:  # recall fell: trained again, and the new figure is the one to keep
+        assert info["trained_in_version"] == 2 and any(measured[k] < figure[k] for k in figure)
+    else:
+        assert info["trained_in_version"] == 1 and info["trained_recall_at_10"] == figure
+        assert all(measured[k] >= figure[k] for k in figure)
+        trained = (tmp_path / "index" / "index.trained.faiss").read_bytes()
+        assert (updated.path / "index.trained.faiss").read_bytes() == trained
+    # a figure no structure can reach forces a new training
+    root = tmp_path / "forced"
+    build_index(load_config(config(tmp_path, ckpts, HALF, 3, factory=factory, name="first")), root)
+    raw_first = json.loads((root / MANIFEST).read_text())
+    raw_first["faiss"]["trained_recall_at_10"] = {"proponents": 1.5, "opponents": 1.5}
+    write_manifest(root, raw_first)
+    forced = update_index(load_config(config(tmp_path, ckpts, factory=factory)), root)
+    assert forced.retrained and IndexDirectory.open(root).manifest["faiss"]["trained_in_version"] == 2
 
 
 # -- 2. refusals: one line, naming the cause, saying rebuild ----------------------------------------------
