@@ -3,12 +3,16 @@
     .venv/bin/python bench/bench_retrieval.py                      # Fashion-MNIST 60k (needs dataset-fashion-mnist)
     .venv/bin/python bench/bench_retrieval.py --dataset digits     # the embedded digits demo
     .venv/bin/python bench/bench_retrieval.py --quick              # a reduced run (minutes)
+    .venv/bin/python bench/bench_retrieval.py --optimizer adamw --limit 10000   # an AdamW-trained CNN (issue 18)
 
 In one run, side by side:
   (a) the reference: exact TracIn of --queries held-out examples (the model's prediction at the last
       checkpoint as the query label, as the service does by default) against EVERY training example,
-      sum_i lr_i <g_i(q), g_i(z)>, from the same per-example gradients the index uses (factored inner
-      products, float64 accumulation); in the same pass, the compact embeddings at every --dims;
+      sum_i sum_l <w_{i,l} (.) G_{i,l}(q), G_{i,l}(z)> with the step weights the index uses (w = lr for SGD;
+      lr * Gamma for a run trained with --optimizer adamw, from the Adam state saved with each checkpoint,
+      `indexer.optimizer.step`), from the same per-example gradients the index uses (factored inner products
+      for scalar weights, explicit gradients for a preconditioner; float64 accumulation); in the same pass,
+      the compact embeddings sqrt(w) (.) G at every --dims;
   (b) recall@10 of the proponents (largest) and opponents (most negative) for every dim x K': the first
       stage proposes K' candidates per end, exact TracIn re-ranks them (K' = 0: the index's estimates);
   (c) the index the default config builds: `tracin index` timed against a plain batched forward +
@@ -37,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from indexer.config import load_config  # noqa: E402
-from indexer.sketch.embedding import CheckpointEmbedder, plan_embedding, resolve_checkpoints  # noqa: E402
+from indexer.score.exact import weigh  # noqa: E402
+from indexer.sketch.embedding import CheckpointEmbedder, plan_embedding  # noqa: E402
 from indexer.sketch.projection import make_projector  # noqa: E402
 
 
@@ -46,33 +51,36 @@ def log(msg: str) -> None:
 
 
 # -- set-up ---------------------------------------------------------------------------------------------
-def ensure_run(dataset: str, run_dir: Path, quick: bool) -> Path:
-    """Train once (or reuse): checkpoints + the default config under run_dir."""
+def ensure_run(dataset: str, run_dir: Path, quick: bool, optimizer: str = "sgd", limit: int | None = None) -> Path:
+    """Train once (or reuse): checkpoints (with the optimizer's state) + the default config under run_dir."""
     config = run_dir / ("fashion_mnist.toml" if dataset == "fmnist" else "digits.toml")
     if config.is_file():
         log(f"reusing the trained run in {run_dir}")
         return config
-    log(f"training {dataset} into {run_dir}")
+    log(f"training {dataset} ({optimizer}) into {run_dir}")
     if dataset == "fmnist":
         from indexer.demo.fashion_mnist import train_fashion_mnist
 
-        return train_fashion_mnist(run_dir, epochs=1 if quick else 3, checkpoints=5,
-                                   limit=10_000 if quick else None, log=log)
+        return train_fashion_mnist(run_dir, epochs=1 if quick else 3, checkpoints=5, limit=limit, log=log,
+                                   optimizer=optimizer)
     from indexer.demo.digits import train_digits
 
-    return train_digits(run_dir, epochs=30, checkpoints=5)
+    return train_digits(run_dir, epochs=30, checkpoints=5, optimizer=optimizer)
 
 
 def task_and_checkpoints(config_path: Path, limit: int | None):
-    config = load_config(config_path)
-    args = dict(config.task.args)
-    if limit is not None:
-        args["limit"] = limit
+    """(config, task, checkpoints with the step weights `tracin index` gives them) — the build's own
+    preparation (`indexer.build.pipeline.prepare`: optimizer state read, formula chosen, self-check)."""
+    from dataclasses import replace
+
+    from indexer.build.pipeline import prepare
     from indexer.config import TaskRef
 
-    task = TaskRef(config.task.ref, args).build()
-    checkpoints = resolve_checkpoints([(c.path, c.lr) for c in config.checkpoints])
-    return config, task, checkpoints
+    config = load_config(config_path)
+    if limit is not None:
+        config = replace(config, task=TaskRef(config.task.ref, {**config.task.args, "limit": limit}))
+    prepared = prepare(config, log=log)
+    return config, prepared.task, prepared.checkpoints
 
 
 # -- (a) exact reference and compact embeddings at every dim, in one pass -------------------------------------
@@ -88,22 +96,31 @@ def reference_pass(task, checkpoints, queries, dims: list[int], batch_size: int,
     qemb = {d: np.zeros((qy.shape[0], d), dtype=np.float32) for d in dims}
     t0 = time.perf_counter()
     for c, ckpt in enumerate(checkpoints):
-        embedder = CheckpointEmbedder(task, ckpt, c, plan)
+        embedder = CheckpointEmbedder(task, ckpt, c, plan)  # weights / scales: the checkpoint's step weights
         projectors = {d: [make_projector(b, "sketch", d, 0, c).to("cpu", embedder.dtype) for b in plan.blocks]
                       for d in dims}
-        scale = ckpt.lr ** 0.5
         q_grads = embedder.grads(qx, qy).grads
+        # the query's side of <w (.) G_q, G_z>: a scalar weight keeps the factored form (factored inner
+        # products); a preconditioner is applied to the query's explicit gradient once, and the training side
+        # is taken explicit too (one matrix product for all queries)
+        q_sides = [weigh(q, w) for q, w in zip(q_grads, embedder.weights)]
+        q_dense = [side.full().reshape(qy.shape[0], -1).to(torch.float64) if isinstance(w, torch.Tensor) else None
+                   for (side, _), w in zip(q_sides, embedder.weights)]
         with torch.no_grad():
             for d, ps in projectors.items():
-                qemb[d] += (scale * sum(p.project(g) for p, g in zip(ps, q_grads))).float().numpy()
+                qemb[d] += sum(p.project(g.weighted(s))
+                               for p, g, s in zip(ps, q_grads, embedder.scales)).float().numpy()
         for start in range(0, N, batch_size):
             stop = min(start + batch_size, N)
             grads = embedder.grads(*train.batch(start, stop)).grads
             with torch.no_grad():
-                block = sum(g.inner(q) for g, q in zip(grads, q_grads))
-                exact[start:stop] += ckpt.lr * block.numpy()
+                block = sum(g.inner(side) * scale if dense is None
+                            else g.full().reshape(g.batch, -1).to(torch.float64) @ dense.T
+                            for g, (side, scale), dense in zip(grads, q_sides, q_dense))
+                exact[start:stop] += block.numpy()
                 for d, ps in projectors.items():
-                    emb[d][start:stop] += (scale * sum(p.project(g) for p, g in zip(ps, grads))).float().numpy()
+                    emb[d][start:stop] += sum(p.project(g.weighted(s)) for p, g, s
+                                              in zip(ps, grads, embedder.scales)).float().numpy()
         log(f"reference: checkpoint {c + 1}/{len(checkpoints)} ({time.perf_counter() - t0:.0f}s)")
     return {"exact": exact, "emb": emb, "qemb": qemb, "seconds": time.perf_counter() - t0}
 
@@ -266,18 +283,26 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the reference, build and plain")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="10k Fashion-MNIST rows, 50 queries")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                        help="train the run with this optimizer (adamw: the index and the reference use the "
+                             "optimizer-aware formula lr * Gamma from the saved Adam state)")
+    parser.add_argument("--limit", type=int, default=None, help="Fashion-MNIST: the first N training images")
     parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    run_dir = args.run_dir or REPO / ".tracin/bench" / ("fmnist-run" if args.dataset == "fmnist" else "digits-run")
-    limit = 10_000 if (args.quick and args.dataset == "fmnist") else None
+    suffix = "" if args.optimizer == "sgd" else f"-{args.optimizer}"
+    limit = 10_000 if (args.quick and args.dataset == "fmnist") else args.limit
+    if limit is not None and args.dataset == "fmnist":
+        suffix += f"-{limit}"
+    run_dir = args.run_dir or REPO / ".tracin/bench" / (("fmnist-run" if args.dataset == "fmnist" else "digits-run")
+                                                         + suffix)
     queries_n = 50 if args.quick else args.queries
     dims = [int(x) for x in args.dims.split(",")]
     depths = [int(x) for x in args.depths.split(",")]
-    config_path = ensure_run(args.dataset, run_dir, args.quick)
+    config_path = ensure_run(args.dataset, run_dir, args.quick, args.optimizer, limit)
     config, task, checkpoints = task_and_checkpoints(config_path, limit)
-    if limit is not None:
+    if limit is not None and "limit" not in load_config(config_path).task.args:  # a full run, indexed in part
         text = config_path.read_text()
         config_path = run_dir / "limited.toml"
         config_path.write_text(text.replace("task_args = { ", f"task_args = {{ limit = {limit}, "))
@@ -291,7 +316,8 @@ def main() -> int:
     examples = [held.example_of(i) for i in range(queries_n)]
     train = task.training_set()
     ids = [train.id_of(i) for i in range(len(train))]
-    results: dict = {"dataset": args.dataset, "count": len(train), "queries": queries_n, "threads": args.threads,
+    results: dict = {"dataset": args.dataset, "optimizer": args.optimizer, "count": len(train), "queries": queries_n,
+                     "threads": args.threads, "formula": [c.formula for c in checkpoints],
                      "checkpoints": [{"file": c.path.name, "lr": c.lr} for c in checkpoints], "load": os.getloadavg()}
 
     log(f"reference pass: {len(train)} training examples x {queries_n} queries x {len(checkpoints)} checkpoints")

@@ -218,7 +218,7 @@ def _rehash(p, name: str) -> None:
     resign_manifest(p)
 
 
-def _reversed_faiss_rows(p):
+def _reversed_faiss_rows(p, name: str = "index.faiss"):
     m = json.loads((p / "manifest.json").read_text())
     if not m["faiss"]["approximate"]:
         _reorder_faiss_rows(p)
@@ -228,15 +228,19 @@ def _reversed_faiss_rows(p):
 
     from indexer.store.faiss_build import read_index
 
-    index = read_index(p / "index.faiss")  # IVF lists on disk beside it: re-quantise the rows reversed
+    index = read_index(p / name)  # IVF lists on disk beside it: re-quantise the rows reversed
     ivf = faiss.extract_index_ivf(index)
     ivf.make_direct_map()
     vectors = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal)[::-1])
     fresh = faiss.index_factory(index.d, m["faiss"]["factory"], faiss.METRIC_INNER_PRODUCT)
     fresh.train(vectors)
     fresh.add(vectors)
-    faiss.write_index(fresh, str(p / "index.faiss"))
-    _rehash(p, "index.faiss")
+    faiss.write_index(fresh, str(p / name))
+    _rehash(p, name)
+
+
+def _reversed_normalized_rows(p):
+    _reversed_faiss_rows(p, "index_normalized.faiss")
 
 
 def _self_influence_times_2(p):
@@ -292,6 +296,8 @@ def _pq_index():
 CONSISTENT_EDITS = [
     ("reversed FAISS rows", mlp_index, _reversed_faiss_rows, r"row 0 \(id 'ex0'\) of index.faiss"),
     ("reversed FAISS rows, IVF-PQ sketch", _pq_index, _reversed_faiss_rows, r"row 0 \(id 'ex0'\) of index.faiss"),
+    ("reversed normalised FAISS rows, IVF-PQ sketch", _pq_index, _reversed_normalized_rows,
+     r"row 0 \(id 'ex0'\) of index_normalized.faiss"),
     ("self-influence x2", mlp_index, _self_influence_times_2, r"row 0 \(id 'ex0'\) of self_influence.npy"),
     ("self-influence x2, IVF-PQ sketch", _pq_index, _self_influence_times_2, r"of self_influence.npy holds"),
     ("label-review columns reordered", mlp_index, _label_review_columns_reordered,
@@ -335,6 +341,40 @@ def test_an_edit_of_one_unsampled_row_is_caught_only_where_a_second_file_holds_i
                 load_engine(_settings(path, warmup=False))
         else:
             assert load_engine(_settings(path, warmup=False)).index_dir.self_influence[row] == si[row]
+
+
+def test_display_fields_are_not_recomputed():
+    path = copy_index(mlp_index(), "display-edit")
+    lines = (path / "examples.jsonl").read_text().splitlines()
+    entry = json.loads(lines[0])
+    entry["display"] = {"note": "edited"}
+    lines[0] = json.dumps(entry, separators=(",", ":"))
+    (path / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    _rehash(path, "examples.jsonl")
+    assert load_engine(_settings(path, warmup=False)).index_dir.examples[0]["display"] == {"note": "edited"}
+
+
+def test_without_a_training_set_the_check_is_skipped_with_a_warning(caplog):
+    path = copy_index(mlp_index(), "no-training-set")
+    _edit(path, lambda m: m["task"].update(ref="tests.test_rerank:NoTrainingSetTask"))
+    _self_influence_times_2(path)
+    with caplog.at_level("WARNING", logger="service"):
+        engine = load_engine(_settings(path, warmup=False))
+    assert engine.index_dir.self_influence[0] == np.load(path / "self_influence.npy")[0]  # served unchecked
+    assert any("not checked against a recomputation: the task provides no training_set()" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_an_index_faiss_cannot_reconstruct_is_not_compared_and_says_so():
+    import faiss
+
+    from indexer.store.consistency import _check_vectors
+
+    vectors = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(16))  # ids mapped: FAISS does not reconstruct by row
+    index.add_with_ids(vectors, np.arange(8, dtype=np.int64))
+    how = _check_vectors(index, [0, 7], vectors[[7, 0]].astype(np.float64), "index.faiss", str, "dir", None)
+    assert how.startswith("skipped: FAISS cannot reconstruct stored vectors of index.faiss")
 
 
 def test_the_consistency_check_is_a_setting():
@@ -387,6 +427,7 @@ def test_with_a_key_an_unsigned_or_mismatched_index_is_refused_in_one_line(case,
         _self_influence_times_2(path)
     else:
         (path / "manifest.hmac").write_text("not a signature\n")
+        assert load_engine(_settings(path, warmup=False)).count == 40  # no key on this server: not checked
     for make in (load_engine, create_app):  # create_app reads the manifest's task first: checked before that too
         with pytest.raises(ServiceStartupError, match=message):
             make(_settings(path, warmup=False, index_key=KEY))

@@ -373,12 +373,19 @@ class FashionMNISTTask(Task):
         )
 
 
+OPTIMIZERS = {"sgd": 0.1, "adamw": 1e-3}  # optimizer -> its default initial learning rate
+
+
 def fit_sgd(model: nn.Module, loss_fn, inputs: torch.Tensor, labels: torch.Tensor, epochs: int, lr: float,
-            final_lr: float, batch_size: int, seed: int, on_step=None, log=None) -> torch.optim.Optimizer:
-    """The training loop of this example: plain SGD on the mean per-example loss of shuffled batches
-    (order from `seed`), lr decaying exponentially from `lr` to `final_lr` at the last step.
-    `on_step(step, epoch, optimizer)` runs after each step (1-based), before the lr decays."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+            final_lr: float, batch_size: int, seed: int, on_step=None, log=None,
+            optimizer: str = "sgd") -> torch.optim.Optimizer:
+    """The training loop of this example: plain SGD (or `optimizer="adamw"`: torch.optim.AdamW with its
+    default hyperparameters) on the mean per-example loss of shuffled batches (order from `seed`), lr
+    decaying exponentially from `lr` to `final_lr` at the last step. `on_step(step, epoch, optimizer)` runs
+    after each step (1-based), before the lr decays. Raises ValueError for an unknown optimizer."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    optimizer = (torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD)(model.parameters(), lr=lr)
     count = int(labels.shape[0])
     steps_per_epoch = (count + batch_size - 1) // batch_size
     total = epochs * steps_per_epoch
@@ -407,18 +414,25 @@ def fit_sgd(model: nn.Module, loss_fn, inputs: torch.Tensor, labels: torch.Tenso
 
 
 def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int = 5, limit: int | None = None,
-                        flip_fraction: float = 0.0, seed: int = 0, lr: float = 0.1, final_lr: float = 0.01,
-                        batch_size: int = 64, data_dir: str = DEFAULT_DATA_DIR, dim: int | None = None,
-                        kind: str | None = None, log=None, schedule: str = "even", size: int | None = None,
-                        factory: str = "Flat", search_params: str | None = None) -> Path:
-    """Train the CNN with plain SGD and an exponentially decaying lr (lr -> final_lr over the run), save
-    `checkpoints` checkpoints with the lr in force, and write a TOML config that indexes them. Returns the
-    config path. `schedule`: "even" (evenly spaced in steps, the last at the end) or "log" (log-spaced in
-    epochs from the end of the first epoch to the end of the run: most checkpoints early in training).
+                        flip_fraction: float = 0.0, seed: int = 0, lr: float | None = None,
+                        final_lr: float | None = None, batch_size: int = 64, data_dir: str = DEFAULT_DATA_DIR,
+                        dim: int | None = None, kind: str | None = None, log=None, schedule: str = "even",
+                        size: int | None = None, factory: str = "Flat", search_params: str | None = None,
+                        optimizer: str = "sgd") -> Path:
+    """Train the CNN with plain SGD (or `optimizer="adamw"`) and an exponentially decaying lr (lr -> final_lr
+    over the run; defaults: SGD 0.1 -> 0.01, AdamW 1e-3 -> 1e-4), save `checkpoints` checkpoints with the
+    optimizer's state (`save_checkpoint(path, model, optimizer)`: the lr in force, Adam's moments), and
+    write a TOML config that indexes them. Returns the config path. `schedule`: "even" (evenly spaced in
+    steps, the last at the end) or "log" (log-spaced in epochs from the end of the first epoch to the end of
+    the run: most checkpoints early in training). Raises ValueError for an unknown optimizer or schedule.
 
     `kind` / `dim` go into the config's [projection] table when given (else the library defaults);
     `size` trains on (and indexes) the augmented set of that many rows; `factory` / `search_params`
     (a TOML inline table) go into [index]."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    lr = OPTIMIZERS[optimizer] if lr is None else lr
+    final_lr = lr / 10 if final_lr is None else final_lr
     out_dir = Path(out_dir)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     task = FashionMNISTTask(data_dir=data_dir, limit=limit, flip_fraction=flip_fraction, seed=seed, size=size)
@@ -440,7 +454,7 @@ def train_fashion_mnist(out_dir: str | Path, epochs: int = 3, checkpoints: int =
                                          step=step, epoch=epoch))
 
     fit_sgd(model, task.loss, train.inputs, train.labels, epochs=epochs, lr=lr, final_lr=final_lr,
-            batch_size=batch_size, seed=seed, on_step=on_step, log=log)
+            batch_size=batch_size, seed=seed, on_step=on_step, log=log, optimizer=optimizer)
     args = [f'data_dir = "{data_dir}"', f"seed = {seed}"]
     if limit is not None:
         args.append(f"limit = {limit}")
@@ -498,7 +512,7 @@ def _cmd_train(args) -> int:
     config = train_fashion_mnist(args.out, epochs=args.epochs, checkpoints=args.checkpoints, limit=args.limit,
                                  flip_fraction=args.flip_fraction, seed=args.seed, lr=args.lr, final_lr=args.final_lr,
                                  batch_size=args.batch_size, data_dir=args.data_dir, dim=args.dim, kind=args.kind,
-                                 log=print, size=args.size, factory=args.factory)
+                                 log=print, size=args.size, factory=args.factory, optimizer=args.optimizer)
     seconds = time.perf_counter() - t0
     checkpoints = load_config(config).checkpoints
     for c in checkpoints:
@@ -523,8 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N training images (a quick run)")
     p.add_argument("--flip-fraction", type=float, default=0.0, help="fraction of training labels flipped (seeded)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate")
-    p.add_argument("--final-lr", type=float, default=0.01, help="lr at the last step (exponential decay)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
+                   help="sgd (plain SGD) or adamw (torch.optim.AdamW); its state is saved with each checkpoint")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: SGD 0.1, AdamW 1e-3)")
+    p.add_argument("--final-lr", type=float, default=None,
+                   help="lr at the last step (exponential decay; default: lr / 10)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     p.add_argument("--kind", default=None, help="[projection] kind in the config (default: the library's)")

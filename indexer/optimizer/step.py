@@ -186,8 +186,11 @@ def step_weights(saved: SavedOptimizer | None, model: nn.Module, traced: list[st
     lrs, source = _learning_rates(saved, mapping, group_of, traced, config_lr, file_lr, where)
     zero = [n for n in traced if lrs[n] <= 0]
     if zero:
+        hint = (" (a Trainer folder whose trainer_state.json logged no lr at its step: the scheduler's next lr is 0 "
+                "at the end of the schedule; log every save step, e.g. logging_steps = save_steps, or give lr in "
+                "the config)" if saved is not None and saved.trainer and saved.logged_lr is None else "")
         raise OptimizerError(f"{where}: traced parameter(s) {zero[:5]} have lr 0 (the optimizer does not move them "
-                             "at this checkpoint): leave them out of `layers` or drop this checkpoint")
+                             f"at this checkpoint){hint}: leave them out of `layers` or drop this checkpoint")
 
     # -- formula ----------------------------------------------------------------------------------
     warnings: list[str] = []
@@ -264,6 +267,9 @@ def _learning_rates(saved, mapping, group_of, traced, config_lr, file_lr, where)
         return {n: float(config_lr) for n in traced}, "the config"
     if group_lrs is not None:
         source = f"the optimizer's param_groups ({saved.source})"
+        if saved.trainer and recorded is None:
+            source += (f": the lrs the scheduler set for the step after {saved.global_step} (trainer_state.json logged "
+                       "no learning_rate at the checkpoint's step)")
         if recorded is not None:
             first = group_lrs[0]
             if first <= 0:
