@@ -41,7 +41,7 @@ def curl_example(engine: Engine, base_url: str, api_key_set: bool) -> str:
     if query is not None:
         body = {"example": _compact(query["example"]), "k": 5}
     else:
-        body = {"train_id": engine.examples[0]["id"], "k": 5}
+        body = {"train_id": engine.examples[int(engine.si_order[0]) if engine.si_order.size else 0]["id"], "k": 5}
     auth = ' -H "Authorization: Bearer $TRACIN_API_KEY"' if api_key_set else ""
     data = json.dumps(body, separators=(",", ":"))
     return (f"curl -s -X POST {base_url}/influence -H 'Content-Type: application/json'{auth} "
