@@ -1,21 +1,38 @@
 """`tracin` command line: index, init, check, inspect, demo, serve.
 
 Errors in the user's input print one line naming the problem and exit with status 2 (no traceback).
+Only the standard library is imported before a command runs: `tracin --version` and `tracin --help`
+never import torch (tests/test_demo_cli.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from indexer.checkpoints import CheckpointError
-from indexer.config import ConfigError
-
 
 class UsageError(Exception):
     pass
+
+
+def check_output_dir(out: str | Path, flag: str = "--out", work_dir: bool = False) -> None:
+    """Refuse in one line (UsageError) an output that cannot be written: an ancestor that is a file, a
+    directory that cannot be created, a read-only directory. Creates the missing parents of `out` (and
+    `out` itself when it is a `work_dir` the command writes into)."""
+    out = Path(out).absolute()
+    parent = out if work_dir else out.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"{flag} {out}: {existing} is a file, not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: cannot create {exc.filename or parent}: {exc.strerror or exc}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {out}: {parent} is not writable (read-only file system or no write permission)")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -46,6 +63,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
         raise UsageError("--shards goes with --ray (one job per shard: --shard I/N, then --merge N)")
     if args.keep_shards and not args.merge:
         raise UsageError("--keep-shards goes with --merge N")
+    check_output_dir(args.out)
     updating = args.update or args.remove_ids is not None
     if updating and args.force:
         raise UsageError("--force rebuilds the index and --update / --remove-ids extend it: choose one")
@@ -305,6 +323,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     out = Path(args.out)
     index_dir = out / "index"
+    check_output_dir(out, work_dir=True)
     t0 = time.perf_counter()
     if index_dir.exists() and not args.force:
         print(f"demo index already at {index_dir} (use --force to rebuild)")
@@ -436,20 +455,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input (one line, exit 2), imported only once a command failed."""
+    from indexer.checkpoints import CheckpointError
+    from indexer.config import ConfigError
+    from indexer.store.directory import IndexBuildError, IndexDirectoryError
+    from indexer.store.manifest import ManifestError
+
+    return ConfigError, CheckpointError, IndexDirectoryError, IndexBuildError, ManifestError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command line, recorded in written configs
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, CheckpointError, FileExistsError, UsageError) as exc:
+    except (FileExistsError, UsageError) as exc:
         print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001
-        from indexer.store.manifest import ManifestError
-        from indexer.store.directory import IndexBuildError, IndexDirectoryError
-
-        if isinstance(exc, (IndexDirectoryError, IndexBuildError, ManifestError)):
+        if isinstance(exc, _user_errors()):
             print(f"tracin {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError) and exc.strerror:  # the file system said no (permissions, read-only, ...)
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"tracin {args.command}: error: {exc.strerror}{where}", file=sys.stderr)
             return 2
         raise
 

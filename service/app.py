@@ -3,7 +3,7 @@
     uvicorn --factory service.app:app_from_env      # settings from TRACIN_* environment variables
     tracin serve DIR                                 # loads first (clear errors), then runs uvicorn
 
-Middlewares, outermost first: metrics -> CORS (only when origins are configured) -> bearer key (only
+Middlewares, outermost first: HEAD as GET -> metrics -> CORS (only when origins are configured) -> bearer key (only
 when TRACIN_API_KEY is set) -> body size limit and read timeout (413 / 408) -> routes.
 """
 from __future__ import annotations
@@ -17,11 +17,13 @@ import anyio
 from fastapi import FastAPI
 from fastapi.middleware import Middleware
 
+from service.compute import ComputeQueue
 from service.dashboard import mount_dashboard
 from service.engine import Engine
 from service.loading import ServiceStartupError, configure_threads, load_engine, open_task
 from service.errors import BearerAuth, BodySizeLimit, JsonCORSMiddleware, install_handlers
 from service.metrics import Metrics, MetricsMiddleware
+from service.protocol import HeadAsGet
 from service.routes import build_router
 from service.schemas import make_influence_request
 from service.settings import Settings
@@ -45,6 +47,12 @@ def _openapi_examples(engine: Engine | None, settings: Settings) -> dict[str, An
     if query is not None:
         out["held-out example"] = {"summary": f"held-out example {query.get('id')}",
                                    "value": {"example": query["example"], "k": settings.default_k}}
+        several = [q for q in engine.queries if q.get("example") is not None][:3]
+        out["set"] = {"summary": f"a set of {len(several)} held-out examples: influence on their summed loss",
+                      "value": {"examples": [q["example"] for q in several], "aggregate": "sum",
+                                "k": settings.default_k, "member_scores": True}}
+        out["batch"] = {"summary": f"a batch of {len(several)} queries: one answer each",
+                        "value": {"examples": [q["example"] for q in several], "k": settings.default_k}}
     if engine.examples:
         first = engine.examples[int(engine.si_order[0]) if engine.si_order.size else 0]["id"]  # a row served
         out["training example"] = {"summary": f"explain training example {first}",
@@ -77,7 +85,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     from indexer.score.metrics import task_metrics
 
     request_model = make_influence_request(task.example_schema, settings.max_k, settings.default_k,
-                                           settings.max_rerank, settings.rerank, task_metrics(task))
+                                           settings.max_rerank, settings.rerank, task_metrics(task),
+                                           settings.max_set, settings.max_batch)
     examples = _openapi_examples(engine, settings) if engine is not None else _manifest_examples(settings)
 
     @asynccontextmanager
@@ -97,7 +106,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.reload = ReloadState()
         sighup = install_sighup(app)  # SIGHUP: serve the version the index directory's CURRENT names now
         app.state.engine = loaded
-        app.state.limiter = anyio.CapacityLimiter(settings.effective_compute_threads)
+        app.state.compute = ComputeQueue(settings.effective_compute_threads, settings.max_queue, metrics)
         metrics.index_examples.set(loaded.count)
         metrics.index_dim.set(int(loaded.index_dir.manifest["embedding_dim"]))
         metrics.load_seconds.set(loaded.load_seconds)
@@ -111,7 +120,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if sighup:
                 restore_sighup(app)
 
-    middleware = [Middleware(MetricsMiddleware, metrics=metrics)]
+    middleware = [Middleware(HeadAsGet), Middleware(MetricsMiddleware, metrics=metrics)]
     if settings.cors_origins:
         middleware.append(Middleware(JsonCORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
@@ -139,7 +148,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
 
 def _document_bearer(app: FastAPI) -> None:
+    """OpenAPI with the bearer key: the security scheme, and on every route that needs the key (all but the
+    health probes, `service.errors.BearerAuth.OPEN`) its 401 answer; the probes say they need none."""
     from fastapi.openapi.utils import get_openapi
+
+    from service.errors import BearerAuth
+
+    unauthorized = {"description": "missing or wrong bearer key: every route but /healthz and /readyz needs "
+                                   "`Authorization: Bearer <key>` (TRACIN_API_KEY is set)",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -148,6 +165,12 @@ def _document_bearer(app: FastAPI) -> None:
             schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
                 "type": "http", "scheme": "bearer"}
             schema["security"] = [{"bearer": []}]
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    if path in BearerAuth.OPEN:
+                        operation["security"] = []
+                    else:
+                        operation.setdefault("responses", {})["401"] = unauthorized
             app.openapi_schema = schema
         return app.openapi_schema
 

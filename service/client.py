@@ -7,6 +7,8 @@
         for hit in result.proponents:
             print(hit.id, hit.score, hit.label)
         page = client.self_influence_top(k=20, label=3)
+        harmful = client.influence_set([...validation examples...], labels=[...], aggregate="sum", k=50).opponents
+        answers = client.influence_batch([...examples...], k=5).results     # one answer per example
 
     async with AsyncInfluenceClient("http://127.0.0.1:8000") as client:
         result = await client.influence(train_id="train-17", k=5)
@@ -16,14 +18,15 @@ Results are the pydantic models of `service.schemas` (no torch import). Error re
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, TypeVar, Union
+from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
 
 from service.schemas import (
-    ErrorItem, ExampleInfo, IndexInfo, InfluenceResponse, LabelReviewPage, QueryPage, SelfInfluencePage,
+    BatchInfluenceResponse, ErrorItem, ExampleInfo, IndexInfo, InfluenceResponse, LabelReviewPage, QueryPage,
+    SelfInfluencePage,
 )
 
 T = TypeVar("T", bound=BaseModel)
@@ -75,6 +78,22 @@ def _influence_body(example: Optional[Example], train_id: Optional[str], label: 
     return body
 
 
+def _members_body(examples: Optional[Sequence[Example]], train_ids: Optional[Sequence[str]],
+                  labels: Optional[Sequence[Any]], k: int, options: dict[str, Any]) -> dict[str, Any]:
+    """The body of a set or batch query: members, labels, k and the optional fields that are set."""
+    if not examples and not train_ids:
+        raise ValueError("give at least one member: examples and/or train_ids")
+    body: dict[str, Any] = {"k": k}
+    if examples:
+        body["examples"] = [e.model_dump(mode="json") if isinstance(e, BaseModel) else dict(e) for e in examples]
+    if train_ids:
+        body["train_ids"] = list(train_ids)
+    if labels is not None:
+        body["labels"] = list(labels)
+    body.update({name: value for name, value in options.items() if value is not None and value is not False})
+    return body
+
+
 def _params(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -114,6 +133,40 @@ class InfluenceClient:
         _raise_for(response)
         return InfluenceResponse.model_validate(response.json())
 
+    def influence_set(self, examples: Optional[Sequence[Example]] = None, *, train_ids: Optional[Sequence[str]] = None,
+                      labels: Optional[Sequence[Any]] = None, aggregate: str = "sum", k: int = 10,
+                      metric: Optional[Union[str, Mapping[str, Any]]] = None, normalize: Optional[str] = None,
+                      rerank: Optional[int] = None, member_scores: bool = False,
+                      exclude: Optional[Sequence[str]] = None, exclude_self: bool = False,
+                      filter_label: Optional[Union[int, str]] = None) -> InfluenceResponse:
+        """One set query: the training examples ranked by their exact influence on the members' summed
+        (`aggregate="mean"`: mean) metric. Members: `examples` (each with its `labels` entry, None = the
+        prediction) and/or `train_ids`; `member_scores` gives each hit its score against every member;
+        `exclude_self` leaves the set's training members out. The answer's `set` lists the members."""
+        body = _members_body(examples, train_ids, labels, k, {
+            "aggregate": aggregate, "metric": metric, "normalize": normalize, "rerank": rerank,
+            "member_scores": member_scores, "exclude": list(exclude) if exclude else None,
+            "exclude_self": exclude_self, "filter_label": filter_label})
+        response = self._http.post("/influence", json=body)
+        _raise_for(response)
+        return InfluenceResponse.model_validate(response.json())
+
+    def influence_batch(self, examples: Optional[Sequence[Example]] = None, *,
+                        train_ids: Optional[Sequence[str]] = None, labels: Optional[Sequence[Any]] = None,
+                        k: int = 10, metric: Optional[Union[str, Mapping[str, Any]]] = None,
+                        normalize: Optional[str] = None, rerank: Optional[int] = None,
+                        exclude: Optional[Sequence[str]] = None, exclude_self: bool = False,
+                        filter_label: Optional[Union[int, str]] = None) -> BatchInfluenceResponse:
+        """Several queries in one request (`results`: one answer per member, examples then train_ids, each
+        equal to the member's own single answer), computed together: one capture pass, candidates' gradients
+        shared."""
+        body = _members_body(examples, train_ids, labels, k, {
+            "metric": metric, "normalize": normalize, "rerank": rerank, "exclude": list(exclude) if exclude else None,
+            "exclude_self": exclude_self, "filter_label": filter_label})
+        response = self._http.post("/influence", json=body)
+        _raise_for(response)
+        return BatchInfluenceResponse.model_validate(response.json())
+
     def self_influence_top(self, k: int = 10, offset: int = 0,
                            label: Optional[Union[int, str]] = None) -> SelfInfluencePage:
         return self._get("/self-influence/top", SelfInfluencePage, k=k, offset=offset, label=label)
@@ -126,8 +179,8 @@ class InfluenceClient:
     def example(self, example_id: str) -> ExampleInfo:
         return self._get(f"/examples/{quote(example_id, safe='')}", ExampleInfo)
 
-    def queries(self, offset: int = 0, limit: int = 100) -> QueryPage:
-        return self._get("/queries", QueryPage, offset=offset, limit=limit)
+    def queries(self, offset: int = 0, limit: int = 100, predictions: bool = False) -> QueryPage:
+        return self._get("/queries", QueryPage, offset=offset, limit=limit, predictions=predictions or None)
 
     def index_info(self) -> IndexInfo:
         return self._get("/index", IndexInfo)
@@ -171,6 +224,41 @@ class AsyncInfluenceClient:
         _raise_for(response)
         return InfluenceResponse.model_validate(response.json())
 
+    async def influence_set(self, examples: Optional[Sequence[Example]] = None, *,
+                            train_ids: Optional[Sequence[str]] = None,
+                            labels: Optional[Sequence[Any]] = None, aggregate: str = "sum", k: int = 10,
+                            metric: Optional[Union[str, Mapping[str, Any]]] = None, normalize: Optional[str] = None,
+                            rerank: Optional[int] = None, member_scores: bool = False,
+                            exclude: Optional[Sequence[str]] = None, exclude_self: bool = False,
+                            filter_label: Optional[Union[int, str]] = None) -> InfluenceResponse:
+        """One set query: the training examples ranked by their exact influence on the members' summed
+        (`aggregate="mean"`: mean) metric. Members: `examples` (each with its `labels` entry, None = the
+        prediction) and/or `train_ids`; `member_scores` gives each hit its score against every member;
+        `exclude_self` leaves the set's training members out. The answer's `set` lists the members."""
+        body = _members_body(examples, train_ids, labels, k, {
+            "aggregate": aggregate, "metric": metric, "normalize": normalize, "rerank": rerank,
+            "member_scores": member_scores, "exclude": list(exclude) if exclude else None,
+            "exclude_self": exclude_self, "filter_label": filter_label})
+        response = await self._http.post("/influence", json=body)
+        _raise_for(response)
+        return InfluenceResponse.model_validate(response.json())
+
+    async def influence_batch(self, examples: Optional[Sequence[Example]] = None, *,
+                              train_ids: Optional[Sequence[str]] = None, labels: Optional[Sequence[Any]] = None,
+                              k: int = 10, metric: Optional[Union[str, Mapping[str, Any]]] = None,
+                              normalize: Optional[str] = None, rerank: Optional[int] = None,
+                              exclude: Optional[Sequence[str]] = None, exclude_self: bool = False,
+                              filter_label: Optional[Union[int, str]] = None) -> BatchInfluenceResponse:
+        """Several queries in one request (`results`: one answer per member, examples then train_ids, each
+        equal to the member's own single answer), computed together: one capture pass, candidates' gradients
+        shared."""
+        body = _members_body(examples, train_ids, labels, k, {
+            "metric": metric, "normalize": normalize, "rerank": rerank, "exclude": list(exclude) if exclude else None,
+            "exclude_self": exclude_self, "filter_label": filter_label})
+        response = await self._http.post("/influence", json=body)
+        _raise_for(response)
+        return BatchInfluenceResponse.model_validate(response.json())
+
     async def self_influence_top(self, k: int = 10, offset: int = 0,
                                  label: Optional[Union[int, str]] = None) -> SelfInfluencePage:
         return await self._get("/self-influence/top", SelfInfluencePage, k=k, offset=offset, label=label)
@@ -182,8 +270,8 @@ class AsyncInfluenceClient:
     async def example(self, example_id: str) -> ExampleInfo:
         return await self._get(f"/examples/{quote(example_id, safe='')}", ExampleInfo)
 
-    async def queries(self, offset: int = 0, limit: int = 100) -> QueryPage:
-        return await self._get("/queries", QueryPage, offset=offset, limit=limit)
+    async def queries(self, offset: int = 0, limit: int = 100, predictions: bool = False) -> QueryPage:
+        return await self._get("/queries", QueryPage, offset=offset, limit=limit, predictions=predictions or None)
 
     async def index_info(self) -> IndexInfo:
         return await self._get("/index", IndexInfo)

@@ -48,11 +48,32 @@ def vendor_dir() -> Path:
     return directory
 
 
+#: resources a vendored file would fetch from the internet -> what it gets instead (ReDoc's footer shows
+#: "API docs by Redocly" with a logo from its CDN: an empty inline SVG keeps /redoc fully offline)
+OFFLINE_REPLACEMENTS = {
+    "redoc.standalone.js": [(b'"https://cdn.redoc.ly/redoc/logo-mini.svg"',
+                             b'"data:image/svg+xml,%3Csvg xmlns=%27http://www.w3.org/2000/svg%27/%3E"')],
+}
+#: hosts no served file may load anything from (checked on the replaced bytes)
+CDN_HOSTS = (b"cdn.redoc.ly", b"cdn.jsdelivr.net", b"unpkg.com", b"fonts.googleapis.com")
+
+
 @lru_cache(maxsize=1)
 def vendor_files() -> dict[str, bytes]:
-    """The vendored files, read once per process (about 2.8 MB)."""
+    """The vendored files, read once per process (about 2.8 MB), with the internet resources of
+    OFFLINE_REPLACEMENTS replaced. Raises RuntimeError when a file still names a CDN host (a new
+    fastapi-offline version: add its replacement) so that the docs never load anything from outside."""
     directory = vendor_dir()
-    return {name: (directory / name).read_bytes() for name in VENDOR_FILES}
+    files = {name: (directory / name).read_bytes() for name in VENDOR_FILES}
+    for name, replacements in OFFLINE_REPLACEMENTS.items():
+        for old, new in replacements:
+            files[name] = files[name].replace(old, new)
+    for name, data in files.items():
+        named = [host.decode() for host in CDN_HOSTS if host in data]
+        if named:
+            raise RuntimeError(f"{directory / name} loads from {', '.join(named)}: the API docs would not be offline "
+                               "(service/docs.py OFFLINE_REPLACEMENTS)")
+    return files
 
 
 @lru_cache(maxsize=16)

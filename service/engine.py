@@ -17,22 +17,9 @@ from typing import Any
 import numpy as np
 
 from service.errors import ApiError, ServiceStartupError
-from service.first_stage import FirstStage, _ends
+from service.first_stage import FirstStage
 from service.labels import Labels
-from service.ood import input_warnings
 from service.settings import Settings
-
-
-def _inverse_norms(self_influence: np.ndarray) -> np.ndarray:
-    """1 / ||g(z)|| in the TracIn metric (float64; 0 where the gradient is 0)."""
-    norms = np.sqrt(np.asarray(self_influence, dtype=np.float64))
-    return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-
-
-def _float32():
-    import torch
-
-    return torch.float32
 
 
 @dataclass
@@ -132,45 +119,101 @@ class Engine:
         return metric, params
 
     def embed_examples(self, examples: list[Any], labels: list[Any] | None = None, keep_grads: bool = False,
-                       objective=None) -> dict[str, Any]:
-        """Encode validated examples, predict, embed with `labels` (JSON form; default: the predictions).
+                       objective=None, fields: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+        """Encode validated examples, predict, embed with `labels` (JSON form; default, or a None entry: the
+        prediction).
 
         The vectors come from the indexer's `Embedder.embed`, the function that built the index; with
         `keep_grads` the per-checkpoint block gradients come back too (for exact re-ranking); `objective`
-        replaces the task's loss on the query side (a metric, `indexer.score.metrics`)."""
-
+        replaces the task's loss on the query side (a metric, `indexer.score.metrics`). `fields` names each
+        example and its label in errors (default "example", "label"): a member of a set is named alone."""
+        fields = fields or [("example", "label")] * len(examples)
         try:
             inputs = self.task.encode(examples)
         except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:
-            raise ApiError(422, "invalid_example", "example", f"the task cannot encode this example: {exc}") from None
+            field_name, exc = self._failing_example(examples, fields, exc)
+            raise ApiError(422, "invalid_example", field_name, f"the task cannot encode this example: {exc}") from None
         with self.stage("predict"):
-            predictions, probabilities = self._predict(inputs)
+            predictions, probabilities = self._predict(inputs, [f for f, _ in fields])
         if labels is None:
             used = predictions
         else:
-            used = labels
+            used = [p if label is None else label for label, p in zip(labels, predictions)]
             classes = int(probabilities.shape[-1]) if probabilities is not None and probabilities.dim() > 1 else None
-            self.labels.check_for_model(used, classes)
+            for label, (_, label_field) in zip(used, fields):
+                try:
+                    self.labels.check_for_model([label], classes)
+                except ApiError as exc:
+                    raise ApiError(exc.status, exc.code, label_field, exc.message) from None
         with self.stage("embed"):
-            embedding = self._embed(inputs, self.task.labels_tensor(used), keep_grads, objective)
+            embedding = self._embed(inputs, self.task.labels_tensor(used), keep_grads, objective,
+                                    [f for f, _ in fields])
         return {**embedding, "predicted": predictions, "probabilities": probabilities, "labels": used,
                 "inputs": inputs}
 
-    def _predict(self, inputs) -> tuple[list[Any], Any]:
-        """(predictions as JSON labels, probabilities float64 or None) at the last checkpoint."""
+    def _failing_example(self, examples: list[Any], fields: list[tuple[str, str]], exc: Exception):
+        """(the field of the example at fault, its error) for a batch whose encoding failed: the first that the
+        task cannot encode alone, else the first whose encoded shape differs from most members'."""
+        if len(examples) == 1:
+            return fields[0][0], exc
+        from collections import Counter
+
+        from indexer.task import input_tensors
+
+        shapes = []
+        for example, (field_name, _) in zip(examples, fields):
+            try:
+                encoded = self.task.encode([example])
+            except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as one:
+                return field_name, one
+            shapes.append(tuple(tuple(t.shape[1:]) if hasattr(t, "shape") else () for t in input_tensors(encoded)))
+        usual = Counter(shapes).most_common(1)[0][0]
+        for shape, (field_name, _) in zip(shapes, fields):
+            if shape != usual:
+                return field_name, f"its encoded shape {list(shape)} differs from the other members' {list(usual)}"
+        return fields[0][0].split(".")[0], exc
+
+    def _predict(self, inputs, fields: list[str] | None = None) -> tuple[list[Any], Any]:
+        """(predictions as JSON labels, probabilities float64 or None) at the last checkpoint. A non-finite
+        output is a 422 naming the example (`fields[i]`, default "example")."""
         import torch
 
-        predicted, probabilities = self.embedder.predict(inputs)
+        try:
+            predicted, probabilities = self.embedder.predict(inputs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:  # the model cannot run on this input
+            raise ApiError(422, "invalid_example", self._failing_forward(inputs, fields, exc),
+                           f"the model cannot run on this example ({type(exc).__name__}: {str(exc)[:300]})") from None
         predicted = predicted.detach().to("cpu")
         if probabilities is not None:
             probabilities = probabilities.detach().to("cpu", torch.float64)
-        finite = bool(torch.isfinite(predicted.double()).all()) and (
-            probabilities is None or bool(torch.isfinite(probabilities).all()))
-        if not finite:
-            raise ApiError(422, "non_finite_output", "example", "the model's output is not finite for this example")
+        finite = torch.isfinite(predicted.double()).reshape(predicted.shape[0], -1).all(dim=1)
+        if probabilities is not None:
+            finite &= torch.isfinite(probabilities).reshape(probabilities.shape[0], -1).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ApiError(422, "non_finite_output", fields[row] if fields else "example",
+                           "the model's output is not finite for this example")
         return [self.task.label_to_json(predicted[i]) for i in range(predicted.shape[0])], probabilities
 
-    def _embed(self, inputs, labels, keep_grads: bool, objective) -> dict[str, Any]:
+    def _failing_forward(self, inputs, fields: list[str] | None, exc: Exception) -> str:
+        """The field of the first example the model cannot run on alone (the batch's first field otherwise)."""
+        if not fields:
+            return "example"
+        if len(fields) > 1:
+            from indexer.task import take_rows
+
+            for i, field_name in enumerate(fields):
+                try:
+                    self.embedder.predict(take_rows(inputs, slice(i, i + 1)))
+                except (RuntimeError, ValueError, IndexError, TypeError):
+                    return field_name
+        return fields[0]
+
+    def _embed(self, inputs, labels, keep_grads: bool, objective, fields: list[str] | None = None) -> dict[str, Any]:
+        """The embedding of a batch (vectors, exact self-influence, per-checkpoint parts, gradients when
+        kept); a non-finite gradient is a 422 naming the example (`fields[i]`, default "example")."""
         import torch
 
         from indexer.capture.routes import CaptureError
@@ -178,7 +221,7 @@ class Engine:
         try:
             embedding = self.embedder.embed(inputs, labels, keep_grads=keep_grads, objective=objective)
         except CaptureError as exc:
-            field_name = "metric" if objective is not None else "example"
+            field_name = "metric" if objective is not None else (fields[0].split(".")[0] if fields else "example")
             raise ApiError(422, "capture_failed", field_name, str(exc)[:500]) from None
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             if objective is None:
@@ -187,147 +230,48 @@ class Engine:
                                                             f"({type(exc).__name__}: {str(exc)[:300]})") from None
         vectors = embedding.vectors.detach().to("cpu")
         self_influence = embedding.self_influence.detach().to("cpu", torch.float64)
-        if not (bool(torch.isfinite(vectors).all()) and bool(torch.isfinite(self_influence).all())):
-            raise ApiError(422, "non_finite_gradient", "example",
+        finite = torch.isfinite(vectors).all(dim=1) & torch.isfinite(self_influence)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise ApiError(422, "non_finite_gradient", fields[row] if fields else "example",
                            "the gradient of this example is not finite (inputs too large for the model?)")
         return {"vectors": vectors, "self_influence": self_influence, "per_checkpoint": embedding.per_checkpoint,
                 "grads": [p.grads for p in embedding.per_checkpoint] if keep_grads else None}
 
-    def _query_checkpoints(self, per_checkpoint, labels, metric, params) -> list[dict[str, Any]]:
-        """The query's loss (label used) and metric value at each checkpoint, from the outputs the
-        embedding already computed."""
+    def _query_checkpoints(self, per_checkpoint, labels, metric, params) -> list[list[dict[str, Any]]]:
+        """Per example of the batch: its loss (label used) and metric value at each checkpoint, from the
+        outputs the embedding already computed."""
         import torch
 
-        out = []
+        columns = []
         with torch.no_grad():
             for embedder, part in zip(self.embedder.per_checkpoint, per_checkpoint):
                 y = labels.to(part.outputs.device) if isinstance(part.outputs, torch.Tensor) else labels
                 if y.is_floating_point():
                     y = y.to(embedder.dtype)
-                loss = float(self.task.loss(part.outputs, y)[0])
-                value = loss if metric.name == "loss" else float(metric.value(part.outputs, y, params)[0])
-                out.append({"lr": embedder.checkpoint.lr, "loss": loss, "metric": value})
-        return out
+                losses = self.task.loss(part.outputs, y).detach().to("cpu", torch.float64).reshape(-1).tolist()
+                values = losses if metric.name == "loss" else \
+                    metric.value(part.outputs, y, params).detach().to("cpu", torch.float64).reshape(-1).tolist()
+                columns.append([{"lr": embedder.checkpoint.lr, "loss": a, "metric": b} for a, b in zip(losses, values)])
+        return [list(row) for row in zip(*columns)]
 
     def influence(self, req: Any, started: float | None = None) -> dict[str, Any]:
-        """POST /influence for a validated request model (see service.schemas.make_influence_request).
+        """POST /influence for a validated request model (see service.schemas.make_influence_request): one
+        example, a training example, a set or a batch. The stages are in `service.query`.
 
         score(z, q) = sum_i lr_i grad l(w_i, z) . grad o(w_i, q) with o the query's loss, or minus a
         higher-is-better metric (so that proponents always moved the metric the right way), optionally
         divided by ||g(z)|| (normalize = train) or ||g(z)|| ||g(q)|| (cosine), the exact norms in the
-        TracIn metric (sqrt of self-influence). The first stage ranks by the (normalised) estimate over
-        the whole index; the second re-scores K' candidates per end exactly."""
-        started = time.perf_counter() if started is None else started
-        if (req.example is None) == (req.train_id is None):
-            raise ApiError(422, "invalid", "example", "give exactly one of `example` or `train_id`")
-        metric, params = self.resolve_metric(getattr(req, "metric", None))
-        objective = None if metric.name == "loss" else metric.objective(params)
-        normalize = getattr(req, "normalize", None) or "none"
-        if normalize != "none" and not self.first_stage.can_normalize:
-            raise ApiError(422, "unsupported", "normalize", "this index has no normalised first stage (an "
-                                                            "approximate index built by an older version): rebuild it")
-        rows = None
-        if req.filter_label is not None:
-            _, rows = self.labels.rows(req.filter_label, "filter_label")
-        depth = self.rerank_depth(req)
-        query: dict[str, Any] = {"train_id": None, "self_influence": None, "embedding": None, "checkpoints": None}
-        self_row, grads, prediction = None, None, None
-        if req.train_id is not None:
-            if req.label is not None:
-                raise ApiError(422, "invalid", "label", "cannot be combined with train_id: a training example is "
-                                                        "explained with its training label")
-            self_row = self.row_of(req.train_id, "train_id")
-            label_used = self.examples[self_row]["label"]
-            query["train_id"] = req.train_id
-            if self.scorer is not None:
-                inputs, labels = self.scorer.rows_of(np.asarray([self_row]))
-                with self.stage("predict"):
-                    predictions, probabilities = self._predict(inputs)
-                prediction = self._prediction(predictions[0], probabilities)
-            if depth > 0 or objective is not None:  # its gradients, recomputed from the training example
-                if self.scorer is None:
-                    raise ApiError(422, "unsupported", "metric", f"a metric on a training example needs its "
-                                                                 f"gradient: {self.rerank_error}")
-                with self.stage("embed"):
-                    emb = self._embed(inputs, labels, depth > 0, objective)
-                vector = emb["vectors"][0].to(dtype=_float32()).numpy()
-                grads = emb["grads"]
-                query["self_influence"] = float(emb["self_influence"][0])
-                query["checkpoints"] = self._query_checkpoints(emb["per_checkpoint"], labels, metric, params)
-            else:
-                if self.first_stage.reconstruct_error is not None:
-                    raise ApiError(422, "unsupported", "train_id", self.first_stage.reconstruct_error)
-                with self.stage("lookup"):
-                    vector = self.first_stage.reconstruct(self_row)
-                query["self_influence"] = float(self.index_dir.self_influence[self_row])
-        else:
-            label = self.labels.parse(req.label, "label") if req.label is not None else None
-            out = self.embed_examples([req.example], None if label is None else [label], depth > 0, objective)
-            vector = out["vectors"][0].to(dtype=_float32()).numpy()  # as the indexer stores it (any model dtype)
-            grads = out["grads"]
-            label_used = out["labels"][0]
-            prediction = self._prediction(out["predicted"][0], out["probabilities"])
-            query["self_influence"] = float(out["self_influence"][0])
-            query["checkpoints"] = self._query_checkpoints(out["per_checkpoint"], self.task.labels_tensor(out["labels"]),
-                                                           metric, params)
-        if req.include_embedding:
-            query["embedding"] = vector.astype(np.float64).tolist()
+        TracIn metric (sqrt of self-influence). A set's g(q) is the sum (mean) of its members'. The first
+        stage ranks by the (normalised) estimate over the whole index; the second re-scores K' candidates
+        per end exactly."""
+        from service.query import answer_request
 
-        q_norm = float(np.sqrt(max(query["self_influence"] or 0.0, 0.0)))
-        q_scale = (1.0 / q_norm if q_norm > 0 else 0.0) if normalize == "cosine" else 1.0
-        k = int(req.k)
-        skip = self_row if (bool(req.exclude_self) and self_row is not None) else None
-        extra = 1 if skip is not None else 0
-        with self.stage("search"):
-            (pro_rows, pro_scores), (opp_rows, opp_scores) = self.first_stage.search(
-                vector, max(k, depth) + extra, max(k, depth), rows, normalized=normalize != "none")
-        pro_scores, opp_scores = pro_scores * q_scale, opp_scores * q_scale
-        contributions, losses, raw = None, None, None
-        if depth > 0:
-            candidates = np.unique(np.concatenate([pro_rows[:depth + extra], opp_rows[:depth]]))
-            if skip is not None:
-                candidates = candidates[candidates != skip]
-            with self.stage("rerank"):
-                exact = self.scorer.scores(grads, candidates)
-            weight = (_inverse_norms(self.index_dir.self_influence[candidates]) if normalize != "none"
-                      else np.ones(candidates.size)) * q_scale
-            scores = exact.total * weight
-            (pro_at, pro_scores), (opp_at, opp_scores) = _ends(scores, k, 1), _ends(scores, k, -1)
-            pro_scores, opp_scores = scores[pro_at], scores[opp_at]
-            pro_rows, opp_rows = candidates[pro_at], candidates[opp_at]
-            at = {int(r): i for i, r in enumerate(candidates.tolist())}
-            contributions = {r: exact.per_checkpoint[:, i] * weight[i] for r, i in at.items()}
-            losses = {r: exact.losses[:, i] for r, i in at.items()}
-            raw = {r: float(exact.total[i]) for r, i in at.items()}
-            brief = {"depth": depth, "candidates": int(candidates.size)}
-        else:
-            brief = None
-        proponents = self._hits(pro_rows, pro_scores, k, skip, contributions, losses, raw)
-        opponents = self._hits(opp_rows, opp_scores, k, None, contributions, losses, raw)
-        can_add = self.scorer is not None or self.index_dir.label_review is not None
-        if losses is None and can_add and (proponents or opponents):
-            self._add_losses(proponents + opponents)
-        return {
-            "prediction": prediction,
-            "label_used": label_used,
-            "label_used_name": self.label_name(label_used),
-            "metric": {"name": metric.name, "params": params.model_dump() if params is not None else None,
-                       "higher_is_better": metric.higher_is_better},
-            "normalize": normalize,
-            "query": query,
-            "proponents": proponents,
-            "opponents": opponents,
-            "exact": depth > 0 or (self.exact_index and metric.name == "loss" and normalize == "none"),
-            "rerank": brief,
-            "index": {"approximate": self.approximate, "count": self.count,
-                      "candidates": int(rows.size) if rows is not None else self.count},
-            "took_ms": round((time.perf_counter() - started) * 1000.0, 3),
-            "warnings": input_warnings(self, req),
-        }
+        return answer_request(self, req, time.perf_counter() if started is None else started)
 
-    def _prediction(self, predicted: Any, probabilities) -> dict[str, Any]:
+    def _prediction(self, predicted: Any, probabilities, row: int = 0) -> dict[str, Any]:
         return {"label": predicted, "label_name": self.label_name(predicted),
-                "probabilities": probabilities[0].tolist() if probabilities is not None else None}
+                "probabilities": probabilities[row].tolist() if probabilities is not None else None}
 
     def _add_losses(self, hits: list[dict[str, Any]]) -> None:
         """Each hit's training loss at every checkpoint: recorded at index time (label_review.npy, the
@@ -343,26 +287,21 @@ class Engine:
         for i, hit in enumerate(hits):
             hit["losses"] = [float(x) for x in losses[:, i]]
 
-    def _hits(self, rows: np.ndarray, scores: np.ndarray, k: int, skip: int | None,
-              contributions: dict[int, np.ndarray] | None = None, losses: dict[int, np.ndarray] | None = None,
-              raw: dict[int, float] | None = None) -> list[dict[str, Any]]:
+    def _hits(self, rows: np.ndarray, scores: np.ndarray, k: int, exclude: set[int] | frozenset = frozenset(),
+              terms: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Up to k hits from rows in score order, leaving out `exclude` and non-finite scores; `terms[row]`
+        adds the exact fields of a re-ranked row (raw_score, checkpoints, blocks, losses, member_scores)."""
         out = []
         si = self.index_dir.self_influence
         for row, score in zip(rows.tolist(), scores.tolist()):
-            if (skip is not None and row == skip) or (self.live is not None and not self.live[row]):
-                continue
-            if not math.isfinite(score):
+            if row in exclude or (self.live is not None and not self.live[row]) or not math.isfinite(score):
                 continue
             ex = self.examples[row]
             hit = {"id": ex["id"], "score": score, "label": ex["label"], "label_name": self.label_name(ex["label"]),
                    "display": ex.get("display") or {}, "self_influence": float(si[row]),
                    "self_influence_rank": int(self.si_rank[row])}
-            if raw is not None:
-                hit["raw_score"] = raw[row]
-            if contributions is not None:
-                hit["checkpoints"] = [float(x) for x in contributions[row]]
-            if losses is not None:
-                hit["losses"] = [float(x) for x in losses[row]]
+            if terms is not None and row in terms:
+                hit.update(terms[row])
             out.append(hit)
             if len(out) == k:
                 break
@@ -456,10 +395,36 @@ class Engine:
                 "display": ex.get("display") or {}, "self_influence": float(self.index_dir.self_influence[row]),
                 "rank": int(self.si_rank[row])}
 
-    def queries_page(self, offset: int, limit: int) -> dict[str, Any]:
+    def queries_page(self, offset: int, limit: int, predictions: bool = False) -> dict[str, Any]:
+        """A page of the held-out examples; with `predictions`, each with the model's prediction at the last
+        checkpoint (a forward pass over the page; None for an example the task cannot encode)."""
+        page = self.queries[offset:offset + limit]
         items = [{"id": str(q.get("id")), "label": q.get("label"), "example": q.get("example"),
-                  "display": q.get("display") or {}} for q in self.queries[offset:offset + limit]]
+                  "display": q.get("display") or {}} for q in page]
+        if predictions and items:
+            with self.stage("predict"):
+                for item, prediction in zip(items, self._query_predictions(page)):
+                    item["prediction"] = prediction
         return {"items": items, "total": len(self.queries), "offset": offset, "limit": limit}
+
+    def _query_predictions(self, queries: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+        out: list[dict[str, Any] | None] = [None] * len(queries)
+        valid, at = [], []
+        for i, q in enumerate(queries):
+            try:
+                valid.append(self.task.example_schema.model_validate(q.get("example")))
+                at.append(i)
+            except Exception:  # noqa: BLE001 - a stored example that does not fit: no prediction
+                continue
+        for start in range(0, len(valid), 256):
+            part = valid[start:start + 256]
+            try:
+                predicted, probabilities = self._predict(self.task.encode(part))
+            except (ApiError, ValueError, TypeError, IndexError, KeyError, RuntimeError):
+                continue
+            for j, p in enumerate(predicted):
+                out[at[start + j]] = self._prediction(p, probabilities, j)
+        return out
 
     def index_info(self) -> dict[str, Any]:
         m = self.index_dir.manifest

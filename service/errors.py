@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,10 +44,12 @@ class ApiError(Exception):
     optionally the offending value (`echo`), quoted once and cut to ECHO_CHARS characters."""
 
     def __init__(self, status: int, code: str, field: str, message: str, loc: Sequence[str | int] | None = None,
-                 echo: Any = None):
+                 echo: Any = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.field, self.message, self.echo = status, code, field, message, echo
-        self.loc = list(loc) if loc is not None else ["body", *field.split(".")] if field else ["body"]
+        self.loc = list(loc) if loc is not None else \
+            ["body", *(int(p) if p.isdigit() else p for p in field.split("."))] if field else ["body"]
+        self.headers = dict(headers or {})
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -185,13 +187,18 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
 
 
 async def _api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return error_response(exc.status, exc.code, exc.field, exc.message, exc.loc, headers, exc.echo)
+    headers = {**({"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}), **exc.headers}
+    return error_response(exc.status, exc.code, exc.field, exc.message, exc.loc, headers or None, exc.echo)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """Nobody is left to read an answer (service.compute.ClientGone): the metrics count it as 499."""
+    return Response(status_code=499)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 408: "body_timeout", 413: "body_too_large", 415: "unsupported_media_type",
-               422: "invalid"}
+               405: "method_not_allowed", 408: "body_timeout", 413: "body_too_large", 414: "url_too_long",
+               415: "unsupported_media_type", 422: "invalid", 431: "headers_too_large", 503: "overloaded"}
 
 
 def _unreadable_body(cause: BaseException | None) -> str | None:
@@ -227,6 +234,9 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(ApiError, _api_error_handler)
+    from service.compute import ClientGone
+
+    app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(Exception, _unhandled)
 

@@ -118,6 +118,59 @@ class FirstStage:
             opp = top_k(self.index, vector, k_opp, -1, rows, self.params, removed)
         return (pro.rows, pro.scores), (opp.rows, opp.scores)
 
+    def search_many(self, vectors: np.ndarray, k_pro: int, k_opp: int, rows: np.ndarray | None = None,
+                    normalized: bool = False) -> list:
+        """`search` for each row of vectors [Q, D] (a batch of queries): an exact Flat index without a label
+        filter scores every query in one pass over the stored vectors (a matrix product, not Q passes); the
+        rest query by query. Same answers as `search` one vector at a time."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.flat_vectors is None or rows is not None or vectors.shape[0] < 2 or self.gpu_index is not None:
+            return [self.search(v, k_pro, k_opp, rows, normalized) for v in vectors]
+        out = []
+        step = max(1, PARALLEL_SCAN_FLOATS * 8 // max(1, self.flat_vectors.shape[0]))  # [N, step] float32 <= 128 MB
+        for start in range(0, vectors.shape[0], step):
+            scores = self.flat_scores_many(vectors[start:start + step])
+            if normalized:
+                scores = scores * self.inverse_norms[:, None]
+            if self.removed is not None:
+                scores[self.removed] = 0.0  # rows marked removed: neither a proponent nor an opponent
+            for j in range(scores.shape[1]):
+                column = np.ascontiguousarray(scores[:, j])
+                out.append((_ends(column, k_pro, 1), _ends(column, k_opp, -1)))
+        return out
+
+    def flat_scores_many(self, vectors: np.ndarray) -> np.ndarray:
+        """e . q for every stored vector and each query: [N, Q] float32 (torch's matrix product over the
+        zero-copy view, in row blocks on the search threads for large indexes). Each column equals
+        `flat_scores` of that query up to float32 summation order."""
+        import torch
+
+        view = self._view()
+        count, dim = view.shape
+        queries = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).T.contiguous()
+        out = torch.empty(count, queries.shape[1], dtype=torch.float32)
+
+        def block(bounds: tuple[int, int]) -> None:
+            start, stop = bounds
+            torch.mm(view[start:stop], queries, out=out[start:stop])
+
+        parts = self.threads if count * dim >= PARALLEL_SCAN_FLOATS else 1
+        if parts <= 1 or self.pool is None:
+            block((0, count))
+        else:
+            edges = [count * i // parts for i in range(parts + 1)]
+            list(self.pool.map(block, zip(edges[:-1], edges[1:])))
+        return out.numpy()
+
+    def _view(self):
+        import torch
+
+        if self._torch_view is None:
+            with warnings.catch_warnings():  # a read-only view: nothing writes through it
+                warnings.simplefilter("ignore", UserWarning)
+                self._torch_view = torch.from_numpy(self.flat_vectors)
+        return self._torch_view
+
     def flat_scores(self, vector: np.ndarray) -> np.ndarray:
         """e . q for every stored vector: a zero-copy torch view of the FAISS storage and MKL's gemv
         (measured 2x FAISS's inner-product kernel on this project's CPUs), in row blocks on `threads`
@@ -125,11 +178,7 @@ class FirstStage:
         threads, 1 by default in the service)."""
         import torch
 
-        if self._torch_view is None:
-            with warnings.catch_warnings():  # a read-only view: nothing writes through it
-                warnings.simplefilter("ignore", UserWarning)
-                self._torch_view = torch.from_numpy(self.flat_vectors)
-        view = self._torch_view
+        view = self._view()
         count, dim = view.shape
         query = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
         out = torch.empty(count, dtype=torch.float32)

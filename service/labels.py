@@ -6,12 +6,16 @@ form the task's loss takes; label filters name one class (class and multi-label 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from service.errors import ApiError, ServiceStartupError
+
+#: a class id written as text: ASCII digits only ("²", "③" or "٣" are digits to str.isdigit, not to int)
+_CLASS_ID_TEXT = re.compile(r"-?[0-9]{1,18}")
 
 
 @dataclass
@@ -24,10 +28,11 @@ class Labels:
     ids: np.ndarray | None  # int64 [N] class ids (class tasks); None otherwise
     rows_by_class: dict[int, np.ndarray]  # class id -> training rows with that label
     si_order_by_class: dict[int, np.ndarray]  # class id -> those rows by descending self-influence
+    sequence_shapes: frozenset = frozenset()  # shapes of the training labels of a class-per-position task
 
     @classmethod
     def build(cls, task, kind: str, width: int, labels: list[Any], si_order: np.ndarray,
-              path, live: np.ndarray | None = None) -> "Labels":
+              path, live: np.ndarray | None = None) -> Labels:
         """`si_order`: the rows served by descending self-influence; `live` (bool [N]): False for rows marked
         removed, which no label's rows include."""
         class_names = list(task.class_names) if task.class_names is not None else None
@@ -38,20 +43,37 @@ class Labels:
         rank_of[si_order] = np.arange(si_order.size)
         ordered = {c: rows[np.argsort(rank_of[rows], kind="stable")] for c, rows in rows_by_class.items()}
         num_classes = len(class_names) if class_names is not None else (width if kind == "multilabel" else None)
-        return cls(task, kind, width, class_names, num_classes, ids, rows_by_class, ordered)
+        shapes = frozenset(_shape(label) for label in labels) if kind == "class" and ids is None else frozenset()
+        return cls(task, kind, width, class_names, num_classes, ids, rows_by_class, ordered, shapes)
 
     def name(self, label: Any) -> str:
         return self.task.label_name(label)
 
     def parse(self, value: Any, field_name: str, loc: list | None = None) -> Any:
-        """A query label in the JSON form the task's loss takes (class id, target value(s), label vector)."""
-        if self.kind != "class" or isinstance(value, list):
-            try:
-                return self.task.parse_label(value, self.width)
-            except ValueError as exc:  # the task's message may quote the value: it is quoted once, cut, by ApiError
-                message = str(exc).replace(f" {value!r}", "").replace(repr(value), "this label")[:300]
-                raise ApiError(422, "invalid_label", field_name, message, loc, echo=value) from None
-        return self.class_id(value, field_name, loc)
+        """A query label in the JSON form the task's loss takes (class id, target value(s), label vector).
+
+        Raises ApiError 422 naming `field_name` for anything the loss cannot take: a list where the task
+        has one class per example, a single class where it has a class per position (or a sequence of
+        another shape than the training labels'), and whatever the task's `parse_label` refuses."""
+        if self.kind == "class":
+            sequences = self.ids is None and bool(self.sequence_shapes)
+            if isinstance(value, list) != sequences:
+                want = "a list of class ids (a class per position)" if sequences else "one class id or class name"
+                raise ApiError(422, "invalid_label", field_name, f"this task's labels are {want}, not "
+                               f"{'a list' if isinstance(value, list) else 'a single class'}", loc, echo=value)
+            if not sequences:
+                return self.class_id(value, field_name, loc)
+        try:
+            parsed = self.task.parse_label(value, self.width)
+        except ValueError as exc:  # the task's message may quote the value: it is quoted once, cut, by ApiError
+            message = str(exc).replace(f" {value!r}", "").replace(repr(value), "this label")[:300]
+            raise ApiError(422, "invalid_label", field_name, message, loc, echo=value) from None
+        shape = _shape(parsed)
+        if self.sequence_shapes and shape not in self.sequence_shapes:
+            shapes = " or ".join(str(list(s)) for s in sorted(self.sequence_shapes)[:3])
+            got = "a ragged list" if shape is None else f"a label sequence of shape {list(shape)}"
+            raise ApiError(422, "invalid_label", field_name, f"{got}; the training labels have shape {shapes}", loc)
+        return parsed
 
     def class_id(self, value: Any, field_name: str, loc: list | None = None) -> int:
         """An integer class id or a class name -> the class id (class and multi-label tasks)."""
@@ -60,7 +82,7 @@ class Labels:
             label = names.index(value)
         elif isinstance(value, int) and not isinstance(value, bool):
             label = value
-        elif isinstance(value, str) and value.lstrip("-").isdigit():
+        elif isinstance(value, str) and _CLASS_ID_TEXT.fullmatch(value):
             label = int(value)
         else:
             raise ApiError(422, "unknown_label", field_name,
@@ -96,9 +118,23 @@ class Labels:
         """Class labels must be in range for the model's output (`classes` columns)."""
         if self.kind == "class" and classes is not None:
             for label in labels:
-                if isinstance(label, int) and not 0 <= label < classes:
+                ids = _flat(label) if isinstance(label, list) else [label]
+                if any(isinstance(v, int) and not 0 <= v < classes for v in ids):
+                    shown = f"label {label}" if not isinstance(label, list) else "a label id"
                     raise ApiError(422, "unknown_label", "label",
-                                   f"label {label} is out of range 0..{classes - 1} for this model")
+                                   f"{shown} is out of range 0..{classes - 1} for this model")
+
+
+def _flat(value: Any) -> list[Any]:
+    return [x for v in value for x in _flat(v)] if isinstance(value, list) else [value]
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """The shape of a (nested) JSON label, None for a ragged one."""
+    try:
+        return tuple(np.shape(value))
+    except ValueError:
+        return None
 
 
 def _class_rows(labels: list[Any], kind: str, path) -> tuple[np.ndarray | None, dict[int, np.ndarray]]:

@@ -24,6 +24,12 @@ class Metrics:
         self.index_dim = Gauge("tracin_index_embedding_dim", "embedding dimension of the served index", registry=r)
         self.ready = Gauge("tracin_ready", "1 when the index is loaded and the service answers queries", registry=r)
         self.load_seconds = Gauge("tracin_index_load_seconds", "time to load and verify the index", registry=r)
+        self.compute = Counter("tracin_compute_requests_total", "requests for a compute slot (service.compute) by "
+                               "route and outcome: queued (entered the queue), computed (got a slot and ran), "
+                               "finished, refused (503: queue full), abandoned (client gone while queued: never "
+                               "computed)", ["route", "outcome"], registry=r)
+        self.compute_queued = Gauge("tracin_compute_queued", "requests waiting for a compute slot", registry=r)
+        self.compute_running = Gauge("tracin_compute_running", "requests computing in a slot", registry=r)
 
 
 DISCONNECTED = "499"  # the client went away before the response was complete (nginx's code)
@@ -71,5 +77,6 @@ class MetricsMiddleware:
             self.metrics.in_flight.dec()
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(name, scope.get("method", ""), str(status)).inc()
+            method = "HEAD" if scope.get("tracin.head") else scope.get("method", "")  # service.protocol.HeadAsGet
+            self.metrics.requests.labels(name, method, str(status)).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)

@@ -13,8 +13,12 @@ log = logging.getLogger("service")
 def input_warnings(engine: Any, req: Any) -> list[str]:
     """Warnings for the request's `example` (none for train_id queries, which are training examples, and
     none for an index built before input ranges were recorded)."""
+    return example_warnings(engine, getattr(req, "example", None))
+
+
+def example_warnings(engine: Any, example: Any) -> list[str]:
+    """Warnings for one validated example (none for None, and none without recorded input ranges)."""
     ranges = getattr(engine, "input_ranges", None)
-    example = getattr(req, "example", None)
     if ranges is None or example is None:
         return []
     try:

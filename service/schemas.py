@@ -36,6 +36,13 @@ class Hit(BaseModel):
     self_influence: Optional[float] = Field(None, description="its exact self-influence (= ||g||^2 in the TracIn "
                                                               "metric)")
     self_influence_rank: Optional[int] = Field(None, description="its 1-based rank by descending self-influence")
+    blocks: Optional[dict[str, float]] = Field(
+        None, description="exact per-layer terms: the score split by traced block (layer parameter), summed over "
+                          "checkpoints and normalised like the score; they sum to the score (re-ranked answers)")
+    member_scores: Optional[list[float]] = Field(
+        None, description="set queries with member_scores: this training example's exact score against each member "
+                          "of the set, in member order (examples, then train_ids), normalised like the score and "
+                          "divided by the set size for aggregate = mean; they sum to the score")
 
 
 class Prediction(BaseModel):
@@ -72,11 +79,51 @@ class RerankInfo(BaseModel):
     candidates: int = Field(description="distinct training examples re-scored by exact TracIn")
 
 
-class InfluenceResponse(BaseModel):
-    prediction: Optional[Prediction] = Field(None, description="null for train_id queries (no gradient work)")
-    label_used: LabelValue = Field(description="label of the query loss: `label` if given, else the prediction "
-                                               "(train_id: the stored training label)")
+class Hint(BaseModel):
+    """Something to know about this answer (service.hints)."""
+
+    code: str = Field(description="machine-readable, e.g. high_self_influence")
+    message: str
+    fraction: Optional[float] = Field(None, description="high_self_influence: share of the hits in the top 10% "
+                                                        "by self-influence (0..1)")
+    in_top: Optional[int] = None
+    hits: Optional[int] = None
+    top_ranks: Optional[int] = Field(None, description="ranks 1..top_ranks are the top 10% by self-influence")
+    suggestion: dict[str, Any] = Field(default_factory=dict, description="request fields that answer the hint, "
+                                                                         "e.g. {\"normalize\": \"train\"}")
+
+
+class SetMember(BaseModel):
+    """One member of a set query, in member order (examples, then train_ids)."""
+
+    field: str = Field(description="where the member was given, e.g. examples.3 or train_ids.0")
+    train_id: Optional[str] = None
+    label_used: LabelValue = Field(description="label of the member's loss: its `labels` entry, else the prediction "
+                                               "(train_ids: the stored training label)")
     label_used_name: str
+    prediction: Optional[Prediction] = None
+    self_influence: Optional[float] = Field(None, description="the member's own exact squared gradient norm")
+    checkpoints: Optional[list["QueryCheckpoint"]] = Field(None, description="its loss and metric at each "
+                                                                             "checkpoint")
+
+
+class SetInfo(BaseModel):
+    aggregate: Literal["sum", "mean"] = Field(description="the set's metric is the sum (or mean) of its members'")
+    size: int = Field(description="members in the set")
+    members: list[SetMember]
+
+
+class InfluenceResponse(BaseModel):
+    prediction: Optional[Prediction] = Field(None, description="the model's prediction at the last checkpoint; for "
+                                                               "a train_id query null only when the training set is "
+                                                               "not loaded here (re-ranking off or unavailable); null "
+                                                               "for sets (see set.members)")
+    label_used: Optional[LabelValue] = Field(
+        None, description="label of the query loss: `label` if given, else the prediction (train_id: the stored "
+                          "training label); null for a set (see set.members)")
+    label_used_name: Optional[str] = None
+    set: Optional[SetInfo] = Field(None, description="set queries (aggregate): the members, each with its label and "
+                                                     "prediction")
     query: QueryInfo
     proponents: list[Hit] = Field(description="largest positive scores first")
     opponents: list[Hit] = Field(description="most negative scores first")
@@ -96,6 +143,21 @@ class InfluenceResponse(BaseModel):
                     "white background; ids never seen in training), judged from ranges of the training inputs "
                     "recorded at index time; empty when it looks like training data, for train_id queries, and for "
                     "an index built before the ranges were recorded. The answer is computed all the same")
+    hints: list[Hint] = Field(
+        default_factory=list,
+        description="about the hits: `high_self_influence` when more than half of them are among the top 10% of "
+                    "training examples by self-influence (raw scores favour mislabeled and atypical examples); "
+                    "its `suggestion` {\"normalize\": \"train\"} asks for the normalised ranking. Raw TracIn "
+                    "stays the default (`normalize`)")
+
+
+class BatchInfluenceResponse(BaseModel):
+    """A batch query (`examples` / `train_ids` without `aggregate`): one answer per member, in member order
+    (examples, then train_ids), each what the member alone would have got."""
+
+    results: list[InfluenceResponse]
+    size: int = Field(description="members in the batch")
+    took_ms: float = Field(description="server-side time of the whole batch in milliseconds")
 
 
 class SelfInfluenceItem(BaseModel):
@@ -192,6 +254,8 @@ class ExampleInfo(BaseModel):
 class QueryExample(BaseModel):
     id: str
     label: Optional[LabelValue] = None
+    prediction: Optional[Prediction] = Field(None, description="the model's prediction at the last checkpoint "
+                                                               "(only with predictions=true)")
     example: Optional[dict[str, Any]] = Field(None, description="the example in the task's schema: post it as "
                                                                 "`example` to POST /influence")
     display: dict[str, Any] = Field(default_factory=dict)
@@ -301,8 +365,28 @@ class ErrorResponse(BaseModel):
 
 # -- requests ----------------------------------------------------------------------------------
 
+EXACTLY_ONE = ("Give exactly one kind of question: `example` (a posted example, gradient work), `train_id` (a "
+               "training example to explain), or members in `examples` and/or `train_ids` (a set with "
+               "`aggregate`, else a batch); none or more than one is 422 naming `example`.")
+
+
+def _exactly_one_of_example_and_train_id(schema: dict[str, Any]) -> None:
+    """The JSON-schema form of EXACTLY_ONE (a `oneOf` of the three ways to ask), for OpenAPI clients."""
+    ways = {"example": ["example"], "train_id": ["train_id"], "members": ["examples", "train_ids"]}
+
+    def only(way: str) -> dict[str, Any]:
+        absent = {f: {"type": "null"} for other, fields in ways.items() if other != way for f in fields}
+        given = ways[way]
+        present = ({"required": given} if len(given) == 1 else
+                   {"anyOf": [{"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in given]})
+        props = {f: {"not": {"type": "null"}} for f in given} if len(given) == 1 else {}
+        return {"title": f"by {way}", **present, "properties": {**props, **absent}}
+
+    schema["oneOf"] = [only(way) for way in ways]
+
+
 class _InfluenceRequestBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_of_example_and_train_id)
 
 
 def metric_field(metrics: dict[str, Any] | None):
@@ -328,14 +412,36 @@ def metric_field(metrics: dict[str, Any] | None):
 
 
 def make_influence_request(example_schema: type[BaseModel], max_k: int, default_k: int, max_rerank: int = 1000,
-                           default_rerank: int = 0, metrics: dict[str, Any] | None = None) -> type[BaseModel]:
-    """The POST /influence body for one task: give `example` (gradient work) or `train_id` (a training example)."""
+                           default_rerank: int = 0, metrics: dict[str, Any] | None = None, max_set: int = 1000,
+                           max_batch: int = 100) -> type[BaseModel]:
+    """The POST /influence body for one task: give `example` (gradient work), `train_id` (a training example),
+    or several members (`examples` and/or `train_ids`): a set query with `aggregate`, else a batch."""
     return create_model(
         "InfluenceRequest",
         __base__=_InfluenceRequestBase,
+        __doc__=f"The body of POST /influence. {EXACTLY_ONE}",
         example=(Optional[example_schema], Field(None, description="the query example in the task's schema")),
-        train_id=(Optional[StrictStr], Field(None, description="explain a training example from its stored "
-                                                               "vector instead (no gradient work)")),
+        train_id=(Optional[StrictStr], Field(None, description="explain a training example instead (its stored "
+                                                               "vector; its gradients are recomputed for exact "
+                                                               "re-ranking and metrics)")),
+        examples=(Optional[list[example_schema]], Field(None, description=(
+            "several query examples in the task's schema: with `aggregate`, ONE set query (which training examples "
+            "moved the set's summed or mean metric); without, a batch (one answer per example in `results`, "
+            f"computed together). At most {max_set} members in a set, {max_batch} in a batch (examples + "
+            "train_ids)"))),
+        train_ids=(Optional[list[StrictStr]], Field(None, description=(
+            "training examples as members of a set or batch (each explained with its training label), after "
+            "`examples` in member order"))),
+        labels=(Optional[list[Optional[QueryLabel]]], Field(None, description=(
+            "one label per entry of `examples` (null: the model's prediction), in the form `label` takes"))),
+        aggregate=(Optional[Literal["sum", "mean"]], Field(None, description=(
+            "make `examples` / `train_ids` one set query: rank training examples by their exact influence on the "
+            "sum (or mean) of the members' metric; the scores equal the sum (mean) of the members' own scores"))),
+        member_scores=(StrictBool, Field(False, description=(
+            "set queries: give each hit its exact score against every member (`member_scores`, summing to the "
+            "score): which members it affects most"))),
+        exclude=(Optional[list[StrictStr]], Field(None, description=(
+            "training example ids to leave out of the answer (e.g. a set's own training members)"))),
         label=(Optional[QueryLabel], Field(None, description="label for the query loss, in the form the task's loss "
                                                              "takes: class id or name, regression target (number or "
                                                              "list), or multi-label vector (0/1 list or class names); "
@@ -344,7 +450,8 @@ def make_influence_request(example_schema: type[BaseModel], max_k: int, default_
         filter_label=(Optional[Label], Field(None, description="only search training examples with this label "
                                                                "(applied inside FAISS with an ID selector)")),
         exclude_self=(StrictBool, Field(False, description="train_id queries: leave the example itself out of the "
-                                                     "proponents")),
+                                                     "answer; sets and batches: each train_ids member (a set: all "
+                                                     "of them)")),
         include_embedding=(StrictBool, Field(False, description="return the query embedding (debugging)")),
         metric=metric_field(metrics),
         normalize=(Literal["none", "cosine", "train"], Field("none", description=(

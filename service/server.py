@@ -126,9 +126,11 @@ def serve(index_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
     from service.app import create_app
 
     app = create_app(settings, engine=engine)
+    from service.protocol import guarded_protocol
+
     config = uvicorn.Config(app, host=settings.host, port=bound_port, log_level=settings.log_level,
                             access_log=settings.access_log, lifespan="on", timeout_graceful_shutdown=5,
-                            server_header=False)
+                            server_header=False, http=guarded_protocol(settings))
     server = _Server(config, lambda: print(banner(engine, settings, settings.host, bound_port), flush=True))
     try:
         server.run(sockets=[sock])

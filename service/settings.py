@@ -7,6 +7,10 @@
     TRACIN_CORS_ORIGINS        comma-separated (or JSON list) allowed origins; empty = CORS closed
     TRACIN_MAX_K               largest k for POST /influence (default 100)
     TRACIN_MAX_PAGE            largest k / limit for the listing routes (default 1000)
+    TRACIN_MAX_SET             most members (examples + train_ids) of a set query, POST /influence with
+                               `aggregate` (default 1000; more gets 413 naming the first member beyond)
+    TRACIN_MAX_BATCH           most members of a batch query, POST /influence `examples` / `train_ids`
+                               without `aggregate` (default 100; more gets 413)
     TRACIN_FAISS_PARAMS        JSON object of FAISS search parameters, e.g. {"nprobe": 32}; overrides
                                the manifest's index.search_params
     TRACIN_FAISS_THREADS       OpenMP threads FAISS may use per search (default: FAISS's own default)
@@ -26,9 +30,16 @@
                                file checksums are then always verified
     TRACIN_TORCH_THREADS       torch intra-op threads (default: CPUs // TRACIN_COMPUTE_THREADS, at least 1)
     TRACIN_COMPUTE_THREADS     requests doing gradient / search work at once (default: min(4, CPUs))
+    TRACIN_MAX_QUEUE           requests that may wait for a compute slot (default 64; 0 = none wait); beyond
+                               it POST /influence and GET /label-review/export answer 503 with Retry-After
     TRACIN_MAX_BODY_BYTES      larger request bodies get 413 (default 1 MiB)
     TRACIN_BODY_TIMEOUT_S      a request body not complete this many seconds after the request started
                                gets 408 (slow clients; default 30)
+    TRACIN_HEADER_TIMEOUT_S    a request line and headers not complete this many seconds after their first
+                               byte (or after the connection opened) get 408 and the connection is closed
+                               (slowloris; default 10; `tracin serve` / python -m service.server)
+    TRACIN_MAX_URL_BYTES       longer request targets (path + query) get 414 JSON (default 16 KiB)
+    TRACIN_MAX_HEADER_BYTES    larger request heads (request line + headers) get 431 JSON (default 64 KiB)
     TRACIN_DEVICE              torch device for query gradients (default cpu)
     TRACIN_FAISS_GPU           search a GPU copy of the FAISS index (needs faiss-gpu): auto (default: when
                                TRACIN_DEVICE is cuda and FAISS has GPU support), true, false
@@ -73,6 +84,8 @@ class Settings(BaseSettings):
     max_k: int = Field(100, ge=1, le=100_000)
     default_k: int = Field(10, ge=1)
     max_page: int = Field(1000, ge=1, le=1_000_000)
+    max_set: int = Field(1000, ge=1, le=1_000_000)
+    max_batch: int = Field(100, ge=1, le=100_000)
     faiss_params: dict[str, int | float] = Field(default_factory=dict)
     faiss_threads: int | None = Field(None, ge=1)
     search: Literal["auto", "faiss"] = "auto"
@@ -83,8 +96,12 @@ class Settings(BaseSettings):
     index_key: SecretStr | None = Field(None, description="HMAC key an index must be signed with (manifest.hmac)")
     torch_threads: int | None = Field(None, ge=1)
     compute_threads: int | None = Field(None, ge=1)
+    max_queue: int = Field(64, ge=0, le=1_000_000)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    max_url_bytes: int = Field(16 << 10, ge=1024, le=1 << 20)
+    max_header_bytes: int = Field(64 << 10, ge=4096, le=16 << 20)
     device: str = "cpu"
     faiss_gpu: Literal["auto", "true", "false"] = "auto"
     max_rerank: int = Field(1000, ge=0, le=100_000)

@@ -87,6 +87,19 @@ def digits_index() -> Path:
     return build_index(load_config(config), work / "index").path
 
 
+@functools.lru_cache(maxsize=None)
+def zoo_index(name: str) -> Path:
+    """Exact-mode index of a model-zoo task (tests/zoo.py, 2 seeded checkpoints), built once per process."""
+    from tests import zoo
+    from tests.conftest import make_checkpoints
+
+    work = _TMP / f"zoo-{name}"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpts = make_checkpoints(zoo.EXACT[name](), work, count=2)
+    data = {"task": f"tests.zoo:{name}", "checkpoints": [{"path": str(c.path), "lr": c.lr} for c in ckpts]}
+    return build_index(parse_config(data, work), work / "index").path
+
+
 def copy_index(src: Path, name: str) -> Path:
     dst = _TMP / "copies" / name
     if dst.exists():

@@ -6,7 +6,10 @@ The tests skip, saying why, when chromium, chromedriver or selenium is missing.
 
     TRACIN_DASHBOARD_INDEX=DIR   serve this index directory instead of a briefly trained digits index
                                  (e.g. the full demo: tracin demo --out /tmp/demo --no-serve)
-    TRACIN_SCREENSHOTS=docs      also save full-page screenshots of each view as docs/dashboard-*.png
+    TRACIN_SCREENSHOTS=docs      also save full-page screenshots of each view as docs/dashboard-*.png, and
+                                 the sha256 of the dashboard's files they show in
+                                 docs/dashboard-screenshots.sha256 (tests.test_docs.py then
+                                 fails when the dashboard changes and the pictures were not taken again)
 """
 from __future__ import annotations
 
@@ -151,13 +154,25 @@ def assert_hits_equal(driver, answer: dict) -> None:
             assert got == pytest.approx(want, rel=1e-6, abs=1e-9), kind
 
 
-def screenshot(driver, name: str) -> None:
-    """Full-page PNG under $TRACIN_SCREENSHOTS (relative to the repository) when it is set."""
+def _screenshot_dir() -> Path | None:
+    """$TRACIN_SCREENSHOTS (relative to the repository), created, with the digest of the dashboard's files
+    written beside the pictures (tests.test_docs.py); None when it is not set."""
+    from tests.test_docs import DIGEST_FILE, static_digest
+
     target = os.environ.get("TRACIN_SCREENSHOTS")
     if not target:
-        return
+        return None
     out = Path(target) if Path(target).is_absolute() else REPO / target
     out.mkdir(parents=True, exist_ok=True)
+    (out / DIGEST_FILE).write_text(static_digest())
+    return out
+
+
+def screenshot(driver, name: str) -> None:
+    """Full-page PNG under $TRACIN_SCREENSHOTS (relative to the repository) when it is set."""
+    out = _screenshot_dir()
+    if out is None:
+        return
     height, chrome = driver.execute_script(
         "return [Math.max(document.documentElement.scrollHeight, document.body.scrollHeight),"
         " window.outerHeight - window.innerHeight]")
@@ -487,6 +502,83 @@ def test_stale_results_are_cleared(browser, server, api):
     css(browser, "#error-close")[0].click()
 
 
+def _crumbs(driver) -> list[tuple[str, bool]]:
+    return [(c.text, c.get_attribute("data-failed") == "true") for c in css(driver, "#trail .crumb")]
+
+
+def test_a_failed_request_moves_the_trail_and_again_to_the_failed_query(browser, server, api):
+    """After a failed request the trail ends with the query that failed (marked failed), and "again"
+    repeats that query, not the previous answer's (issue 22, item 7)."""
+    browser.get(server + "/#/index")
+    browser.get(server + "/#/explain/query/0")
+    first = api.get("/queries", params={"limit": 1}).json()["items"][0]["id"]
+    results_for(browser, "held-out", first)
+    hit = css(browser, "#proponents li.hit")[0]
+    train_id = hit.get_attribute("data-id")
+    hit.click()
+    results_for(browser, "train", train_id)
+    assert [c for c, _ in _crumbs(browser)][-2:] == [first, train_id]
+    # 1. A request that fails before POST /influence (an unknown training example: GET /examples/... is 404).
+    browser.get(server + "/#/explain/train/no-such-example")
+    shown = wait_for(lambda: banner(browser), what="404 banner")
+    assert shown["status"] == "404"
+    wait_for(lambda: css(browser, "#results-cleared"), what="results cleared")
+    assert _crumbs(browser)[-1] == ("no-such-example", True) and (train_id, False) in _crumbs(browser)
+    again = css(browser, "#rerun")[0]
+    assert again.text == "Explain no-such-example again"
+    assert "no-such-example" in css(browser, "#results-cleared")[0].text
+    again.click()  # repeats the failed query: the same 404, not the previous answer
+    wait_for(lambda: (b := banner(browser)) and b["status"] == "404", what="404 banner again")
+    assert not css(browser, "#results-body li.hit") and _crumbs(browser)[-1] == ("no-such-example", True)
+    # 2. POST /influence itself refuses (422): "again" names that query.
+    css(browser, "#error-close")[0].click()
+    browser.get(server + "/#/explain")
+    if not css(browser, "#raw-json")[0].get_attribute("open"):
+        css(browser, "#raw-json summary")[0].click()
+    raw = css(browser, "#raw-example")[0]
+    raw.clear()
+    raw.send_keys('{"pixels": [1, 2, 3]}')
+    css(browser, "#raw-run")[0].click()
+    wait_for(lambda: (b := banner(browser)) and b["status"] == "422", what="422 banner")
+    wait_for(lambda: css(browser, "#rerun") and css(browser, "#rerun")[0].text == "Explain edited JSON again",
+             what="again names the edited JSON")
+    assert _crumbs(browser)[-1] == ("edited JSON", True)
+    # 3. The next answer: the failed crumb is gone, the answered query is current.
+    css(browser, "#error-close")[0].click()
+    browser.get(server + "/#/explain/query/0")
+    results_for(browser, "held-out", first)
+    crumbs = _crumbs(browser)  # the trail walks back to `first` (alone: no trail shown)
+    assert all(not failed for _, failed in crumbs) and (not crumbs or crumbs[-1][0] == first), crumbs
+    assert not css(browser, "#rerun")
+
+
+def test_the_high_self_influence_hint_offers_the_normalised_view(browser, server, api):
+    """A raw answer whose hits are mostly high-self-influence examples shows the API's hint, and its button
+    asks for the same query normalised (issue 22, item 8)."""
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(server + "/#/index")
+    browser.get(server + "/#/explain/query/0")
+    first = api.get("/queries", params={"limit": 1}).json()["items"][0]
+    sent = results_for(browser, "held-out", first["id"])
+    answer = api.post("/influence", json=sent).json()
+    assert "normalize" not in sent and answer["hints"], "the test index should give query 0 the hint"
+    note = one(browser, "#hint-note")
+    hint = answer["hints"][0]
+    assert note.get_attribute("data-code") == "high_self_influence" and note.get_attribute("title") == hint["message"]
+    assert f"{hint['in_top']} of the {hint['hits']} hits (both ends) are in the top 10%" in note.text
+    css(browser, "#hint-normalize")[0].click()
+    normalised = wait_for(lambda: (body := css(browser, "#results-body")[0]).get_attribute("data-request")
+                          and json.loads(body.get_attribute("data-request")).get("normalize") == "train"
+                          and css(browser, "#proponents li.hit") and not css(browser, "#results[aria-busy=true]")
+                          and json.loads(body.get_attribute("data-request")), what="the normalised answer")
+    again = api.post("/influence", json=normalised).json()
+    assert_hits_equal(browser, again)
+    assert again["hints"] == [] and not css(browser, "#hint-note")
+    assert css(browser, "#opt-normalize")[0].get_attribute("value") == "train"
+    Select(css(browser, "#opt-normalize")[0]).select_by_value("none")
+
+
 def _overflow(driver) -> dict:
     return driver.execute_script("""
       const w = window.innerWidth, out = {page: document.documentElement.scrollWidth - w, off: []};
@@ -526,12 +618,69 @@ def test_narrow_windows(browser, server, api):
         browser.set_window_size(1440, 1000)
 
 
+def _blocks_table_reachable(driver) -> dict:
+    """The traced-blocks table inside its own box: the box within the page, and the table's last column
+    visible once the box is scrolled to its end (a box narrower than the table scrolls, never clips)."""
+    return driver.execute_script("""
+      const card = [...document.querySelectorAll('#index-panel .card')]
+        .find((c) => c.querySelector('h2').textContent.startsWith('Traced blocks'));
+      const table = card.querySelector('table'), box = table.parentElement;
+      box.scrollLeft = box.scrollWidth;
+      const b = box.getBoundingClientRect(), last = table.querySelector('thead th:last-child').getBoundingClientRect();
+      const style = getComputedStyle(box);
+      return {boxInPage: b.left >= 0 && b.right <= document.documentElement.clientWidth + 0.5,
+              lastVisible: last.right <= b.right + 0.5 && last.left >= b.left - 0.5,
+              scrollsIfNeeded: table.getBoundingClientRect().width <= b.width + 0.5 || style.overflowX === 'auto'};""")
+
+
+def _clipped_select_options(driver, selectors: str) -> list[str]:
+    """Option texts wider than their select's text area (canvas-measured in the select's font)."""
+    return driver.execute_script("""
+      const ctx = document.createElement('canvas').getContext('2d'), out = [];
+      for (const sel of document.querySelectorAll(arguments[0])) {
+        const st = getComputedStyle(sel);
+        ctx.font = `${st.fontWeight} ${st.fontSize} ${st.fontFamily}`;
+        const room = sel.clientWidth - parseFloat(st.paddingLeft) - parseFloat(st.paddingRight) - 18;  // the arrow
+        for (const o of sel.options) if (ctx.measureText(o.text).width > room) out.push(`${sel.id}: ${o.text}`);
+      }
+      return out;""", selectors)
+
+
+def test_wide_windows_and_select_texts(browser, server, api):
+    """At 1280 and 1440 px no view is wider than the page and the traced-blocks table is whole (or scrolls)
+    inside its card; at 800 px the query options' selects show their whole texts (issue 22, item 7)."""
+    first = api.get("/queries", params={"limit": 1}).json()["items"][0]["id"]
+    try:
+        for width in (1280, 1440):
+            browser.set_window_size(width, 1000)
+            browser.get(server + "/#/index")
+            browser.get(server + "/#/explain/query/0")
+            results_for(browser, "held-out", first)
+            for view, ready in (("explain", "#proponents li.hit"), ("self", "#si-table tbody tr[data-id]"),
+                                ("index", "#index-panel .card table tbody tr")):
+                browser.get(server + f"/#/{view}" + ("/query/0" if view == "explain" else ""))
+                wait_for(lambda sel=ready: css(browser, sel), what=f"{view} at {width}px")
+                time.sleep(0.3)  # the histogram redraws after a resize
+                sizes = browser.execute_script(
+                    "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+                assert sizes[0] <= sizes[1], (width, view, sizes)
+                assert _overflow(browser) == {"page": 0, "off": []}, (width, view)
+            assert _blocks_table_reachable(browser) == {"boxInPage": True, "lastVisible": True,
+                                                        "scrollsIfNeeded": True}, width
+        browser.set_window_size(800, 1000)
+        browser.get(server + "/#/explain")
+        wait_for(lambda: len(css(browser, "#opt-metric option")) > 1, what="the options at 800 px")
+        if not css(browser, "#options")[0].get_attribute("open"):
+            css(browser, "#options summary")[0].click()
+        assert _clipped_select_options(browser, "#options select") == []
+    finally:
+        browser.set_window_size(1440, 1000)
+
+
 def screenshot_at(driver, name: str) -> None:
     """Like screenshot(), at the window's current width."""
-    target = os.environ.get("TRACIN_SCREENSHOTS")
-    if target:
-        out = Path(target) if Path(target).is_absolute() else REPO / target
-        out.mkdir(parents=True, exist_ok=True)
+    out = _screenshot_dir()
+    if out is not None:
         driver.save_screenshot(str(out / f"dashboard-{name}.png"))
 
 
@@ -564,9 +713,10 @@ def test_api_docs_render_offline(browser, server, api_key):
     entries = browser.execute_script(
         "return performance.getEntriesByType('resource').map(e => [e.name, e.responseStatus])")
     assert any(u.endswith("/dashboard/vendor/redoc.standalone.js") for u, _ in entries)
-    # ReDoc's footer ("API docs by Redocly") asks cdn.redoc.ly for a logo: the page's CSP refuses it (no
-    # answer, status 0) and ReDoc drops the image. Everything that did load came from the service.
-    assert all(u.startswith(server) or status == 0 for u, status in entries), entries
+    # ReDoc's footer logo ("API docs by Redocly") is served inline (service/docs.py): nothing is asked of a
+    # CDN, not even a request the page's CSP would refuse.
+    assert all(u.startswith(server) or u.startswith("data:") for u, _ in entries), entries
+    assert not [e["message"] for e in browser.get_log("browser") if "cdn.redoc.ly" in e["message"]]
     # Without a saved key the page still loads and says where to enter one.
     browser.execute_script("localStorage.removeItem('tracin.apiKey')")
     browser.get(server + "/docs")
@@ -834,7 +984,8 @@ def test_long_class_names_are_not_clipped(browser, long_names_server):
             names = [el.get_attribute("textContent") for el in css(browser, "#query-summary .prob-label")]
             assert sorted(names) == sorted(FASHION_NAMES)
             assert _clipped(browser, "#query-summary .prob-label") == [], width
-            screenshot_at(browser, f"long-names-{width}")
+            if width == 800:
+                screenshot_at(browser, "long-names-800")
     finally:
         browser.set_window_size(1440, 1000)
 

@@ -2,25 +2,11 @@
 listings (never truncated), label filters where they make sense, query labels of the task's form."""
 from __future__ import annotations
 
-import functools
-
 import httpx
 import pytest
 
-from indexer.config import parse_config
-from indexer.build.pipeline import build_index
 from tests import zoo
-from tests.conftest import make_checkpoints
-from tests.service_support import _TMP, start_server
-
-
-@functools.lru_cache(maxsize=None)
-def index_of(name: str):
-    work = _TMP / f"kinds-{name}"
-    work.mkdir(parents=True, exist_ok=True)
-    ckpts = make_checkpoints(zoo.EXACT[name](), work, count=2)
-    data = {"task": f"tests.zoo:{name}", "checkpoints": [{"path": str(c.path), "lr": c.lr} for c in ckpts]}
-    return build_index(parse_config(data, work), work / "index").path
+from tests.service_support import start_server, zoo_index as index_of
 
 
 @pytest.fixture(scope="module")

@@ -128,6 +128,15 @@ def test_walkthrough_trains_indexes_and_inspects(walkthrough):
     assert [c["lr"] for c in index.manifest["checkpoints"]] == [0.1, 0.05, 0.025]
     assert index.examples[0]["id"] == "wine-0" and set(index.examples[0]["display"]) == {"alcohol", "color_intensity"}
     assert len(index.queries) == 28
+    # the numbers people read (examples for POST /influence, display fields) are load_wine's own, without
+    # float32 noise such as 12.079999923706055 for 12.08 (issue 22, item 9)
+    from sklearn.datasets import load_wine
+
+    dataset = set(load_wine().data.ravel().tolist())
+    shown = [v for q in index.queries for v in q["example"]["measurements"]]
+    shown += [v for e in index.examples for v in e["display"].values()]
+    noisy = [v for v in shown if v not in dataset]
+    assert len(shown) == 28 * 13 + 150 * 2 and not noisy, noisy[:5]
 
 
 def test_walkthrough_serves_and_answers_the_curl_query(walkthrough):

@@ -107,6 +107,82 @@ def test_kill_at_every_step_then_rerun_gives_the_same_bytes(tmp_path, ckpts, ref
         assert "resuming: checkpoints 0.." in err, err
 
 
+def test_a_rerun_removes_the_resume_state_of_a_build_killed_after_its_commit(tmp_path, ckpts, reference):
+    """Killed between the commit of the index and the removal of its resume directory: the index is whole,
+    and the next run (with or without --force) removes the hidden `.index.partial-*` leftover."""
+    config = write_config(tmp_path, REF, ckpts, kind="sketch", dim=16)
+    killed = _tracin("index", config, "--out", tmp_path / "index", env={KILL_ENV: "index-committed"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [n for n in _leftovers(tmp_path) if n.startswith(".index.partial-")], _leftovers(tmp_path)
+    rerun = _tracin("index", config, "--out", tmp_path / "index")  # no --force: refused, and cleaned up
+    assert rerun.returncode == 2 and "already exists" in rerun.stderr, rerun.stderr
+    assert "removed .index.partial-" in rerun.stderr and "Traceback" not in rerun.stderr, rerun.stderr
+    assert _leftovers(tmp_path) == []
+    _assert_same_index(tmp_path / "index", reference)
+
+
+def test_a_rerun_keeps_the_resume_state_of_a_rebuild_that_was_not_committed(tmp_path, ckpts, reference):
+    """The resume state of an interrupted --force rebuild beside a whole index is not that index's leftover:
+    a rerun without --force keeps it, and the next --force run resumes from it."""
+    config = write_config(tmp_path, REF, ckpts, kind="sketch", dim=16)
+    assert _tracin("index", config, "--out", tmp_path / "index").returncode == 0
+    for step in ("state-committed:2", "manifest-written"):
+        killed = _tracin("index", config, "--out", tmp_path / "index", "--force", env={KILL_ENV: step})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        partial = [n for n in _leftovers(tmp_path) if n.startswith(".index.partial-")]
+        assert partial
+        refused = _tracin("index", config, "--out", tmp_path / "index")
+        assert refused.returncode == 2 and "already exists" in refused.stderr, refused.stderr
+        assert [n for n in _leftovers(tmp_path) if n.startswith(".index.partial-")] == partial
+        resumed = _tracin("index", config, "--out", tmp_path / "index", "--force")
+        assert resumed.returncode == 0 and "resuming: checkpoints 0.." in resumed.stderr, resumed.stderr
+        assert _leftovers(tmp_path) == []
+        _assert_same_index(tmp_path / "index", reference)
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    """A directory nobody may write into: a read-only tmpfs where this runs as root, else mode 0555."""
+    point = tmp_path / "read-only"
+    point.mkdir()
+    if os.geteuid() == 0:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"root, and cannot mount a read-only tmpfs here: {proc.stderr.strip()}")
+    else:
+        point.chmod(0o555)
+    return point
+
+
+@pytest.mark.parametrize("command", ["index", "demo"])
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, ckpts, command):
+    """A read-only --out and an --out under a regular file: exit 2 and one line saying so, no traceback
+    (issue 22: a 16-line traceback; "File exists")."""
+    config = write_config(tmp_path, REF, ckpts, kind="sketch", dim=16)
+    regular = tmp_path / "notes.txt"
+    regular.write_text("a file, not a directory")
+    read_only = _read_only_dir(tmp_path)
+    try:
+        not_writable = ("is not writable", "cannot create")  # demo's --out is a work directory it creates
+        not_a_dir = ("notes.txt is a file, not a directory",)
+        cases = [(read_only / "index", not_writable), (read_only / "sub" / "index", not_writable),
+                 (regular / "index", not_a_dir), (regular / "deeper" / "index", not_a_dir)]
+        if command == "demo":
+            cases.append((regular, not_a_dir))
+        for out, words in cases:
+            args = ("index", config, "--out", out) if command == "index" else ("demo", "--out", out, "--no-serve")
+            proc = _tracin(*args)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+            assert lines[0].startswith(f"tracin {command}: error: --out {out}"), lines
+            assert any(w in lines[0] for w in words), lines
+            assert "File exists" not in lines[0]
+        assert regular.read_text() == "a file, not a directory"
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", "-l", str(read_only)], capture_output=True)
+
+
 def test_damaged_resume_state_is_detected_and_restarted(tmp_path, ckpts, reference, capsys):
     config = write_config(tmp_path, REF, ckpts, kind="sketch", dim=16)
     for damage in ("truncate vectors", "garbage state.json", "flip a byte"):
@@ -162,12 +238,16 @@ def test_a_second_build_is_refused_while_the_output_is_locked(tmp_path, ckpts):
 
 
 class SlowMLPTask(MLPTask):
-    """MLPTask whose training set takes a few seconds to load: a build that holds its lock a while."""
+    """MLPTask whose training set is not ready until the file named by $TRACIN_TEST_RELEASE exists: a build
+    that holds its lock until the test lets it go (a guard of 300 s only bounds a hung test)."""
 
     def training_set(self):
         import time
 
-        time.sleep(4)
+        release = os.environ.get("TRACIN_TEST_RELEASE")
+        deadline = time.monotonic() + 300
+        while release and not Path(release).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         return super().training_set()
 
 
@@ -184,18 +264,21 @@ def test_two_concurrent_builds_never_mix(tmp_path, ckpts):
         config.write_text(config.read_text().replace("seed = 3", f"seed = {seed}"))
         configs.append(config)
     out = tmp_path / "index"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    release = tmp_path / "release"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRACIN_TEST_RELEASE": str(release)}
 
     def start(config):
         return subprocess.Popen([sys.executable, "-m", "indexer.cli", "index", str(config), "--out", str(out),
                                  "--force", "--quiet"], stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
 
     first = start(configs[0])
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300  # a guard only: the first build waits for `release` holding its lock
     while not (tmp_path / ".index.lock").exists() and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.05)
     second = start(configs[1])
-    (code1, err1), (code2, err2) = [(p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
+    code2, err2 = second.wait(timeout=300), second.stderr.read()  # refused while the first holds the lock
+    release.touch()
+    code1, err1 = first.wait(timeout=300), first.stderr.read()
     assert code1 == 0, err1
     assert code2 == 2 and f"another build (pid {first.pid}) is writing" in err2 and "Traceback" not in err2, err2
     index = IndexDirectory.open(out)  # whole, verified, and the first build's

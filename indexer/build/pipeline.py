@@ -33,7 +33,7 @@ from indexer.store.faiss_build import Normalized, RowSource, measure_recall, wri
 from indexer.sketch.embedding import (
     DTYPES, Checkpoint, CheckpointEmbedder, ProjectionPlan, combine, plan_embedding,
 )
-from indexer.store.manifest import ManifestError, write_manifest
+from indexer.store.manifest import MANIFEST as MANIFEST_FILE, ManifestError, write_manifest
 from indexer.store.resume import (
     OutputLock, ResumeState, RowFile, disk_error, gb, kill_point, save_npy, say,
 )
@@ -203,6 +203,7 @@ def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
     started = time.perf_counter()
     out = Path(out).resolve()
     with OutputLock(out.parent / f".{out.name}.lock", out):
+        _remove_committed_resume(out)  # before the "already exists" refusal: a rerun without --force too
         _check_out(out, overwrite, config)
         job = _Job.prepare(config, out, overwrite)
         work = out.parent / f".{out.name}.partial-{job.config_hash}"
@@ -214,7 +215,7 @@ def build_index(config: IndexConfig, out: str | Path, overwrite: bool = False,
             kill_point("prepared")
             vectors_file, self_influence, review, seconds = _embed_rows(job, state, 0, progress, show_progress)
             vectors = RowSource([vectors_file], job.plan.total_dim)  # read by row blocks, never whole
-            result = _finalize(job, vectors, self_influence, started, seconds, review)
+            result = _finalize(job, vectors, self_influence, started, seconds, review, resume_dir=work)
         kill_point("index-committed")
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -375,6 +376,27 @@ def _protected(config: IndexConfig) -> list[Path]:
     if config.source is not None:
         paths.append(Path(config.source))
     return paths
+
+
+COMMITTING = "committing.sha256"  # in a resume directory: the sha256 of the manifest its build is committing
+
+
+def _remove_committed_resume(out: Path) -> None:
+    """Resume directories of the build that wrote the index `out` (killed after its commit, before the
+    removal): each says, in COMMITTING, the sha256 of the manifest it committed; `out`'s must match."""
+    manifest = out / MANIFEST_FILE
+    if out.is_symlink() or not manifest.is_file():
+        return
+    digest = None
+    for entry in out.parent.glob(f".{out.name}.partial-*"):
+        marker = entry / COMMITTING
+        if entry.is_symlink() or not marker.is_file():
+            continue
+        digest = digest or sha256_file(manifest)
+        if marker.read_text(errors="replace").strip() == digest:
+            say(f"removed {entry.name}: the resume state of the build that wrote {out.name} (it was interrupted "
+                "after committing the index)")
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _remove_stale(out: Path, keep: Path, resume_states: bool = True) -> None:
@@ -632,12 +654,16 @@ def _check_finite(job: _Job, c: int, start: int, stop: int, vec: np.ndarray, sq:
 
 
 def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, started: float,
-              embed_seconds: float, review: ReviewAccumulator) -> BuildResult:
-    """Write FAISS index, self-influence, label review, examples, checkpoints and manifest; rename into place."""
+              embed_seconds: float, review: ReviewAccumulator, resume_dir: Path | None = None) -> BuildResult:
+    """Write FAISS index, self-influence, label review, examples, checkpoints and manifest; rename into place.
+    `resume_dir` (the build's resume state) is marked with the manifest's sha256 just before the commit, so
+    that a rerun knows it for the leftover of this index (`_remove_committed_resume`)."""
     staging = StagingDirectory(job.out, overwrite=job.overwrite, protected=_protected(job.config))
     try:
         stage_index(job, staging.path, vectors, self_influence, review, started, embed_seconds)
         kill_point("manifest-written")
+        if resume_dir is not None and resume_dir.is_dir():
+            (resume_dir / COMMITTING).write_text(sha256_file(staging.path / MANIFEST_FILE) + "\n")
         staging.commit()
     except ManifestError as exc:  # a figure the service would refuse: never write such an index
         staging.abort()

@@ -69,6 +69,25 @@ class ExactScorer:
         per_checkpoint = per_block.sum(axis=1)
         return ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint, losses, per_block, names)
 
+    def scores_each(self, query: Sequence[Sequence[BlockGrad]], rows: np.ndarray) -> list[ExactScores]:
+        """Exact scores of each of Q queries (block gradients with Q rows at each checkpoint: a batch of
+        queries) against the same training `rows`, one `ExactScores` per query, with each row's gradients
+        computed once for all of them (`scores` is the case Q = 1)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        C = len(self.embedder.per_checkpoint)
+        names = tuple(b.name for b in self.embedder.plan.blocks)
+        Q = query[0][0].batch
+        if rows.size == 0:
+            return [ExactScores(rows, np.zeros(0), np.zeros((C, 0)), np.zeros((C, 0)),
+                                np.zeros((C, len(names), 0)), names) for _ in range(Q)]
+        terms, losses = self._terms(query, rows)
+        out = []
+        for q in range(Q):
+            per_block = terms[:, :, q, :]
+            per_checkpoint = per_block.sum(axis=1)
+            out.append(ExactScores(rows, per_checkpoint.sum(axis=0), per_checkpoint, losses, per_block, names))
+        return out
+
     def matrix(self, query: Sequence[Sequence[BlockGrad]], rows: np.ndarray) -> np.ndarray:
         """Exact TracIn float64 [Q, K] of Q queries (block gradients with Q rows at each checkpoint)
         against training `rows`: each row's gradients are computed once for every query."""
@@ -112,6 +131,41 @@ class ExactScorer:
                                  .detach().to("cpu", torch.float64).numpy())
             out.append(np.concatenate(parts) if parts else np.zeros(0))
         return np.stack(out)
+
+
+def sum_queries(parts: Sequence[Sequence[Sequence[BlockGrad]]], scale: float = 1.0) -> list[list[BlockGrad]]:
+    """One query from many: `parts[p][c][l]` = block l's gradients at checkpoint c of a batch p of queries (any
+    number of rows each); returns per checkpoint and block `scale * sum over every row of every part` as one
+    explicit row (float64 [1, m, n], `BlockGrad.batch_sum`). TracIn is linear in the query's gradient, so
+    scores against it equal `scale` times the sum of the rows' own scores (a set query: scale 1 = sum,
+    1/n = mean). Raises ValueError for no parts."""
+    if not parts:
+        raise ValueError("sum_queries: no query gradients")
+    out = []
+    for c, per_block in enumerate(parts[0]):
+        blocks = []
+        for b, first in enumerate(per_block):
+            total = None
+            for part in parts:
+                g = part[c][b].batch_sum().to(torch.float64)
+                total = g if total is None else total + g
+            blocks.append(BlockGrad(first.block, [Dense((total * scale).unsqueeze(0))]))
+        out.append(blocks)
+    return out
+
+
+def query_self_influence(embedder: Embedder, query: Sequence[Sequence[BlockGrad]]) -> np.ndarray:
+    """sum_i sum_l <G_{i,l}(q), w_{i,l} (.) G_{i,l}(q)>_F per query row: [Q] float64, the squared norm of each
+    query's gradient in the TracIn metric (w: `embedder`'s step weights). For a set's summed gradient
+    (`sum_queries`) it is the set's exact squared norm, cross terms between members included: not the sum of
+    the members' squared norms."""
+    total = None
+    for part, per_block in zip(embedder.per_checkpoint, query):
+        for q, w in zip(per_block, part.weights):
+            weighted, scale = weigh(q, w)
+            value = torch.diagonal(scale * weighted.inner(q)).to("cpu", torch.float64)
+            total = value if total is None else total + value
+    return total.numpy()
 
 
 def weigh(query: BlockGrad, weight: float | torch.Tensor) -> tuple[BlockGrad, float]:

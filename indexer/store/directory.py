@@ -448,14 +448,16 @@ class IndexDirectory:
         except (VersionError, OSError) as exc:
             raise IndexDirectoryError(str(exc)) from None
         path = version.directory
+        for name in (MANIFEST, MANIFEST_DIGEST):
+            if (path / name).is_symlink():
+                _check_member(path, name)
         try:
             model, manifest = read_manifest(path)
         except ManifestError as exc:
             raise IndexDirectoryError(str(exc)) from None
         for name, digest in model.required_files().items():
             file = path / name
-            if not file.is_file() or file.is_symlink() or not _inside(file, path.resolve()):
-                raise IndexDirectoryError(f"{path} is incomplete: {name} is missing")
+            _check_member(path, name)
             if verify and sha256_file(file) != digest:
                 raise IndexDirectoryError(f"{path}: {name} does not match the sha256 in the manifest")
         try:
@@ -531,6 +533,27 @@ def _read_removed(path: Path, examples: "JsonlRows") -> np.ndarray:
         return read_removed_file(path / REMOVED_FILE, examples.ids)
     except ValueError as exc:
         raise IndexDirectoryError(f"{path}: {exc}") from None
+
+
+def _check_member(path: Path, name: str) -> None:
+    """Refuse (IndexDirectoryError, one line) a file of the index directory `path` that is not a regular file
+    inside it: missing, a symlink or under a symlinked folder (never followed, even to a file inside: an
+    index directory reads nothing outside itself), another kind of file, or outside the directory."""
+    current = path
+    for part in Path(name).parts:
+        current = current / part
+        if current.is_symlink():
+            link = current.relative_to(path).as_posix()
+            where = "" if link == name else f" (under the symlinked folder {link})"
+            raise IndexDirectoryError(f"{path}: {name} is a symlink{where}, refused: an index directory holds its "
+                                      "files itself (replace the link by a copy of the file it points to)")
+    file = path / name
+    if not file.exists():
+        raise IndexDirectoryError(f"{path} is incomplete: {name} is missing")
+    if not file.is_file():
+        raise IndexDirectoryError(f"{path}: {name} is not a regular file")
+    if not _inside(file, path.resolve()):
+        raise IndexDirectoryError(f"{path}: {name} lies outside the index directory")
 
 
 def _read_input_ranges(path: Path):

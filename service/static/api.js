@@ -102,7 +102,8 @@ const qs = (params) => {
 export const api = {
   index: () => request("GET", "/index"),
   ready: () => request("GET", "/readyz"),
-  queries: (offset = 0, limit = 100) => request("GET", `/queries${qs({ offset, limit })}`),
+  queries: (offset = 0, limit = 100, predictions = false) =>
+    request("GET", `/queries${qs({ offset, limit, predictions: predictions ? "true" : undefined })}`),
   example: (id) => request("GET", `/examples/${encodeURIComponent(id)}`),
   influence: (body) => request("POST", "/influence", body),
   selfInfluence: (k, offset = 0, label) => request("GET", `/self-influence/top${qs({ k, offset, label })}`),

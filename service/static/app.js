@@ -1,6 +1,7 @@
 // tracin-service influence dashboard: a client of the public REST API only (the reference dashboard).
 // Views: #/explain[/query/<offset>|/train/<id>], #/self?ranking=&label=&offset=&k=, #/index.
 import { api, ApiError, getApiKey, setApiKey } from "./api.js";
+import { createSets } from "./sets.js";
 import {
   ImageInput, binScores, clear, displayExtras, drawHistogram, exampleVisual, fieldColumns, fieldsTable, flippedBadge,
   fmtInt, fmtScore, h, hasVisual, hitList, inputSpec, labelChip, labelSummary, probabilityBars, safeImageUrl,
@@ -23,7 +24,8 @@ const state = {
   hist: new Map(), // label -> histogram data
   lastSelfItems: [],
   busy: 0,
-  rerun: null, // runs the last query again (after its answer was cleared)
+  attempt: null, // the query asked for last: {source, id, failed}; the trail's last crumb while it fails
+  rerun: null, // runs that query again (after its answer was cleared or it failed); null: nothing to repeat
   rerunId: "",
 };
 
@@ -55,9 +57,16 @@ function labelText(label) {
 // that the page never shows an error banner above answers it does not belong to.
 const EXPLAIN_CONTEXTS = new Set(["explain", "upload", "your example", "example JSON"]);
 
+const sets = createSets({
+  info: () => state.info, labelName: (l) => labelName(l), labelText: (l) => labelText(l),
+  navigate: (hash) => navigate(hash), clearError: () => clearError(),
+  guarded: (fn, context) => guarded(fn, context),
+});
+
 function showError(err, context = "") {
-  if (EXPLAIN_CONTEXTS.has(context) && state.current) {
-    clearResults("No result: the request failed (see the error above).");
+  if (EXPLAIN_CONTEXTS.has(context)) {  // the trail and "again" follow the query that failed, not the last answer
+    if (state.attempt) state.attempt.failed = true;
+    clearResults(`No result for ${state.attempt?.id ?? "this query"}: the request failed (see the error above).`);
   }
   const banner = $("error-banner");
   const e = err instanceof ApiError ? err : new ApiError(0, "client_error", err?.message || String(err));
@@ -232,6 +241,7 @@ async function onUpload(input) {
   try {
     meta = await state.imageInput.loadFile(file);
   } catch (err) {
+    attempt({ source: "upload", id: file.name }, null);  // nothing to repeat: the file is not an image
     showError(new ApiError(0, "bad_input", err.message), "upload");
     return;
   }
@@ -267,6 +277,7 @@ function explainCustom() {
   } else if (spec.kind === "text") {
     const text = $("custom-text").value;
     if (!text.trim()) {
+      attempt({ source: "text", id: "your example" }, null);
       showError(new ApiError(0, "bad_input", `${spec.field} is empty: type or paste some text first`), "your example");
       return;
     }
@@ -282,6 +293,7 @@ function explainRaw() {
   try {
     example = JSON.parse($("raw-example").value);
   } catch (err) {
+    attempt({ source: "json", id: "edited JSON" }, null);
     showError(new ApiError(0, "bad_input", `the example is not valid JSON (${err.message})`), "example JSON");
     return;
   }
@@ -384,7 +396,24 @@ function queryOptions() {
   return body;
 }
 
+// The query about to be asked: what the trail shows as current and what "again" repeats, from before its
+// first request (so that a failure anywhere, even before POST /influence, names it and not the last answer).
+function attempt(meta, rerun) {
+  state.attempt = { source: meta.source, id: meta.id, offset: meta.offset, failed: false };
+  state.rerun = rerun;
+  state.rerunId = meta.id;
+}
+
+function rerunOf(meta) {
+  if (meta.source === "held-out") return () => navigate(`#/explain/query/${meta.offset}`);
+  if (meta.source === "train") return () => navigate(`#/explain/train/${encodeURIComponent(meta.id)}`);
+  return meta.example !== undefined ? () => guarded(() => explainExample(meta.example, meta), "explain") : null;
+}
+
 async function explainHeldOut(offset) {
+  const known = state.queryPage?.items[offset - state.queryPage.offset];
+  const meta = { source: "held-out", id: known?.id ?? `held-out #${offset}`, offset };
+  attempt(meta, rerunOf(meta));
   const page = await api.queries(offset, 1);
   const q = page.items[0];
   if (!q) throw new ApiError(0, "bad_input", `there is no held-out example at position ${offset} (${page.total} in all)`);
@@ -398,6 +427,7 @@ async function explainHeldOut(offset) {
 
 async function explainExample(example, meta) {
   clearError();
+  attempt(meta, rerunOf({ ...meta, example }));
   const body = { example, ...queryOptions() };
   const label = $("opt-label").value;
   if (label !== "") body.label = Number(label);
@@ -406,6 +436,7 @@ async function explainExample(example, meta) {
 
 async function explainTrain(id) {
   clearError();
+  attempt({ source: "train", id }, rerunOf({ source: "train", id }));
   const body = { train_id: id, ...queryOptions() };
   if ($("opt-exclude").checked) body.exclude_self = true;
   const [info] = await Promise.all([api.example(id)]);
@@ -417,10 +448,6 @@ let influenceSeq = 0;
 async function runInfluence(body, meta) {
   const results = $("results");
   const seq = ++influenceSeq;
-  state.rerun = meta.source === "held-out" ? () => navigate(`#/explain/query/${meta.offset}`)
-    : meta.source === "train" ? () => navigate(`#/explain/train/${encodeURIComponent(meta.id)}`)
-      : () => guarded(() => explainExample(meta.example, meta), "explain");
-  state.rerunId = meta.id;
   results.setAttribute("aria-busy", "true");
   try {
     const t0 = performance.now();
@@ -428,9 +455,13 @@ async function runInfluence(body, meta) {
     const roundTrip = performance.now() - t0;
     if (seq !== influenceSeq) return; // a later request was started meanwhile: its answer wins
     state.current = { ...meta, body, res, roundTrip };
+    state.attempt = null;
     pushTrail(meta);
     renderResults();
     renderQueries();
+  } catch (err) {
+    if (seq !== influenceSeq) return; // a later request replaced this one: its outcome is the one shown
+    throw err;
   } finally {
     if (seq === influenceSeq) results.removeAttribute("aria-busy");
   }
@@ -449,6 +480,7 @@ function clearResults(message) {
   const again = state.rerun ? h("button", { type: "button", class: "secondary", id: "rerun",
     text: `Explain ${state.rerunId} again`, onclick: () => { clearError(); state.rerun(); } }) : null;
   box.append(h("div", { class: "empty", id: "results-cleared" }, h("p", { text: message }), again));
+  renderTrail();
   renderQueries();
 }
 
@@ -464,18 +496,27 @@ function pushTrail(meta) {
   if (state.trail.length > 12) state.trail = state.trail.slice(-12);
 }
 
+// The queries answered, in order, and (while it fails) the one asked for last, marked failed: a failed
+// query is never shown as if the previous answer were its own.
 function renderTrail() {
   const el = clear($("trail"));
-  if (state.trail.length < 2) return;
+  const failed = state.attempt?.failed ? state.attempt : null;
+  const crumbs = failed ? [...state.trail.filter((t) => t.key !== `${failed.source}:${failed.id}`), failed] : state.trail;
+  if (crumbs.length < 2 && !failed) return;
   el.append(h("span", { class: "muted", text: "trail" }));
-  state.trail.forEach((t, i) => {
-    const last = i === state.trail.length - 1;
+  crumbs.forEach((t, i) => {
+    const last = i === crumbs.length - 1;
     const hash = t.source === "train" ? `#/explain/train/${encodeURIComponent(t.id)}`
       : t.source === "held-out" ? `#/explain/query/${t.offset}` : null;
     if (i) el.append(h("span", { class: "sep", text: "›" }));
-    el.append(last || !hash
-      ? h("span", { class: last ? "crumb current" : "crumb", text: t.id })
-      : h("a", { class: "crumb", href: hash, text: t.id }));
+    if (last && failed) {
+      el.append(h("span", { class: "crumb current failed", "data-failed": "true", title: "this query failed",
+        text: t.id }), h("span", { class: "bad small", text: " failed" }));
+    } else {
+      el.append(last || !hash
+        ? h("span", { class: last ? "crumb current" : "crumb", text: t.id })
+        : h("a", { class: "crumb", href: hash, text: t.id }));
+    }
   });
 }
 
@@ -574,6 +615,19 @@ function renderResults() {
     fields));
 
   const open = (id) => navigate(`#/explain/train/${encodeURIComponent(id)}`);
+  // Most hits (both ends) are high-self-influence examples: say so at the top of the answer, where it adds
+  // no height above it, and offer the normalised view in one click (the API's message in the title).
+  const hint = (res.hints || []).find((x) => x.code === "high_self_influence");
+  const hintLine = hint ? h("div", { class: "hint small", id: "hint-note", "data-code": hint.code, title: hint.message },
+    h("span", { text: `${hint.in_top} of the ${hint.hits} hits (both ends) are in the top `
+      + `${Math.round((100 * hint.top_ranks) / (state.info?.count || hint.top_ranks))}% by self-influence, often `
+      + "mislabeled or odd examples that raw TracIn puts first. " }),
+    h("button", { type: "button", class: "secondary small-button", id: "hint-normalize",
+      text: `Show the normalised view (${hint.suggestion?.normalize || "train"})`, onclick: () => {
+        $("opt-normalize").value = hint.suggestion?.normalize || "train";
+        clearError();
+        if (state.rerun) state.rerun();
+      } })) : null;
   const column = (kind, hits, title, subtitle) => {
     const flipped = hits.filter((x) => x.display?.flipped === true).length;
     const hasFlip = hits.some((x) => typeof x.display?.flipped === "boolean");
@@ -581,6 +635,7 @@ function renderResults() {
       h("div", { class: "panel-head" },
         h("h2", {}, title, h("span", { class: "count", text: String(hits.length) })),
         h("span", { class: "muted small", text: subtitle })),
+      kind === "proponents" ? hintLine : null,
       h("div", { class: "muted small summary-line" },
         `labels: ${labelSummary(hits, labelName) || "–"}`, hasFlip ? ` · flipped: ${flipped}/${hits.length}` : ""),
       hitList(hits, { kind, labelName, onOpen: open, textTask }));
@@ -881,7 +936,7 @@ function renderIndex() {
         ["fingerprint", h("span", { class: "mono small", title: p.fingerprint || "", text: p.fingerprint ? `${p.fingerprint.slice(0, 16)}…` : "–" })],
       ])),
     h("div", { class: "panel card wide" }, h("h2", { text: `Checkpoints (${(i.checkpoints || []).length}) · Σ lr = ${fmtScore(lrs.reduce((a, b) => a + b, 0))}` }),
-      h("table", { class: "plain" },
+      h("div", { class: "table-scroll" }, h("table", { class: "plain", id: "checkpoints-table" },
         h("thead", {}, h("tr", {}, h("th", { text: "#" }), h("th", { text: "file" }), h("th", { class: "num", text: "learning rate" }),
           h("th", { text: "" }), h("th", { text: "sha256" }))),
         h("tbody", {}, (i.checkpoints || []).map((c, n) => h("tr", {},
@@ -889,16 +944,16 @@ function renderIndex() {
           h("td", { class: "mono nowrap", text: c.file }),
           h("td", { class: "num mono", text: fmtScore(c.lr) }),
           h("td", { class: "bar-col" }, h("div", { class: "score-bar" }, h("span", { style: { width: `${(100 * c.lr) / Math.max(...lrs)}%` } }))),
-          h("td", { class: "mono small muted", title: c.sha256, text: c.sha256.slice(0, 12) })))))),
-    card(`Traced blocks (${(i.layers || []).length})`,
-      h("table", { class: "plain" },
+          h("td", { class: "mono small muted", title: c.sha256, text: c.sha256.slice(0, 12) }))))))),
+    h("div", { class: "panel card full", id: "blocks-card" }, h("h2", { text: `Traced blocks (${(i.layers || []).length})` }),
+      h("div", { class: "table-scroll", id: "blocks-scroll" }, h("table", { class: "plain", id: "blocks-table" },
         h("thead", {}, h("tr", {}, ["name", "kind", "gradient shape", "capture route", "projection", "dim"]
           .map((t) => h("th", { text: t })))),
         h("tbody", {}, (i.layers || []).map((l) => h("tr", {},
           h("td", { class: "mono", text: l.name }), h("td", { text: l.kind }),
           h("td", { class: "mono", text: Array.isArray(l.shape) ? l.shape.join("×") : String(l.shape ?? "") }),
           h("td", { text: l.route ?? "", title: l.reason ?? "" }),
-          h("td", { text: l.projection ?? "" }), h("td", { class: "mono", text: String(l.dim ?? "") })))))),
+          h("td", { text: l.projection ?? "" }), h("td", { class: "mono", text: String(l.dim ?? "") }))))))),
     card("Versions",
       kv(Object.entries(i.versions || {}).map(([k, v]) => [k, mono(v)]))),
     card("Example schema",
@@ -942,7 +997,7 @@ function navigate(hash) {
 }
 
 function showView(name) {
-  for (const v of ["explain", "self", "index"]) {
+  for (const v of ["explain", "set", "self", "index"]) {
     $(`view-${v}`).hidden = v !== name;
     $(`tab-${v}`).classList.toggle("active", v === name);
     if (v === name) $(`tab-${v}`).setAttribute("aria-current", "page");
@@ -969,6 +1024,9 @@ async function route() {
   } else if (view === "index") {
     showView("index");
     renderIndex();
+  } else if (view === "set") {
+    showView("set");
+    if (state.info) await guarded(sets.load, "held-out set");
   } else {
     showView("explain");
     if (!state.queryPage && state.info) await guarded(() => loadQueries(0), "held-out examples");
@@ -991,11 +1049,13 @@ function init() {
     state.info = null;
     state.queryPage = null;
     state.hist.clear();
+    sets.reset();
     $("key-save").textContent = "Saved";
     setTimeout(() => { $("key-save").textContent = "Save"; }, 1200);
     await route();
   });
   $("error-close").addEventListener("click", clearError);
+  sets.init();
   $("raw-run").addEventListener("click", () => guarded(explainRaw, "explain"));
   $("si-label").addEventListener("change", () => navigate(selfHash({ label: $("si-label").value, offset: 0 })));
   $("si-k").addEventListener("change", () => navigate(selfHash({ k: Number($("si-k").value), offset: 0 })));

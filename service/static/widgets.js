@@ -148,7 +148,8 @@ export function labelChip(label, labelName, extraClass = "") {
 
 // -- hits -------------------------------------------------------------------------------------
 
-export function hitList(hits, { kind, labelName, onOpen, textTask }) {
+// extra(hit) -> a node appended to the hit's card (e.g. the set members it affects most), or null.
+export function hitList(hits, { kind, labelName, onOpen, textTask, extra = null }) {
   const maxAbs = Math.max(1e-30, ...hits.map((x) => Math.abs(x.score)));
   const tabular = hits.length > 0 && !hits.some((x) => hasVisual(x.display));
   const list = h("ol", { class: `hits hits-${kind}${textTask ? " hits-text" : ""}${tabular ? " hits-fields" : ""}`,
@@ -175,7 +176,9 @@ export function hitList(hits, { kind, labelName, onOpen, textTask }) {
       extras.length ? h("div", { class: "extras muted", text: extras.map(([k, v]) => `${k}: ${v}`).join(" · ") }) : null,
       tabular ? exampleVisual(d, { drop: (k, v) => String(v) === labelName(hit.label) }) : null,
       h("div", { class: "hit-score" }, h("span", { class: "score mono", text: fmtScore(hit.score) }), bar),
-      hit.checkpoints ? checkpointBars(hit.checkpoints, hit.losses) : null));
+      hit.checkpoints ? checkpointBars(hit.checkpoints, hit.losses) : null,
+      hit.blocks ? blockTerms(hit.blocks) : null,
+      extra ? extra(hit) : null));
     list.append(li);
   });
   if (!hits.length) list.append(h("li", { class: "none muted", text: "none" }));
@@ -191,6 +194,22 @@ export function checkpointBars(terms, losses) {
     return h("span", { class: `ckpt ${t >= 0 ? "pos" : "neg"}`, title },
       h("span", { class: "ckpt-fill", style: { height: `${Math.max(1, pct)}%`, [t >= 0 ? "bottom" : "top"]: "50%" } }));
   }));
+}
+
+// Per-layer terms of a score (they sum to it), shown on demand: a closed <details> listing each traced
+// block's term with a bar (clicks inside do not open the hit).
+export function blockTerms(blocks) {
+  const entries = Object.entries(blocks);
+  const maxAbs = Math.max(1e-30, ...entries.map(([, t]) => Math.abs(t)));
+  const rows = entries.map(([name, t]) => h("div", { class: "block-term", "data-block": name, "data-term": String(t) },
+    h("span", { class: "block-name mono", title: name, text: name }),
+    h("span", { class: "block-track" },
+      h("span", { class: `block-fill ${t >= 0 ? "pos" : "neg"}`, style: { width: `${Math.max(1, (100 * Math.abs(t)) / maxAbs)}%` } })),
+    h("span", { class: "block-value mono", text: fmtScore(t) })));
+  const box = h("details", { class: "blocks" }, h("summary", { text: `layers (${entries.length})` }), rows);
+  box.addEventListener("click", (ev) => ev.stopPropagation());
+  box.addEventListener("keydown", (ev) => ev.stopPropagation());
+  return box;
 }
 
 // Label counts of a hit list, e.g. "3 ×7 · 5 ×2".
