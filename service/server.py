@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import socket
 import sys
@@ -122,6 +123,7 @@ def serve(index_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
               file=sys.stderr)
         return 2
     bound_port = sock.getsockname()[1]
+    _log_to_stderr(settings.log_level)
 
     from service.app import create_app
 
@@ -137,6 +139,19 @@ def serve(index_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
     finally:
         sock.close()
     return 0 if server.started else 1
+
+
+def _log_to_stderr(level: str) -> None:
+    """From here on, the service's own log lines (reloads by SIGHUP or POST /admin/reload, refused versions,
+    warnings) go to stderr at TRACIN_LOG_LEVEL, formatted like uvicorn's. Set once the index is loaded, so that
+    a refused start stays the one line printed above."""
+    logger = logging.getLogger("service")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
