@@ -308,3 +308,22 @@ def test_trainer_callback_keeps_an_index_current_and_a_running_server_reloads_it
     inline.write_text(f'task = "x:Y"\ncheckpoints = [{{ path = {str(before)!r} }}]\n')
     with pytest.raises(ValueError, match="not an inline array"):
         IndexUpdate(inline, out)
+
+
+def test_a_failed_index_update_is_a_warning_not_an_exception(tmp_path):
+    """An update the CLI refuses (here: a task that does not exist) warns with the refusal's line and the log's
+    path; training is not interrupted, nothing is reloaded."""
+    from indexer.callbacks import IndexUpdate
+    from indexer.checkpoints import save_checkpoint
+    from tests.service_support import REPO
+
+    ckpt = save_checkpoint(tmp_path / "c.pt", _mlp(), lr=0.1, step=1)
+    base = tmp_path / "index.toml"
+    base.write_text('task = "tests.test_callbacks:NoSuchTask"\n[projection]\nkind = "exact"\n')
+    update = IndexUpdate(base, tmp_path / "index", reload_url="http://127.0.0.1:9", wait=True,
+                         env={"PYTHONPATH": str(REPO)})
+    with pytest.warns(UserWarning, match=r"failed \(exit 2\): .*NoSuchTask"):
+        update.request([ckpt])
+    assert [r["returncode"] for r in update.runs] == [2] and update.runs[0]["reload"] is None
+    assert f'path = "{ckpt}"' in (tmp_path / "index.update.toml").read_text()
+    assert not (tmp_path / "index").exists()
