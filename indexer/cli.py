@@ -64,6 +64,19 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if args.keep_shards and not args.merge:
         raise UsageError("--keep-shards goes with --merge N")
     check_output_dir(args.out)
+    updating = args.update or args.remove_ids is not None
+    if updating and args.force:
+        raise UsageError("--force rebuilds the index and --update / --remove-ids extend it: choose one")
+    if args.keep_versions is not None and not updating:
+        raise UsageError("--keep-versions goes with --update or --remove-ids")
+    if args.keep_versions is not None and args.keep_versions < 1:
+        raise UsageError(f"--keep-versions K: K is how many versions to keep (>= 1), got {args.keep_versions}")
+    if args.remove_ids is not None and args.shard:
+        raise UsageError("--remove-ids goes with the update itself or its --merge, not with a --shard")
+    if args.remove_ids is not None and not args.update and (args.merge or args.ray is not None):
+        raise UsageError("--remove-ids alone embeds nothing: leave out --merge / --ray (or add --update)")
+    if updating and not args.update and args.config is None and args.trainer_dir is None:
+        return _cmd_update(args, None)  # removal only: no config is read
     if args.ray is not None:
         from indexer.build.distributed import _import_ray
 
@@ -85,6 +98,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         config = replace(config, index=replace(config.index, batch_size=args.batch_size))
+    if updating:
+        return _cmd_update(args, config if args.update else None)
     if args.ray is not None:
         from indexer.build.distributed import build_with_ray
 
@@ -106,6 +121,34 @@ def _cmd_index(args: argparse.Namespace) -> int:
     else:
         result = build_index(config, args.out, overwrite=args.force, show_progress=not args.quiet)
     print(f"indexed {result.count} examples into {result.path} (dim {result.dim}) in {result.seconds:.1f}s")
+    return 0
+
+
+def _cmd_update(args: argparse.Namespace, config) -> int:
+    """tracin index [CONFIG] --out DIR --update / --remove-ids FILE: a new version of DIR (`indexer.build.update`)."""
+    from indexer.build.update import merge_update, update_index, update_shard
+
+    out = Path(args.out)
+    if args.shard:
+        shard, _, shards = args.shard.partition("/")
+        if not (shard.isdigit() and shards.isdigit()):
+            raise UsageError(f"--shard: expected I/N such as 0/8, got {args.shard!r}")
+        path = update_shard(config, out, int(shard), int(shards), show_progress=not args.quiet)
+        print(f"update shard {shard}/{shards} written to {path}")
+        return 0
+    if args.merge is not None:
+        result = merge_update(config, out, args.merge, keep_shards=args.keep_shards, remove_ids=args.remove_ids,
+                              keep_versions=args.keep_versions)
+    elif args.ray is not None:
+        from indexer.build.distributed import update_with_ray
+
+        result = update_with_ray(config, out, shards=args.shards, address=None if args.ray == LOCAL_RAY else args.ray,
+                                 remove_ids=args.remove_ids, keep_versions=args.keep_versions,
+                                 log=None if args.quiet else _say)
+    else:
+        result = update_index(config, out, remove_ids=args.remove_ids, keep_versions=args.keep_versions,
+                              show_progress=not args.quiet)
+    print(result.describe(out.resolve()))
     return 0
 
 
@@ -339,6 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's kind (default: huggingface.sequence_classification)")
     g.add_argument("--print-config", action="store_true", help="print the config and stop (writes nothing)")
     p.add_argument("--force", action="store_true", help="replace an existing index directory")
+    u = p.add_argument_group("keeping an index current (a new version of --out, switched atomically; a running "
+                             "tracin serve takes it on SIGHUP or POST /admin/reload)")
+    u.add_argument("--update", action="store_true",
+                   help="embed only what the config adds to the index in --out: new training rows (after the indexed "
+                        "ones) at every checkpoint, new checkpoints (after the indexed ones) for every row; anything "
+                        "else changed is refused (rebuild with --force)")
+    u.add_argument("--remove-ids", metavar="FILE",
+                   help="mark the training examples whose ids FILE lists (one per line) removed: kept out of every "
+                        "answer without re-embedding (CONFIG is not needed without --update)")
+    u.add_argument("--keep-versions", metavar="K", type=int, default=None,
+                   help="after the switch, delete the versions under --out/versions older than the K newest "
+                        "(default: keep every version)")
     p.add_argument("--batch-size", type=int, default=None, help="override index.batch_size of the config")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None,

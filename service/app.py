@@ -54,7 +54,7 @@ def _openapi_examples(engine: Engine | None, settings: Settings) -> dict[str, An
         out["batch"] = {"summary": f"a batch of {len(several)} queries: one answer each",
                         "value": {"examples": [q["example"] for q in several], "k": settings.default_k}}
     if engine.examples:
-        first = engine.examples[0]["id"]
+        first = engine.examples[int(engine.si_order[0]) if engine.si_order.size else 0]["id"]  # a row served
         out["training example"] = {"summary": f"explain training example {first}",
                                    "value": {"train_id": first, "k": settings.default_k}}
         if engine.labels.ids is not None:
@@ -99,7 +99,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             except ServiceStartupError as exc:
                 log.error("tracin-service cannot start: %s", exc)
                 raise
+        from service.reload import ReloadState, install_sighup, mark_loaded, restore_sighup
+
+        mark_loaded(loaded)
         loaded.stats = metrics
+        app.state.reload = ReloadState()
+        sighup = install_sighup(app)  # SIGHUP: serve the version the index directory's CURRENT names now
         app.state.engine = loaded
         app.state.compute = ComputeQueue(settings.effective_compute_threads, settings.max_queue, metrics)
         metrics.index_examples.set(loaded.count)
@@ -112,6 +117,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         finally:
             app.state.ready = False
             metrics.ready.set(0)
+            if sighup:
+                restore_sighup(app)
 
     middleware = [Middleware(HeadAsGet), Middleware(MetricsMiddleware, metrics=metrics)]
     if settings.cors_origins:
@@ -131,6 +138,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.ready = False
     install_handlers(app)
     app.include_router(build_router(request_model, settings, examples))
+    from service.reload import build_admin_router
+
+    app.include_router(build_admin_router(settings))
     if settings.api_key is not None:
         _document_bearer(app)
     mount_dashboard(app)

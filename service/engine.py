@@ -40,6 +40,8 @@ class Engine:
     stats: Any = None  # service.metrics.Metrics (Prometheus), set by the app
     review: Any = None  # service.review.LabelReview: the label-review rankings
     input_ranges: Any = None  # indexer.build.input_ranges.InputRanges, or None (an index built before them)
+    removed_ids: set = field(default_factory=set)  # ids of training rows marked removed (tracin index --remove-ids)
+    live: Any = None  # bool [N]: False for rows marked removed (None: none are)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -82,7 +84,9 @@ class Engine:
     def row_of(self, example_id: str, field_name: str, status: int = 422, loc: list | None = None) -> int:
         row = self.id_to_row.get(example_id)
         if row is None:
-            raise ApiError(status, "unknown_id", field_name, "no training example has this id", loc, echo=example_id)
+            why = "this training example was removed from the index" if example_id in self.removed_ids \
+                else "no training example has this id"
+            raise ApiError(status, "unknown_id", field_name, why, loc, echo=example_id)
         return row
 
     def rerank_depth(self, req: Any) -> int:
@@ -290,7 +294,7 @@ class Engine:
         out = []
         si = self.index_dir.self_influence
         for row, score in zip(rows.tolist(), scores.tolist()):
-            if row in exclude or not math.isfinite(score):
+            if row in exclude or (self.live is not None and not self.live[row]) or not math.isfinite(score):
                 continue
             ex = self.examples[row]
             hit = {"id": ex["id"], "score": score, "label": ex["label"], "label_name": self.label_name(ex["label"]),
@@ -426,8 +430,11 @@ class Engine:
         m = self.index_dir.manifest
         faiss_info = dict(m.get("faiss", {}))
         faiss_info["search_params_in_use"] = self.first_stage.params
+        from service.reload import version_info
+
         return {
             "path": self.index_dir.path.resolve().name,  # the name only: the server's file layout is not shown
+            "version": version_info(self),
             "task": {"ref": m["task"]["ref"], "args": m["task"].get("args") or {}},
             "class_names": self.labels.class_names,
             "label_kind": self.labels.kind,
@@ -472,7 +479,8 @@ class Engine:
             req = SimpleNamespace(example=validated, train_id=None, label=None, filter_label=None, k=10,
                                   exclude_self=False, include_embedding=False, rerank=None)
         elif self.first_stage.reconstruct_error is None or self.scorer is not None:
-            req = SimpleNamespace(example=None, train_id=self.examples[0]["id"], label=None, filter_label=None,
+            first = int(self.si_order[0]) if self.si_order.size else 0  # a row served (not one marked removed)
+            req = SimpleNamespace(example=None, train_id=self.examples[first]["id"], label=None, filter_label=None,
                                   k=10, exclude_self=False, include_embedding=False, rerank=None)
         else:
             return

@@ -35,11 +35,12 @@ class FirstStage:
     reconstruct_error: str | None = None  # why stored vectors cannot be read back (None: they can)
     inverse_norms: np.ndarray | None = None  # float32 [N]: 1 / sqrt(self-influence) (0 where it is 0)
     normalized_index: Any = None  # approximate indexes: a FAISS index of the normalised vectors
+    removed: np.ndarray | None = None  # int64 sorted: rows marked removed (tracin index --remove-ids), never returned
     _torch_view: Any = None  # a torch view of flat_vectors (made on first use)
 
     @classmethod
     def open(cls, index, manifest: dict, settings: Settings, path, self_influence: np.ndarray | None = None,
-             normalized_index=None) -> "FirstStage":
+             normalized_index=None, removed: np.ndarray | None = None) -> "FirstStage":
         """Search parameters (manifest, then TRACIN_FAISS_PARAMS) checked against the index type, the
         one-pass view of a Flat index, a GPU copy when asked for. ServiceStartupError names a problem."""
         import faiss
@@ -65,6 +66,8 @@ class FirstStage:
             norms = np.sqrt(np.asarray(self_influence, dtype=np.float64))
             stage.inverse_norms = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
         stage.normalized_index = normalized_index
+        if removed is not None and removed.size:
+            stage.removed = np.asarray(removed, dtype=np.int64)
         return stage
 
     @property
@@ -83,31 +86,36 @@ class FirstStage:
         normalised scores returned."""
         from indexer.store.search import top_k
 
+        removed = self.removed  # rows marked removed: excluded inside every search below
         if normalized:
             if self.flat_vectors is not None:
                 scores = self.flat_scores(vector) * self.inverse_norms
+                if removed is not None:
+                    scores[removed] = 0.0  # neither a proponent (> 0) nor an opponent (< 0)
                 if rows is None:
                     return _ends(scores, k_pro, 1), _ends(scores, k_opp, -1)
                 (pr, ps), (orows, os_) = _ends(scores[rows], k_pro, 1), _ends(scores[rows], k_opp, -1)
                 return (rows[pr], ps), (rows[orows], os_)
-            pro = top_k(self.normalized_index, vector, k_pro, 1, rows, self.params)
-            opp = top_k(self.normalized_index, vector, k_opp, -1, rows, self.params)
+            pro = top_k(self.normalized_index, vector, k_pro, 1, rows, self.params, removed)
+            opp = top_k(self.normalized_index, vector, k_opp, -1, rows, self.params, removed)
             return (pro.rows, pro.scores), (opp.rows, opp.scores)
 
-        if self.gpu_index is not None and rows is None:
+        if self.gpu_index is not None and rows is None and removed is None:
             pro = top_k(self.gpu_index, vector, k_pro, 1)
             opp = top_k(self.gpu_index, vector, k_opp, -1)
             return (pro.rows, pro.scores), (opp.rows, opp.scores)
         if self.flat_vectors is not None and rows is None:
             scores = self.flat_scores(vector)
+            if removed is not None:
+                scores[removed] = 0.0
             return _ends(scores, k_pro, 1), _ends(scores, k_opp, -1)
         if self.pool is not None:  # q and -q at once (FAISS releases the GIL; nq=1 is one thread)
-            pending = self.pool.submit(top_k, self.index, vector, k_pro, 1, rows, self.params)
-            opp = top_k(self.index, vector, k_opp, -1, rows, self.params)
+            pending = self.pool.submit(top_k, self.index, vector, k_pro, 1, rows, self.params, removed)
+            opp = top_k(self.index, vector, k_opp, -1, rows, self.params, removed)
             pro = pending.result()
         else:
-            pro = top_k(self.index, vector, k_pro, 1, rows, self.params)
-            opp = top_k(self.index, vector, k_opp, -1, rows, self.params)
+            pro = top_k(self.index, vector, k_pro, 1, rows, self.params, removed)
+            opp = top_k(self.index, vector, k_opp, -1, rows, self.params, removed)
         return (pro.rows, pro.scores), (opp.rows, opp.scores)
 
     def search_many(self, vectors: np.ndarray, k_pro: int, k_opp: int, rows: np.ndarray | None = None,
@@ -124,6 +132,8 @@ class FirstStage:
             scores = self.flat_scores_many(vectors[start:start + step])
             if normalized:
                 scores = scores * self.inverse_norms[:, None]
+            if self.removed is not None:
+                scores[self.removed] = 0.0  # rows marked removed: neither a proponent nor an opponent
             for j in range(scores.shape[1]):
                 column = np.ascontiguousarray(scores[:, j])
                 out.append((_ends(column, k_pro, 1), _ends(column, k_opp, -1)))

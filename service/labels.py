@@ -32,10 +32,14 @@ class Labels:
 
     @classmethod
     def build(cls, task, kind: str, width: int, labels: list[Any], si_order: np.ndarray,
-              path) -> Labels:
+              path, live: np.ndarray | None = None) -> Labels:
+        """`si_order`: the rows served by descending self-influence; `live` (bool [N]): False for rows marked
+        removed, which no label's rows include."""
         class_names = list(task.class_names) if task.class_names is not None else None
         ids, rows_by_class = _class_rows(labels, kind, path)
-        rank_of = np.empty(si_order.size, dtype=np.int64)
+        if live is not None:
+            rows_by_class = {c: rows[live[rows]] for c, rows in rows_by_class.items()}
+        rank_of = np.full(len(labels), len(labels), dtype=np.int64)
         rank_of[si_order] = np.arange(si_order.size)
         ordered = {c: rows[np.argsort(rank_of[rows], kind="stable")] for c, rows in rows_by_class.items()}
         num_classes = len(class_names) if class_names is not None else (width if kind == "multilabel" else None)

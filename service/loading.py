@@ -71,12 +71,24 @@ def open_task(settings: Settings):
 
 
 def _index_path(settings: Settings) -> Path:
+    """The directory of the version to serve: TRACIN_INDEX_DIR itself, or (an index directory that was updated)
+    the version its CURRENT pointer names now (`indexer.store.versions.resolve`, resolved once per load, so
+    every check of a load reads the same version)."""
+    return _resolve(settings).directory
+
+
+def _resolve(settings: Settings):
+    from indexer.store.versions import VersionError, resolve
+
     if settings.index_dir is None:
         raise ServiceStartupError("no index directory: set TRACIN_INDEX_DIR or run `tracin serve DIR`")
     path = Path(settings.index_dir).expanduser()
     if not path.is_dir():
         raise ServiceStartupError(f"{path}: no such index directory")
-    return path
+    try:
+        return resolve(path)
+    except (VersionError, OSError) as exc:
+        raise ServiceStartupError(str(exc)) from None
 
 
 def _check_schema(task, path: Path) -> None:
@@ -96,7 +108,8 @@ def load_engine(settings: Settings) -> Engine:
     from indexer.store.directory import IndexDirectory, IndexDirectoryError
 
     t0 = time.perf_counter()
-    path = _index_path(settings)
+    version = _resolve(settings)
+    path = version.directory
     _check_device(settings.device)
     _check_signature(settings, path)
     try:  # a signed index is only as covered as its files' digests are checked: always, with a key
@@ -106,6 +119,7 @@ def load_engine(settings: Settings) -> Engine:
         raise ServiceStartupError(str(exc)) from None
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
         raise ServiceStartupError(f"{path}: cannot read the index directory: {type(exc).__name__}: {exc}") from None
+    index_dir.version = version  # with the sha256 its pointer recorded, and the directory's root
 
     try:  # resolved and type-checked (nothing called) before load_embedder constructs it
         TaskRef(index_dir.model.task.ref, dict(index_dir.model.task.args)).check(TASK_FIELD, forbidden_dir=path)
@@ -129,18 +143,25 @@ def load_engine(settings: Settings) -> Engine:
         raise ServiceStartupError(f"{path}: the task's class names {class_names[:10]} differ from those recorded at "
                                   f"indexing {list(indexed_names)[:10]}")
 
+    removed = index_dir.removed  # rows marked removed (tracin index --remove-ids): in no answer, listing or export
+    live = np.ones(index_dir.count, dtype=bool)
+    live[removed] = False
     id_to_row: dict[str, int] = {}
     for row, example_id in enumerate(index_dir.examples.ids):
-        id_to_row.setdefault(example_id, row)
-    if len(id_to_row) != len(index_dir.examples):
+        if live[row]:
+            id_to_row.setdefault(example_id, row)
+    duplicates = int(live.sum()) - len(id_to_row)
+    if duplicates:
         log.warning("%s: %d duplicate example ids; GET /examples and train_id use the first row of each",
-                    path, len(index_dir.examples) - len(id_to_row))
+                    path, duplicates)
     si = np.asarray(index_dir.self_influence, dtype=np.float64)
     si_order = np.argsort(-si, kind="stable")
-    si_rank = np.empty_like(si_order)
-    si_rank[si_order] = np.arange(1, si.size + 1)
+    si_order = si_order[live[si_order]]  # ranks over the rows served, renumbered without the removed ones
+    si_rank = np.zeros(si.size, dtype=np.int64)
+    si_rank[si_order] = np.arange(1, si_order.size + 1)
     labels = Labels.build(task, manifest["task"].get("label_kind") or task.kind,
-                          int(manifest["task"].get("label_width") or 0), index_dir.examples.labels, si_order, path)
+                          int(manifest["task"].get("label_width") or 0), index_dir.examples.labels, si_order, path,
+                          live=live)
     examples, no_examples = _training_set(task, settings, path)
     _check_training_digest(examples, manifest, settings, path)
     _check_consistency(settings, index_dir, task, embedder, examples, no_examples)
@@ -154,11 +175,13 @@ def load_engine(settings: Settings) -> Engine:
     engine = Engine(settings=settings, index_dir=index_dir, task=task, embedder=embedder, labels=labels,
                     metrics=metrics,
                     first_stage=FirstStage.open(index_dir.index, manifest, settings, path, index_dir.self_influence,
-                                                index_dir.normalized_index), scorer=scorer,
+                                                index_dir.normalized_index, removed=removed), scorer=scorer,
                     rerank_error=rerank_error, id_to_row=id_to_row, si_order=si_order, si_rank=si_rank)
+    engine.removed_ids = {index_dir.examples.ids[int(r)] for r in removed} - set(id_to_row)
+    engine.live = live
     from service.review import LabelReview
 
-    engine.review = LabelReview.build(index_dir, labels.kind, labels.width)
+    engine.review = LabelReview.build(index_dir, labels.kind, labels.width, live=live)
     engine.input_ranges = index_dir.input_ranges
     if settings.warmup:
         engine.warm_up()

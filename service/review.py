@@ -37,15 +37,21 @@ class LabelReview:
     _label_orders: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, index_dir: Any, kind: str, label_width: int) -> "LabelReview":
+    def build(cls, index_dir: Any, kind: str, label_width: int, live: np.ndarray | None = None) -> "LabelReview":
+        """Every ranking's scores, order and ranks; with `live` (bool [N], False for rows marked removed) over the
+        rows served only: removed rows get no score (NaN), no place in any order and rank 0."""
         table = getattr(index_dir, "label_review", None)
-        scores = ranking_scores(table, index_dir.self_influence)
-        orders, ranks = {}, {}
-        for name, values in scores.items():
-            order = suspicious_first(name, values)
-            rank = np.empty(order.size, dtype=np.int64)
+        si = np.asarray(index_dir.self_influence)
+        rows = np.arange(si.size) if live is None else np.flatnonzero(live)
+        served = ranking_scores(table[rows] if table is not None else None, si[rows])
+        scores, orders, ranks = {}, {}, {}
+        for name, values in served.items():
+            order = rows[suspicious_first(name, values)]
+            full = np.full(si.size, np.nan)
+            full[rows] = values
+            rank = np.zeros(si.size, dtype=np.int64)
             rank[order] = np.arange(1, order.size + 1)
-            orders[name], ranks[name] = order, rank
+            scores[name], orders[name], ranks[name] = full, order, rank
         return cls(table, kind, label_width, scores, orders, ranks, default_ranking(table))
 
     @property
@@ -75,7 +81,7 @@ class LabelReview:
             return self.orders[ranking]
         key = (ranking, int(label))
         if key not in self._label_orders:
-            mask = np.zeros(self.orders[ranking].size, dtype=bool)
+            mask = np.zeros(self.scores[ranking].size, dtype=bool)
             mask[label_rows] = True
             order = self.orders[ranking]
             self._label_orders[key] = order[mask[order]]

@@ -232,7 +232,7 @@ def build_router(request_model: type[BaseModel], settings: Settings,
             "docs": "/docs",
             "routes": ["POST /influence", "GET /self-influence/top", "GET /self-influence/histogram",
                        "GET /label-review", "GET /label-review/histogram", "GET /label-review/export", "GET /examples/{id}", "GET /queries",
-                       "GET /index", "GET /healthz", "GET /readyz", "GET /metrics"],
+                       "GET /index", "GET /healthz", "GET /readyz", "GET /metrics", "POST /admin/reload"],
         }
 
     return router

@@ -292,8 +292,32 @@ class OptimizerInfo(BaseModel):
     momentum: str = "ignore"
 
 
+class IndexVersion(BaseModel):
+    number: int = Field(description="the version served: 1 for a directory never updated, n + 1 after each "
+                                    "tracin index --update / --remove-ids")
+    manifest_sha256: Optional[str] = Field(None, description="sha256 of the version's manifest.json: its identity")
+    parent: Optional[int] = Field(None, description="the version this one was updated from")
+    rows_added: Optional[int] = None
+    checkpoints_added: Optional[int] = None
+    removed: int = Field(0, description="training examples marked removed (kept out of every answer)")
+    created_at: Optional[str] = None
+    loaded_at: Optional[str] = Field(None, description="when this server loaded the version (UTC)")
+
+
+class ReloadResponse(BaseModel):
+    reloaded: bool = Field(description="a version was loaded and is served now")
+    changed: bool = Field(description="the version served differs from the one before the reload")
+    trigger: Optional[str] = None
+    version: Optional[IndexVersion] = Field(None, description="the version served now")
+    previous: Optional[IndexVersion] = None
+    seconds: float = 0.0
+    error: Optional[str] = Field(None, description="why the new version was refused (the previous one is served)")
+    running: Optional[bool] = Field(None, description="GET: whether a reload is in progress")
+
+
 class IndexInfo(BaseModel):
     path: str = Field(description="the index directory's name (not its location on the server)")
+    version: Optional[IndexVersion] = Field(None, description="which version of the index directory is served")
     task: dict[str, Any]
     class_names: Optional[list[str]] = None
     count: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import socket
 import sys
@@ -41,7 +42,7 @@ def curl_example(engine: Engine, base_url: str, api_key_set: bool) -> str:
     if query is not None:
         body = {"example": _compact(query["example"]), "k": 5}
     else:
-        body = {"train_id": engine.examples[0]["id"], "k": 5}
+        body = {"train_id": engine.examples[int(engine.si_order[0]) if engine.si_order.size else 0]["id"], "k": 5}
     auth = ' -H "Authorization: Bearer $TRACIN_API_KEY"' if api_key_set else ""
     data = json.dumps(body, separators=(",", ":"))
     return (f"curl -s -X POST {base_url}/influence -H 'Content-Type: application/json'{auth} "
@@ -122,6 +123,7 @@ def serve(index_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
               file=sys.stderr)
         return 2
     bound_port = sock.getsockname()[1]
+    _log_to_stderr(settings.log_level)
 
     from service.app import create_app
 
@@ -137,6 +139,19 @@ def serve(index_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
     finally:
         sock.close()
     return 0 if server.started else 1
+
+
+def _log_to_stderr(level: str) -> None:
+    """From here on, the service's own log lines (reloads by SIGHUP or POST /admin/reload, refused versions,
+    warnings) go to stderr at TRACIN_LOG_LEVEL, formatted like uvicorn's. Set once the index is loaded, so that
+    a refused start stays the one line printed above."""
+    logger = logging.getLogger("service")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

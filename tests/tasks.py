@@ -135,3 +135,23 @@ class FlakyTask(MLPTask):
         except FileExistsError:
             return super().training_set()
         raise OSError(errno.EIO, "Input/output error (simulated)", self.flaky)
+
+
+class GrowingTask(MLPTask):
+    """MLPTask whose training set is the first `n` rows of one fixed draw of `rows` (default 60): a training set
+    that grows between index versions (n = 30, then 60, holds the same first 30 rows). `changed` (a row number)
+    perturbs that row's input, the case an update must refuse."""
+
+    def __init__(self, n: int = 40, seed: int = 0, rows: int = 60, changed: int | None = None):
+        super().__init__(n, seed)
+        self.rows, self.changed = rows, changed
+
+    def training_set(self) -> ExampleSet:
+        g = torch.Generator().manual_seed(self.seed + 1)
+        x = torch.randn(self.rows, 6, generator=g, dtype=torch.float64)[:self.n].clone()
+        y = torch.randint(0, 3, (self.rows,), generator=g)[:self.n].clone()
+        if self.changed is not None:
+            x[self.changed, 0] += 1.0
+        return ExampleSet(x, y, ids=[f"ex{i}" for i in range(self.n)],
+                          display=lambda i: {"row": i, "flipped": i % 7 == 0},
+                          examples=lambda i: {"x": x[i].tolist()})

@@ -252,3 +252,78 @@ def test_callbacks_record_the_optimizer_state_so_adamw_runs_are_scored_with_adam
     index = _index(tmp_path, "tests.test_callbacks:TinyBertTask", saver.saved, ["classifier"])
     assert index.manifest["optimizer"]["formula"] == "adam"
     assert index.manifest["checkpoints"][0]["step"]["mapping"] == "parameter names recorded with the optimizer"
+
+
+# -- keeping an index current from the training loop ------------------------------------------------
+
+def test_trainer_callback_keeps_an_index_current_and_a_running_server_reloads_it(tmp_path):
+    """An index of a checkpoint from before this run (version 1) is served; TracInTrainerCallback with an
+    IndexUpdate brings it up to date after each epoch's checkpoint (`tracin index --update` in a child process)
+    and POSTs /admin/reload to the server. When training ends the index holds every checkpoint and equals a
+    full build of all of them, and the server serves that version."""
+    _needs("transformers", "accelerate")
+    import httpx
+    from transformers import Trainer, TrainingArguments
+
+    from indexer.callbacks import IndexUpdate, TracInTrainerCallback
+    from indexer.checkpoints import save_checkpoint
+    from tests.service_support import REPO, start_server
+    from tests.test_update import assert_same_index
+
+    model = tiny_bert()
+    before = save_checkpoint(tmp_path / "before.pt", model, lr=0.05, step=0)  # e.g. the end of an earlier run
+    base = tmp_path / "index.toml"
+    base.write_text('task = "tests.test_callbacks:TinyBertTask"\nlayers = ["classifier"]\n'
+                    '[projection]\nkind = "exact"\n[index]\nfactory = "Flat"\nbatch_size = 16\n'
+                    f"[[checkpoints]]\npath = {str(before)!r}\n")
+    out = tmp_path / "index"
+    assert tracin(["index", str(base), "--out", str(out), "--quiet"]) == 0
+    key = "callback-key"
+    server = start_server(out, env={"TRACIN_API_KEY": key})
+    try:
+        update = IndexUpdate(base, out, reload_url=server.base_url, api_key=key, env={"PYTHONPATH": str(REPO)})
+        saver = TracInTrainerCallback(tmp_path / "epochs", update_index=update)
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), num_train_epochs=3, per_device_train_batch_size=8,
+                                 learning_rate=0.1, optim="sgd", save_strategy="no", report_to="none", use_cpu=True,
+                                 disable_tqdm=True, seed=0, dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[saver]).train()
+        # on_train_end waited for the last update: every run succeeded and was reloaded, the last one took all
+        assert [p.name for p in saver.saved] == ["epoch-001.pt", "epoch-002.pt", "epoch-003.pt"]
+        assert update.runs and all(r["returncode"] == 0 for r in update.runs), (update.runs, update.log.read_text())
+        assert all("--update" in r["command"] for r in update.runs)
+        assert update.runs[-1]["checkpoints"] == [str(p) for p in saver.saved]
+        assert all(r["reload"]["status"] == 200 and r["reload"]["body"]["reloaded"] for r in update.runs)
+        info = httpx.get(server.base_url + "/index", headers={"Authorization": f"Bearer {key}"}, timeout=60).json()
+        assert len(info["checkpoints"]) == 4 and info["version"]["number"] == 1 + len(update.runs)
+    finally:
+        server.stop()
+    (tmp_path / "full").mkdir()
+    full = _index(tmp_path / "full", "tests.test_callbacks:TinyBertTask", [before, *saver.saved], ["classifier"])
+    updated = IndexDirectory.open(out)
+    assert updated.version.number == 1 + len(update.runs)
+    assert_same_index(updated, full)
+    with pytest.raises(ValueError, match="config file not found"):
+        IndexUpdate(tmp_path / "missing.toml", out)
+    inline = tmp_path / "inline.toml"
+    inline.write_text(f'task = "x:Y"\ncheckpoints = [{{ path = {str(before)!r} }}]\n')
+    with pytest.raises(ValueError, match="not an inline array"):
+        IndexUpdate(inline, out)
+
+
+def test_a_failed_index_update_is_a_warning_not_an_exception(tmp_path):
+    """An update the CLI refuses (here: a task that does not exist) warns with the refusal's line and the log's
+    path; training is not interrupted, nothing is reloaded."""
+    from indexer.callbacks import IndexUpdate
+    from indexer.checkpoints import save_checkpoint
+    from tests.service_support import REPO
+
+    ckpt = save_checkpoint(tmp_path / "c.pt", _mlp(), lr=0.1, step=1)
+    base = tmp_path / "index.toml"
+    base.write_text('task = "tests.test_callbacks:NoSuchTask"\n[projection]\nkind = "exact"\n')
+    update = IndexUpdate(base, tmp_path / "index", reload_url="http://127.0.0.1:9", wait=True,
+                         env={"PYTHONPATH": str(REPO)})
+    with pytest.warns(UserWarning, match=r"failed \(exit 2\): .*NoSuchTask"):
+        update.request([ckpt])
+    assert [r["returncode"] for r in update.runs] == [2] and update.runs[0]["reload"] is None
+    assert f'path = "{ckpt}"' in (tmp_path / "index.update.toml").read_text()
+    assert not (tmp_path / "index").exists()

@@ -170,3 +170,25 @@ def test_cli_ray_usage_errors(setup, tmp_path, monkeypatch, capsys):
 
         build_with_ray(load_config(config), out)
     assert not Path(out).exists()
+
+
+def test_ray_update_equals_a_single_process_update(ray_session, tmp_path, capsys):
+    """tracin index CONFIG --out DIR --update --ray: the update's shards as Ray tasks, then the merge writes
+    version 2, equal to the update made in one process (and to a full build: tests/test_update.py)."""
+    from indexer.build.update import update_index
+    from tests.tasks import GrowingTask
+    from tests.test_update import assert_same_index, config
+
+    ckpts = make_checkpoints(GrowingTask(), tmp_path, count=4)
+    first = config(tmp_path, ckpts, 30, 3, name="first")
+    for name in ("ray", "single"):
+        build_index(load_config(first), tmp_path / name)
+    full = config(tmp_path, ckpts, 60, 4)
+    update_index(load_config(full), tmp_path / "single")
+    assert main(["index", str(full), "--out", str(tmp_path / "ray"), "--update", "--ray", "--shards", "2",
+                 "--quiet"]) == 0
+    assert "updated" in capsys.readouterr().out
+    ray_index, single = IndexDirectory.open(tmp_path / "ray"), IndexDirectory.open(tmp_path / "single")
+    assert ray_index.version.number == 2
+    assert_same_index(ray_index, single)
+    assert not (tmp_path / "ray.shards").exists()

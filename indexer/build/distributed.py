@@ -164,6 +164,46 @@ def build_with_ray(config: IndexConfig, out: str | Path, shards: int | None = No
     return RayBuildResult(**base, shards=reports, embed_wall_seconds=wall, merge_seconds=result.seconds)
 
 
+def update_with_ray(config: IndexConfig, out: str | Path, shards: int | None = None, address: str | None = None,
+                    remove_ids: str | Path | None = None, keep_versions: int | None = None, max_retries: int = 3,
+                    cpus_per_task: float = 1, runtime_env: dict[str, Any] | None = None,
+                    env_vars: dict[str, str] | None = None, log: Callable[[str], None] | None = say):
+    """`tracin index CONFIG --out DIR --update --ray`: the update shards (`indexer.build.update.update_shard`: the
+    stored rows at the new checkpoints and the new rows at every checkpoint, split into `shards` ranges) as Ray
+    tasks, then `merge_update` on the driver, which writes the new version and switches DIR to it. Connection,
+    retries, shared storage and failures as in `build_with_ray` (CPU tasks). Returns the `UpdateResult`."""
+    from indexer.build.update import merge_update
+
+    ray = _import_ray()
+    out = Path(out).resolve()
+    if not out.is_dir():
+        raise ConfigError(f"--update: {out} is not an index directory (build it first: tracin index CONFIG --out {out})")
+    if shards is not None and shards < 1:
+        raise ConfigError(f"--shards: must be at least 1, got {shards}")
+    if config.index.device.startswith("cuda"):
+        raise ConfigError("--update --ray runs its shards on CPUs: use device = \"cpu\" (or update without --ray)")
+    emit = log or (lambda _line: None)
+    started_ray = _connect(ray, address)
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        shards = shards or max(1, int(cpus // cpus_per_task))
+        env = _task_runtime_env(ray, runtime_env, env_vars)
+        emit(f"ray: {shards} update shard tasks ({cpus} CPU)")
+        shards_root = shard_dir(out, 0, shards).parent
+        shards_root.mkdir(parents=True, exist_ok=True)
+        marker = shards_root / f".ray-driver-{secrets.token_hex(8)}"
+        marker.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        try:
+            _run_shards(ray, config, out, shards, marker, max_retries, cpus_per_task, 0, env, emit, update=True)
+        finally:
+            marker.unlink(missing_ok=True)
+        emit(f"ray: merging {shards} update shards into a new version of {out}")
+        return merge_update(config, out, shards, remove_ids=remove_ids, keep_versions=keep_versions)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
 def _import_ray():
     try:
         import ray
@@ -223,12 +263,12 @@ def _task_runtime_env(ray, runtime_env: dict[str, Any] | None, env_vars: dict[st
 
 
 def _run_shards(ray, config: IndexConfig, out: Path, shards: int, marker: Path, max_retries: int,
-                cpus: float, gpus: float, env: dict[str, Any], emit: Callable[[str], None]):
+                cpus: float, gpus: float, env: dict[str, Any], emit: Callable[[str], None], update: bool = False):
     remote = ray.remote(_shard_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=max_retries,
                                              retry_exceptions=[TransientShardError], runtime_env=env or None)
     threads = max(1, int(cpus))
     started = time.perf_counter()
-    refs = {remote.remote(config, str(out), i, shards, str(marker), threads): i for i in range(shards)}
+    refs = {remote.remote(config, str(out), i, shards, str(marker), threads, update): i for i in range(shards)}
     reports: list[dict[str, Any]] = [{} for _ in range(shards)]
     pending = list(refs)
     try:
@@ -279,17 +319,21 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else "")[:300]
 
 
-def _shard_task(config: IndexConfig, out: str, shard: int, shards: int, marker: str, threads: int) -> dict[str, Any]:
-    """The Ray task of one shard: check the shared files are visible here, then `build_shard`."""
+def _shard_task(config: IndexConfig, out: str, shard: int, shards: int, marker: str, threads: int,
+                update: bool = False) -> dict[str, Any]:
+    """The Ray task of one shard: check the shared files are visible here, then `build_shard` (or, `update`,
+    `indexer.build.update.update_shard`)."""
     import torch
+
+    from indexer.build.update import update_shard
 
     node = socket.gethostname()
     where = f"shard {shard}/{shards} (on {node})"
     torch.set_num_threads(threads)
     _check_visible(config, Path(out), Path(marker), where)
     final = shard_dir(Path(out), shard, shards)
-    resumed = sorted(p.name for p in final.parent.glob(f"{final.name}.partial-*/state-*")
-                     if p.is_dir() and not p.name.endswith(".tmp"))
+    pattern = f"update-*/{final.name}.partial-*/state-*" if update else f"{final.name}.partial-*/state-*"
+    resumed = sorted(p.name for p in final.parent.glob(pattern) if p.is_dir() and not p.name.endswith(".tmp"))
     batches = {"done": 0, "total": 0}
 
     def progress(done: int, total: int) -> None:
@@ -298,7 +342,7 @@ def _shard_task(config: IndexConfig, out: str, shard: int, shards: int, marker: 
 
     started = time.perf_counter()
     try:
-        path = build_shard(config, out, shard, shards, progress=progress)
+        path = (update_shard if update else build_shard)(config, out, shard, shards, progress=progress)
     except (ConfigError, CheckpointError, FileExistsError) as exc:
         raise ShardError(f"shard {shard}/{shards}: {exc}", "config") from None
     except IndexBuildError as exc:
@@ -310,7 +354,8 @@ def _shard_task(config: IndexConfig, out: str, shard: int, shards: int, marker: 
     except Exception as exc:  # noqa: BLE001 - the user's task code, or a bug: one line, not retried
         raise ShardError(f"{where}: {type(exc).__name__}: {_first_line(exc)}") from None
     info = json.loads((path / "shard.json").read_text())
-    return {"shard": shard, "rows": info["stop"] - info["start"], "batches_embedded": batches["done"],
+    rows = sum(p["stop"] - p["start"] for p in info["pieces"]) if update else info["stop"] - info["start"]
+    return {"shard": shard, "rows": rows, "batches_embedded": batches["done"],
             "batches_total": batches["total"], "resumed_from": resumed,
             "seconds": time.perf_counter() - started, "node": node, "pid": os.getpid()}
 

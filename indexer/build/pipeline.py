@@ -28,7 +28,7 @@ from indexer.checkpoints import (
 from indexer.config import ConfigError, IndexConfig
 from indexer.capture.blocks import check_model
 from indexer.capture.routes import PROBE_ROWS, SUM_CHECK_EVERY
-from indexer.score.exact import training_set_digest
+from indexer.score.exact import ROW_DIGEST_FORMAT, row_digests, training_set_digest
 from indexer.store.faiss_build import Normalized, RowSource, measure_recall, write_index
 from indexer.sketch.embedding import (
     DTYPES, Checkpoint, CheckpointEmbedder, ProjectionPlan, combine, plan_embedding,
@@ -39,10 +39,11 @@ from indexer.store.resume import (
 )
 from indexer.store.search import FAISS_MAX_DIM, build_faiss_index
 from indexer.store.directory import (
-    CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, NORMALIZED_INDEX_FILE, QUERIES_FILE, SCHEMA_VERSION, SELF_INFLUENCE_FILE,
-    INDEX_KEY_ENV, IndexBuildError, StagingDirectory, check_replaceable, file_hashes, library_versions, sign_index,
-    write_jsonl,
+    CHECKPOINT_DIR, EXAMPLES_FILE, INDEX_FILE, NORMALIZED_INDEX_FILE, QUERIES_FILE, ROW_DIGESTS_FILE, SCHEMA_VERSION,
+    SELF_INFLUENCE_FILE, VECTORS_FILE, INDEX_KEY_ENV, IndexBuildError, StagingDirectory, check_replaceable, file_hashes,
+    library_versions, sign_index, write_jsonl,
 )
+from indexer.store.versions import link_or_copy
 from indexer.build.input_ranges import INPUT_RANGES_FILE, dumps as dump_input_ranges, record_input_ranges
 from indexer.build.review import LABEL_REVIEW_FILE, ReviewAccumulator, ReviewError, review_entry
 from indexer.capture.selfcheck import SelfCheckReport, check_query_path, self_check
@@ -657,61 +658,9 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
     """Write FAISS index, self-influence, label review, examples, checkpoints and manifest; rename into place.
     `resume_dir` (the build's resume state) is marked with the manifest's sha256 just before the commit, so
     that a rerun knows it for the leftover of this index (`_remove_committed_resume`)."""
-    config, plan = job.config, job.plan
+    staging = StagingDirectory(job.out, overwrite=job.overwrite, protected=_protected(job.config))
     try:
-        review_table = review.table()
-    except ReviewError as exc:
-        raise IndexBuildError(f"label review: {exc}; no index was written") from None
-    staging = StagingDirectory(job.out, overwrite=job.overwrite, protected=_protected(config))
-    try:
-        work = job.out.parent / f".{job.out.name}.faiss-{job.config_hash}"
-        faiss_info = _write_faiss(config, vectors, staging.path / INDEX_FILE, work=work,
-                                  queries=lambda: _held_out_queries(job))
-        extra_files = [name for name in faiss_info.pop("files") if name != INDEX_FILE]
-        if faiss_info["approximate"]:  # normalised queries need their own first stage (a Flat one divides on the fly)
-            normalized = _write_faiss(config, Normalized(vectors, self_influence), staging.path / NORMALIZED_INDEX_FILE,
-                                      work=work, measure=False)
-            extra_files += [name for name in normalized["files"] if name != NORMALIZED_INDEX_FILE]
-        save_npy(staging.path / SELF_INFLUENCE_FILE, self_influence)
-        save_npy(staging.path / LABEL_REVIEW_FILE, review_table)
-        (staging.path / INPUT_RANGES_FILE).write_text(dump_input_ranges(record_input_ranges(job.task, job.examples)))
-        _write_examples(job.task, job.examples, staging.path)
-        ckpt_entries, step_files = _copy_checkpoints(job, staging.path)
-        names = [INDEX_FILE, *extra_files, SELF_INFLUENCE_FILE, LABEL_REVIEW_FILE, INPUT_RANGES_FILE, EXAMPLES_FILE,
-                 *step_files]
-        if (staging.path / NORMALIZED_INDEX_FILE).is_file():
-            names.append(NORMALIZED_INDEX_FILE)
-        if (staging.path / QUERIES_FILE).is_file():
-            names.append(QUERIES_FILE)
-        kill_point("index-staged")
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "task": {"ref": config.task.ref, "args": config.task.args, "class_names": _class_names(job.task),
-                     "label_kind": job.task.kind, "label_width": job.label_width},
-            "checkpoints": ckpt_entries,
-            "optimizer": optimizer_summary(job.checkpoints, config),
-            "layers": plan.describe(),
-            "capture": {**plan.capture.to_json(), "compute_dtype": plan.compute_dtype,
-                        "self_check": job.check.to_json() if job.check is not None else None},
-            "projection": {"kind": plan.kind, "dim": plan.dim, "seed": plan.seed, "layer_patterns": config.layers,
-                           "fingerprint": plan.fingerprint()},
-            "embedding_dim": plan.total_dim,
-            "count": job.count,
-            "training_set": training_set_digest(job.examples),
-            "label_review": review_entry(review_table),
-            "faiss": faiss_info,
-            "files": file_hashes(staging.path, names),
-            **({"base_weights": job.base_weights} if job.base_weights else {}),
-            "versions": library_versions(),
-            "build": {"seconds": round(time.perf_counter() - started, 3), "embed_seconds": round(embed_seconds, 3),
-                      "batch_size": config.index.batch_size, "device": config.index.device,
-                      "self_check_seconds": round(job.check.seconds, 3) if job.check is not None else None},
-        }
-        write_manifest(staging.path, manifest)
-        key = os.environ.get(INDEX_KEY_ENV, "")
-        if key.strip():  # a keyed signature for indexes shared between machines (verified by tracin serve)
-            sign_index(staging.path, key)
+        stage_index(job, staging.path, vectors, self_influence, review, started, embed_seconds)
         kill_point("manifest-written")
         if resume_dir is not None and resume_dir.is_dir():
             (resume_dir / COMMITTING).write_text(sha256_file(staging.path / MANIFEST_FILE) + "\n")
@@ -722,7 +671,151 @@ def _finalize(job: _Job, vectors: np.ndarray, self_influence: np.ndarray, starte
     except BaseException:
         staging.abort()
         raise
-    return BuildResult(job.out, job.count, plan.total_dim, time.perf_counter() - started, embed_seconds)
+    return BuildResult(job.out, job.count, job.plan.total_dim, time.perf_counter() - started, embed_seconds)
+
+
+def stage_index(job: _Job, directory: Path, vectors, self_influence: np.ndarray, review: ReviewAccumulator,
+                started: float, embed_seconds: float, base=None, digests: np.ndarray | None = None,
+                extra: dict | None = None) -> dict:
+    """Write every file of the index directory into the (empty, staging) `directory`: the FAISS index of
+    `vectors` (a row source [count, D] float32), its normalised twin (approximate factories), self-influence
+    [count] float64, the label review, input ranges, the examples table, row digests, the checkpoints with
+    their step weights, then manifest.json (and manifest.hmac with TRACIN_INDEX_KEY). Returns the manifest.
+
+    `base` (`indexer.build.update.Base`, an update) is the version this one extends: the files it shares with it
+    (its checkpoints, the examples table's first rows) are hard links or copies of its files, and an
+    approximate FAISS index starts from its trained structure unless the measured recall@10 falls below the
+    figure recorded when that structure was trained (then it is trained again). `digests` are the rows'
+    content digests when the caller computed them already; `extra` adds manifest keys (version, removal).
+    Raises ManifestError, IndexBuildError, OSError."""
+    config, plan = job.config, job.plan
+    try:
+        review_table = review.table()
+    except ReviewError as exc:
+        raise IndexBuildError(f"label review: {exc}; no index was written") from None
+    work = job.out.parent / f".{job.out.name}.faiss-{job.config_hash}"
+    faiss_info = _faiss_stage(job, vectors, self_influence, directory, work, base)
+    extra_files = faiss_info.pop("extra_files")
+    if faiss_info.get("storage") != "stream":  # the FAISS file does not hold the vectors exactly: keep them
+        write_rows(vectors, directory / VECTORS_FILE)
+        extra_files.append(VECTORS_FILE)
+    save_npy(directory / SELF_INFLUENCE_FILE, self_influence)
+    save_npy(directory / LABEL_REVIEW_FILE, review_table)
+    save_npy(directory / ROW_DIGESTS_FILE, row_digests(job.examples) if digests is None else digests)
+    (directory / INPUT_RANGES_FILE).write_text(dump_input_ranges(record_input_ranges(job.task, job.examples)))
+    _write_examples(job.task, job.examples, directory, base)
+    ckpt_entries, step_files = _copy_checkpoints(job, directory, base)
+    names = [INDEX_FILE, *extra_files, SELF_INFLUENCE_FILE, LABEL_REVIEW_FILE, ROW_DIGESTS_FILE, INPUT_RANGES_FILE,
+             EXAMPLES_FILE, *step_files]
+    if (directory / NORMALIZED_INDEX_FILE).is_file():
+        names.append(NORMALIZED_INDEX_FILE)
+    if (directory / QUERIES_FILE).is_file():
+        names.append(QUERIES_FILE)
+    extra = dict(extra or {})
+    names += extra.pop("files", [])
+    kill_point("index-staged")
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "task": {"ref": config.task.ref, "args": config.task.args, "class_names": _class_names(job.task),
+                 "label_kind": job.task.kind, "label_width": job.label_width},
+        "checkpoints": ckpt_entries,
+        "optimizer": optimizer_summary(job.checkpoints, config),
+        "layers": plan.describe(),
+        "capture": {**plan.capture.to_json(), "compute_dtype": plan.compute_dtype,
+                    "self_check": job.check.to_json() if job.check is not None else None},
+        "projection": {"kind": plan.kind, "dim": plan.dim, "seed": plan.seed, "layer_patterns": config.layers,
+                       "fingerprint": plan.fingerprint()},
+        "embedding_dim": plan.total_dim,
+        "count": job.count,
+        "training_set": training_set_digest(job.examples),
+        "row_digests": {"file": ROW_DIGESTS_FILE, "format": ROW_DIGEST_FORMAT},
+        "label_review": review_entry(review_table),
+        "faiss": faiss_info,
+        "files": file_hashes(directory, names),
+        **({"base_weights": job.base_weights} if job.base_weights else {}),
+        "index_version": {"number": 1},
+        "versions": library_versions(),
+        "build": {"seconds": round(time.perf_counter() - started, 3), "embed_seconds": round(embed_seconds, 3),
+                  "batch_size": config.index.batch_size, "device": config.index.device,
+                  "self_check_seconds": round(job.check.seconds, 3) if job.check is not None else None},
+        **extra,
+    }
+    write_manifest(directory, manifest)
+    key = os.environ.get(INDEX_KEY_ENV, "")
+    if key.strip():  # a keyed signature for indexes shared between machines (verified by tracin serve)
+        sign_index(directory, key)
+    return manifest
+
+
+def _faiss_stage(job: _Job, vectors, self_influence: np.ndarray, directory: Path, work: Path, base) -> dict:
+    """Write index.faiss (and, approximate, index_normalized.faiss and the trained structures of both, so an
+    update can add to them); the manifest's `faiss` entry with `extra_files` (the files written besides
+    index.faiss). With a `base` whose trained structure fits, that structure is filled instead of training
+    a new one, unless the recall@10 measured then is below the figure recorded when it was trained."""
+    config = job.config
+    reuse = base.trained(INDEX_FILE) if base is not None else None
+    info = _write_faiss(config, vectors, directory / INDEX_FILE, work=work, queries=lambda: _held_out_queries(job),
+                        trained=reuse)
+    retrained = False
+    if reuse is not None and info["approximate"]:
+        figure = base.trained_recall()
+        if _recall_below(info.get("recall_at_10"), figure):
+            say(f"recall@10 of the first stage fell below {figure} with the structure trained earlier: training "
+                f"{config.index.factory} again")
+            for name in info["files"]:
+                (directory / name).unlink(missing_ok=True)
+            info = _write_faiss(config, vectors, directory / INDEX_FILE, work=work,
+                                queries=lambda: _held_out_queries(job))
+            reuse, retrained = None, True
+        else:
+            info["trained_recall_at_10"] = figure
+            info["trained_in_version"] = base.trained_in_version()
+    if info["approximate"] and "trained_recall_at_10" not in info:
+        info["trained_recall_at_10"] = {k: v for k, v in (info.get("recall_at_10") or {}).items()
+                                        if k in ("proponents", "opponents")}
+        info["trained_in_version"] = base.number + 1 if base is not None else 1
+    if retrained:
+        info["retrained"] = True
+    extra_files = [name for name in info.pop("files") if name != INDEX_FILE]
+    trained = info.pop("trained")
+    if trained is not None and info["approximate"]:
+        (directory / TRAINED_FILES[INDEX_FILE]).write_bytes(trained)
+        extra_files.append(TRAINED_FILES[INDEX_FILE])
+    if info["approximate"]:  # normalised queries need their own first stage (a Flat one divides on the fly)
+        twin_reuse = base.trained(NORMALIZED_INDEX_FILE) if base is not None and reuse is not None else None
+        normalized = _write_faiss(config, Normalized(vectors, self_influence), directory / NORMALIZED_INDEX_FILE,
+                                  work=work, measure=False, trained=twin_reuse)
+        extra_files += [name for name in normalized["files"] if name != NORMALIZED_INDEX_FILE]
+        if normalized["trained"] is not None:
+            (directory / TRAINED_FILES[NORMALIZED_INDEX_FILE]).write_bytes(normalized["trained"])
+            extra_files.append(TRAINED_FILES[NORMALIZED_INDEX_FILE])
+    info["extra_files"] = extra_files
+    return info
+
+
+#: the trained, empty FAISS structure of an approximate index (PCA, IVF centroids ...), kept so an update can
+#: fill it with the new vectors instead of training again
+TRAINED_FILES = {INDEX_FILE: "index.trained.faiss", NORMALIZED_INDEX_FILE: "index_normalized.trained.faiss"}
+
+
+def _recall_below(measured: dict | None, figure: dict | None) -> bool:
+    """True when either end's measured recall@10 is below the recorded figure for that end."""
+    if not measured or not figure:
+        return False
+    return any(isinstance(figure.get(end), (int, float)) and isinstance(measured.get(end), (int, float))
+               and measured[end] < figure[end] for end in ("proponents", "opponents"))
+
+
+def write_rows(vectors, path: Path) -> None:
+    """Write a row source [N, D] as a float32 .npy file, one block at a time, fsynced."""
+    count, dim = vectors.shape
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False, "shape": (count, dim)})
+        for _, block in vectors.blocks():
+            handle.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _class_names(task: Task) -> list[str] | None:
@@ -737,19 +830,21 @@ def _progress_bar(total: int, enabled: bool):
 
 def _write_faiss(config: IndexConfig, vectors, path: Path, work: Path | None = None,
                  queries: Callable[[], tuple[np.ndarray, str]] | None = None, measure: bool = True,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[[str], None] | None = None, trained: bytes | None = None) -> dict:
     """Build and write the FAISS index of `vectors` (a row source, `indexer.store.faiss_build`) in bounded
     memory; an approximate one records its recall@10 against exact search (unless not `measure`),
-    measured with `queries()` -> (query vectors [Q, D], what they are). The manifest entry, whose
-    `files` are every file written (an on-disk IVF adds its .ivfdata)."""
+    measured with `queries()` -> (query vectors [Q, D], what they are). `trained`: a serialised trained,
+    empty index of the same factory to fill instead of training one. The manifest entry, whose `files` are
+    every file written (an on-disk IVF adds its .ivfdata), and `trained` (the trained structure, or None)."""
     work = work if work is not None else path.parent / f".{path.stem}-blocks"
     try:
-        written = write_index(config.index.factory, vectors, path, config.index.train_sample, work, log=log)
+        written = write_index(config.index.factory, vectors, path, config.index.train_sample, work, log=log,
+                              trained=trained)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info = {"factory": config.index.factory, "metric": "inner_product", "file": path.name,
             "approximate": written.approximate, "search_params": config.index.search_params,
-            "storage": written.storage, "files": written.files}
+            "storage": written.storage, "files": written.files, "trained": written.trained}
     if written.approximate and measure:
         if queries is not None:
             q, source = queries()
@@ -783,13 +878,25 @@ def _held_out_queries(job: "_Job", count: int = 100) -> tuple[np.ndarray, str]:
     return vectors, f"{n} {source}"
 
 
-def _write_examples(task: Task, examples: ExampleSet, directory: Path) -> None:
-    def rows():
-        for row in range(len(examples)):
+def _write_examples(task: Task, examples: ExampleSet, directory: Path, base=None) -> None:
+    """examples.jsonl (one line per row) and queries.jsonl (the task's held-out set). With `base` (an update),
+    its table's lines are kept as they are (a hard link when no row is new, else a copy) and the new rows'
+    lines appended."""
+    def rows(start: int):
+        for row in range(start, len(examples)):
             yield {"id": examples.id_of(row), "label": task.label_to_json(examples.labels[row]),
                    "display": examples.display_of(row)}
 
-    write_jsonl(directory / EXAMPLES_FILE, rows())
+    target = directory / EXAMPLES_FILE
+    if base is None:
+        write_jsonl(target, rows(0))
+    elif base.count == len(examples):
+        link_or_copy(base.path / EXAMPLES_FILE, target)
+    else:
+        shutil.copyfile(base.path / EXAMPLES_FILE, target)
+        with open(target, "a", encoding="utf-8") as handle:
+            for row in rows(base.count):
+                handle.write(json.dumps(row, separators=(",", ":"), allow_nan=False) + "\n")
     held_out = task.held_out_set()
     if held_out is not None:
         write_jsonl(directory / QUERIES_FILE, (
@@ -799,11 +906,12 @@ def _write_examples(task: Task, examples: ExampleSet, directory: Path) -> None:
         ))
 
 
-def _copy_checkpoints(job: _Job, directory: Path) -> tuple[list[dict], list[str]]:
+def _copy_checkpoints(job: _Job, directory: Path, base=None) -> tuple[list[dict], list[str]]:
     """checkpoints/NN-name: a byte copy of a checkpoint file the service reads as it is; a normalised
     tracin checkpoint (weights under the model's own names, the lr) for a folder, a prefixed file or a file
     that also holds optimizer state (the index keeps the weights, not the state); checkpoints/NN.step.safetensors:
-    the step weights lr * Gamma per traced parameter where they are tensors (`indexer.optimizer.step`).
+    the step weights lr * Gamma per traced parameter where they are tensors (`indexer.optimizer.step`). With
+    `base` (an update), the checkpoints it holds already are hard links (or copies) of its files, with its entries.
     Returns (the manifest's checkpoint entries, the step files written)."""
     from safetensors.torch import save_file
 
@@ -812,6 +920,14 @@ def _copy_checkpoints(job: _Job, directory: Path) -> tuple[list[dict], list[str]
     (directory / CHECKPOINT_DIR).mkdir()
     entries, step_files = [], []
     for i, (ckpt, digest, spec) in enumerate(zip(job.checkpoints, job.digests, job.config.checkpoints)):
+        if base is not None and i < len(base.checkpoints):  # an update: the checkpoints it had, shared
+            entry = dict(base.checkpoints[i])
+            link_or_copy(base.path / entry["file"], directory / entry["file"])
+            if (entry.get("step") or {}).get("file"):
+                link_or_copy(base.path / entry["step"]["file"], directory / entry["step"]["file"])
+                step_files.append(entry["step"]["file"])
+            entries.append(entry)
+            continue
         if ckpt.path.is_file() and not spec.prefix and read_saved_optimizer(ckpt.path) is None:
             name = f"{CHECKPOINT_DIR}/{i:02d}-{ckpt.path.name}"
             shutil.copyfile(ckpt.path, directory / name)

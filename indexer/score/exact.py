@@ -203,6 +203,39 @@ def training_set_digest(examples: ExampleSet, max_bytes: int = 1 << 30, sample: 
     return digest
 
 
+#: bytes of each row digest (a truncated sha256: 128 bits)
+ROW_DIGEST_BYTES = 16
+ROW_DIGEST_FORMAT = "tracin-row-sha256-128/1"
+
+
+def row_digests(examples: ExampleSet, start: int = 0, stop: int | None = None, chunk: int = 8192) -> np.ndarray:
+    """A digest of each training row's content, uint8 [stop - start, ROW_DIGEST_BYTES]: sha256 (truncated to
+    128 bits) of every input tensor's row and the row's label, after a header of their names, dtypes and
+    per-row shapes. What `tracin index --update` compares to tell new rows from changed ones (the id is
+    compared separately, from examples.jsonl). Rows are hashed `chunk` at a time (one contiguous copy of a
+    chunk in memory, never of the whole set)."""
+    stop = len(examples) if stop is None else stop
+    inputs = examples.inputs
+    names = list(inputs.keys()) if isinstance(inputs, dict) else list(range(len(input_tensors(inputs))))
+    tensors = [*input_tensors(inputs), examples.labels]
+    header = hashlib.sha256()
+    for name, t in zip([*names, "label"], tensors):
+        header.update(f"{name}|{t.dtype}|{tuple(t.shape[1:])};".encode())
+    out = np.empty((max(0, stop - start), ROW_DIGEST_BYTES), dtype=np.uint8)
+    for lo in range(start, stop, chunk):
+        hi = min(lo + chunk, stop)
+        parts = []
+        for t in tensors:
+            flat = t[lo:hi].detach().cpu().contiguous().reshape(hi - lo, -1)
+            parts.append(flat.view(torch.uint8).numpy() if flat.numel() else np.zeros((hi - lo, 0), np.uint8))
+        for i in range(hi - lo):
+            h = header.copy()
+            for part in parts:
+                h.update(part[i].tobytes())
+            out[lo - start + i] = np.frombuffer(h.digest()[:ROW_DIGEST_BYTES], dtype=np.uint8)
+    return out
+
+
 def _bytes(t: torch.Tensor) -> memoryview | bytes:
     """The raw bytes of a tensor of any dtype (bfloat16 and bool included), as a view (no copy of a
     contiguous CPU tensor: hashing a large training set does not double it in memory)."""

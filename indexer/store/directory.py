@@ -13,6 +13,11 @@
     examples.jsonl       one line per row: {"id", "label", "display"}
     queries.jsonl        optional held-out examples: {"id", "label", "example"}
     checkpoints/         copies of the checkpoint files, so the directory is self-contained
+    row_digests.npy      a digest of each row's content (what `tracin index --update` compares); absent in older
+                         indexes, which cannot be updated
+    vectors.npy          the stored vectors, only where the FAISS file does not hold them exactly (IVF, PQ, ...)
+    removed.json         rows marked removed by `tracin index --remove-ids` (kept out of every answer)
+    CURRENT, versions/   an index that was updated: `indexer.store.versions` (CURRENT names the version served)
 
 Written into a sibling temporary directory and renamed into place: a crash never leaves a directory
 that looks whole, and a file a server may have memory-mapped is never rewritten in place (the old
@@ -27,7 +32,7 @@ import math
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -51,6 +56,14 @@ EXAMPLES_FILE = "examples.jsonl"
 QUERIES_FILE = "queries.jsonl"
 INPUT_RANGES_FILE = "input_ranges.json"
 CHECKPOINT_DIR = "checkpoints"
+#: uint8 [count, 16]: a digest of each row's content (`indexer.score.exact.row_digests`), what an update compares
+ROW_DIGESTS_FILE = "row_digests.npy"
+#: float32 [count, D]: the stored vectors, for factories whose FAISS file does not hold them exactly (IVF, PQ,
+#: HNSW ...): what an update adds a new checkpoint's terms to
+VECTORS_FILE = "vectors.npy"
+#: the training rows marked removed (`tracin index --remove-ids`): {"format", "rows", "ids"}
+REMOVED_FILE = "removed.json"
+REMOVED_FORMAT = "tracin-removed/1"
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "MANIFEST_DIGEST", "IndexDirectory", "IndexDirectoryError", "IndexBuildError",
            "StagingDirectory", "check_replaceable"]
@@ -184,23 +197,56 @@ def check_replaceable(target: Path, protected: Iterable[Path] = ()) -> None:
     if not is_index_directory(target):
         raise IndexBuildError(f"--force: {target} is not an index directory (no tracin {MANIFEST}); --force only "
                               "replaces index directories, so it is left as it is (choose another --out)")
-    raw = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
-    known = {MANIFEST, MANIFEST_DIGEST, SIGNATURE_FILE, *[str(k) for k in raw.get("files", {})]}
+    unknown = _unknown_files(target)
+    if unknown:
+        raise IndexBuildError(f"--force: {target} holds files that are not part of its index ({', '.join(unknown[:3])}"
+                              f"{', ...' if len(unknown) > 3 else ''}); it is left as it is (move them or choose "
+                              "another --out)")
+
+
+def _unknown_files(target: Path, top: bool = True) -> list[str]:
+    """Paths inside the index directory `target` that are not part of it: not listed in its manifest, links,
+    or (at the top) anything under versions/ but whole versions (each checked the same way), an update's
+    staging folders and the CURRENT pointer (`indexer.store.versions`)."""
+    from indexer.store import versions as v
+
+    try:
+        raw = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [MANIFEST]
+    raw = raw if isinstance(raw, dict) else {}
+    known = {MANIFEST, MANIFEST_DIGEST, SIGNATURE_FILE, *[str(k) for k in raw.get("files", {}) or {}]}
     for entry in raw.get("checkpoints") or []:
         if isinstance(entry, dict) and isinstance(entry.get("file"), str):
             known.add(entry["file"])
     folders = {str(Path(name).parent) for name in known} - {"."}
     unknown = []
+    versions_dir = target / v.VERSIONS_DIR
     for path in sorted(target.rglob("*")):
         name = path.relative_to(target).as_posix()
+        if top and (path == versions_dir or versions_dir in path.parents):
+            continue
+        if top and (name == v.CURRENT or v.POINTER_TMP_NAME.match(name)) and path.is_file() \
+                and not path.is_symlink():
+            continue
         if path.is_dir() and not path.is_symlink() and name in folders:
             continue
         if name not in known or path.is_symlink() or not path.is_file():
             unknown.append(name)
-    if unknown:
-        raise IndexBuildError(f"--force: {target} holds files that are not part of its index ({', '.join(unknown[:3])}"
-                              f"{', ...' if len(unknown) > 3 else ''}); it is left as it is (move them or choose "
-                              "another --out)")
+    if top and versions_dir.exists():
+        if versions_dir.is_symlink() or not versions_dir.is_dir():
+            return unknown + [v.VERSIONS_DIR]
+        for entry in sorted(versions_dir.iterdir()):
+            name = f"{v.VERSIONS_DIR}/{entry.name}"
+            if entry.is_symlink() or not entry.is_dir():
+                unknown.append(name)
+            elif v.STAGING_NAME.match(entry.name):
+                continue  # an interrupted update's staging folder
+            elif not v.VERSION_NAME.match(entry.name) or not is_index_directory(entry):
+                unknown.append(name)
+            else:
+                unknown += [f"{name}/{n}" for n in _unknown_files(entry, top=False)]
+    return unknown
 
 
 def fsync_path(path: Path) -> None:
@@ -334,6 +380,10 @@ class IndexDirectory:
     label_review: np.ndarray | None = None  # label_review.npy (None: an index built before it existed)
     input_ranges: Any = None  # indexer.build.input_ranges.InputRanges (None: an index built before them)
     normalized_index: faiss.Index | None = None
+    #: which version of its index directory this is (`indexer.store.versions.Version`)
+    version: Any = None
+    #: int64 [r], sorted: rows marked removed (`tracin index --remove-ids`), kept out of every answer
+    removed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def count(self) -> int:
@@ -391,7 +441,13 @@ class IndexDirectory:
         inner-product vectors; self_influence.npy is float64 [count], finite and >= 0; examples.jsonl has
         `count` rows with an id and a label; each checkpoint's lr equals the lr its file records (when it
         records one). The manifest digest is checked even without `verify` (it is small)."""
-        path = Path(path)
+        from indexer.store.versions import VersionError, resolve
+
+        try:  # an updated index directory: the version its CURRENT pointer names (indexer.store.versions)
+            version = resolve(path)
+        except (VersionError, OSError) as exc:
+            raise IndexDirectoryError(str(exc)) from None
+        path = version.directory
         for name in (MANIFEST, MANIFEST_DIGEST):
             if (path / name).is_symlink():
                 _check_member(path, name)
@@ -442,8 +498,41 @@ class IndexDirectory:
             if normalized.ntotal != count or normalized.d != dim:
                 raise IndexDirectoryError(f"{path}: {NORMALIZED_INDEX_FILE} has {normalized.ntotal} x {normalized.d} "
                                           f"vectors, not {count} x {dim}")
+        removed = _read_removed(path, examples) if REMOVED_FILE in model.files else np.zeros(0, dtype=np.int64)
         return cls(path, manifest, index, self_influence, examples, queries, model, review, ranges,
-                   normalized_index=normalized)
+                   normalized_index=normalized, version=version, removed=removed)
+
+
+def read_removed_file(file: Path, ids: list[str]) -> np.ndarray:
+    """The rows of removed.json, int64 [r] sorted, checked against the examples table's `ids` (each listed
+    row's id must be the id recorded beside it). ValueError (one line) otherwise."""
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{Path(file).name} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != REMOVED_FORMAT:
+        raise ValueError(f"{Path(file).name} is not a {REMOVED_FORMAT} file")
+    rows, listed = data.get("rows"), data.get("ids")
+    if not isinstance(rows, list) or not isinstance(listed, list) or len(rows) != len(listed) \
+            or not all(type(r) is int for r in rows) or not all(isinstance(i, str) for i in listed):
+        raise ValueError(f"{Path(file).name}: rows (integers) and ids (strings) must be lists of one length")
+    array = np.asarray(rows, dtype=np.int64)
+    if array.size and (array.min() < 0 or array.max() >= len(ids) or (np.diff(array) <= 0).any()):
+        raise ValueError(f"{Path(file).name}: rows must be increasing row numbers in 0..{len(ids) - 1}")
+    if array.size >= len(ids):
+        raise ValueError(f"{Path(file).name}: every row is marked removed")
+    for row, example_id in zip(rows, listed):
+        if ids[row] != example_id:
+            raise ValueError(f"{Path(file).name}: row {row} is {ids[row][:100]!r} in the examples table, "
+                             f"{example_id[:100]!r} here")
+    return array
+
+
+def _read_removed(path: Path, examples: "JsonlRows") -> np.ndarray:
+    try:
+        return read_removed_file(path / REMOVED_FILE, examples.ids)
+    except ValueError as exc:
+        raise IndexDirectoryError(f"{path}: {exc}") from None
 
 
 def _check_member(path: Path, name: str) -> None:

@@ -155,6 +155,55 @@ class ArrayRows(_Blocks):
         return np.ascontiguousarray(self.array[rows], dtype=np.float32)
 
 
+class ConcatRows(_Blocks):
+    """Row sources of one width stacked in order (an update: the stored rows it keeps, then the rows it
+    embedded), sliced like one `RowSource` without a copy of the whole."""
+
+    def __init__(self, parts: Sequence):
+        self.parts = [as_rows(p) for p in parts if p.shape[0]]
+        dims = {p.shape[1] for p in self.parts}
+        if len(dims) > 1:
+            raise ValueError(f"ConcatRows: parts of different widths {sorted(dims)}")
+        self.starts = np.cumsum([0] + [p.shape[0] for p in self.parts])
+        self.shape = (int(self.starts[-1]), dims.pop() if dims else 0)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("ConcatRows: slices must have step 1")
+            out = [p[max(start, lo) - lo:min(stop, hi) - lo] for p, lo, hi in
+                   zip(self.parts, self.starts[:-1], self.starts[1:]) if max(start, lo) < min(stop, hi)]
+            return np.concatenate(out).astype(np.float32, copy=False) if out else \
+                np.empty((0, self.shape[1]), np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.size, self.shape[1]), dtype=np.float32)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        for i, (p, lo) in enumerate(zip(self.parts, self.starts[:-1])):
+            at = np.flatnonzero(part == i)
+            if at.size:
+                out[at] = p[rows[at] - lo]
+        return out
+
+
+class FlatRows(_Blocks):
+    """The float32 rows an IndexFlat holds (a Flat index, or the refine stage of a `PCA..,RFlat` one), read back
+    exactly (a view of FAISS's storage, memory-mapped where the index was read so)."""
+
+    def __init__(self, flat):
+        self.flat = flat  # keeps the storage alive
+        count, dim = int(flat.ntotal), int(flat.d)
+        self.view = faiss.rev_swig_ptr(flat.get_xb(), count * dim).reshape(count, dim) if count else \
+            np.empty((0, dim), np.float32)
+        self.shape = (count, dim)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return np.array(self.view[rows], dtype=np.float32)
+
+
 def as_rows(vectors):
     """A row source (`blocks()` and row slicing) for `vectors`: returned as is when it is one, else an
     `ArrayRows` of the array."""
@@ -171,15 +220,20 @@ class WrittenIndex:
     index: faiss.Index
     approximate: bool
     storage: str
+    #: the serialised trained, empty index this one was filled from (None for Flat, which trains nothing)
+    trained: bytes | None = None
 
 
 def write_index(factory: str, vectors, path: Path, train_sample: int, work: Path,
-                block_rows: int | None = None, log: Callable[[str], None] | None = None) -> WrittenIndex:
+                block_rows: int | None = None, log: Callable[[str], None] | None = None,
+                trained: bytes | None = None) -> WrittenIndex:
     """Write the FAISS index (inner product) of `vectors` (a `RowSource` or `Normalized`) to `path`.
 
-    `work` holds the temporary block files of an IVF build (removed here). Raises ValueError naming
-    index.factory for a factory FAISS cannot build, OSError for a full disk, RuntimeError for a FAISS
-    layout this writer does not recognise (Flat)."""
+    `work` holds the temporary block files of an IVF build (removed here). `trained` (an update): the
+    serialised trained, empty index of an earlier build of the same factory and dim, filled instead of
+    training a new one (ValueError when it is not one). Raises ValueError naming index.factory for a
+    factory FAISS cannot build, OSError for a full disk, RuntimeError for a FAISS layout this writer does
+    not recognise (Flat)."""
     block_rows = block_rows or BLOCK_ROWS
     vectors = as_rows(vectors)
     count, dim = vectors.shape
@@ -187,7 +241,14 @@ def write_index(factory: str, vectors, path: Path, train_sample: int, work: Path
     if isinstance(faiss.downcast_index(index), faiss.IndexFlat) and index.metric_type == faiss.METRIC_INNER_PRODUCT:
         write_flat(vectors, path, block_rows)
         return WrittenIndex([path.name], read_index(path, mmap=True), False, "stream")
-    if not index.is_trained:
+    if trained is not None:
+        earlier = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+        if type(faiss.downcast_index(earlier)) is not type(faiss.downcast_index(index)) or earlier.d != dim \
+                or not earlier.is_trained or earlier.ntotal != 0:
+            raise ValueError(f"index.factory: the trained structure kept for {factory!r} is not a trained, empty "
+                             f"index of that factory and dim {dim}")
+        index = earlier
+    elif not index.is_trained:
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(count, size=min(count, train_sample), replace=False))
         if log:
@@ -195,20 +256,21 @@ def write_index(factory: str, vectors, path: Path, train_sample: int, work: Path
         index.train(np.ascontiguousarray(vectors[sample]))
         del sample
     _uncentre(index)
+    blob = bytes(faiss.serialize_index(index))  # trained and still empty
     if _streamable_refine(index) is not None:
         write_refine_flat(index, vectors, path, block_rows)
-        return WrittenIndex([path.name], read_index(path, mmap=True), True, "stream")
+        return WrittenIndex([path.name], read_index(path, mmap=True), True, "stream", blob)
     if _ondisk_ivf(index) is not None and count:
         data = path.with_suffix(".ivfdata")
         _fill_ondisk(index, vectors, data, work, block_rows, log)
         faiss.write_index(index, str(path))
         del index
         written = read_index(path)
-        return WrittenIndex([path.name, data.name], written, is_approximate(written), "on-disk")
+        return WrittenIndex([path.name, data.name], written, is_approximate(written), "on-disk", blob)
     for start, block in vectors.blocks(block_rows):
         index.add(block)
     faiss.write_index(index, str(path))
-    return WrittenIndex([path.name], index, is_approximate(index), "in-memory")
+    return WrittenIndex([path.name], index, is_approximate(index), "in-memory", blob)
 
 
 def _ondisk_ivf(index) -> faiss.IndexIVF | None:

@@ -100,18 +100,25 @@ def row_selector(rows: np.ndarray):
 
 
 def top_k(index: faiss.Index, query: np.ndarray, k: int, sign: int = 1, rows: np.ndarray | None = None,
-          params: dict | None = None) -> Hits:
-    """Largest sign * (e . q) hits, returned as (rows, e . q) with sign * score > 0."""
+          params: dict | None = None, exclude: np.ndarray | None = None) -> Hits:
+    """Largest sign * (e . q) hits, returned as (rows, e . q) with sign * score > 0; only among `rows` when
+    given, never among `exclude` (rows marked removed), both applied inside FAISS with an ID selector."""
     if k <= 0:
         return Hits(np.empty(0, np.int64), np.empty(0, np.float32))
     q = np.ascontiguousarray((sign * query).reshape(1, -1), dtype=np.float32)
     keep = None
     selector = None
+    if exclude is not None and exclude.size and rows is not None:
+        rows, exclude = np.setdiff1d(rows, exclude), None
     if rows is not None:
         selector, keep = row_selector(rows)
         k = min(k, int(keep.size))
         if k == 0:
             return Hits(np.empty(0, np.int64), np.empty(0, np.float32))
+    elif exclude is not None and exclude.size:
+        inner, keep = row_selector(exclude)
+        selector = faiss.IDSelectorNot(inner)
+        selector.referenced = inner  # keeps the batch selector alive with the one that negates it
     sp = _search_params(index, selector, params or {})
     k = min(k, index.ntotal)
     scores, ids = index.search(q, k, params=sp) if sp is not None else index.search(q, k)
