@@ -60,20 +60,39 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+#: runs the measured command as ITS child and writes that child's wait4 rusage to the file named by argv[1]: a
+#: process's peak RSS (ru_maxrss) starts from its parent's at the fork (Linux keeps the high-water mark across
+#: exec), so a command forked straight from this process would report at least this process's own peak (the
+#: in-process profiles make it large); forked from this small launcher, it reports its own.
+LAUNCHER = r"""
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"user": usage.ru_utime, "sys": usage.ru_stime, "maxrss_kib": usage.ru_maxrss}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(args: list[str]) -> dict:
-    """Run a subprocess; its wall time, user+sys CPU seconds and peak RSS (MiB) from wait4's rusage."""
+    """Run a subprocess (through LAUNCHER); its wall time, user+sys CPU seconds and peak RSS (MiB) from wait4's
+    rusage of that process alone."""
+    import tempfile
+
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'bench'}", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                TRACIN_INDEX_THREADS="1")
-    started = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(args[:4])} failed:\n{err[-2000:]}")
-    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "user": usage.ru_utime, "sys": usage.ru_stime,
-            "rss_mib": usage.ru_maxrss / 1024}
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, report.name, *args], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:4])} failed:\n{proc.stderr.decode(errors='replace')[-2000:]}")
+        usage = json.loads(Path(report.name).read_text())
+    return {"wall": wall, "cpu": usage["user"] + usage["sys"], "user": usage["user"], "sys": usage["sys"],
+            "rss_mib": usage["maxrss_kib"] / 1024}
 
 
 def prepare(name: str, quick: bool) -> Path:
