@@ -896,7 +896,6 @@ def test_an_image_file_task_uploads_the_file_as_it_is(browser, image_file_server
     assert sent["example"] == {"image": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()}
     assert_hits_equal(browser, httpx.post(image_file_server + "/influence", json=sent).json())
     assert css(browser, "#image-file-preview")[0].is_displayed()
-    screenshot(browser, "image-file-explain")
     not_image = tmp_path / "notes.txt"
     not_image.write_text("not an image")
     css(browser, "#upload-image")[0].send_keys(str(not_image))

@@ -19,7 +19,7 @@ DOCS = REPO / "docs"
 STATIC = REPO / "service" / "static"
 DIGEST_FILE = "dashboard-screenshots.sha256"
 AGAIN = ("take the screenshots again: tracin demo --out /tmp/demo --no-serve && TRACIN_DASHBOARD_INDEX=/tmp/demo/index "
-         "TRACIN_SCREENSHOTS=docs pytest tests/test_dashboard_browser.py")
+         "TRACIN_SCREENSHOTS=docs pytest tests/test_dashboard_browser.py tests/test_dashboard_sets_browser.py")
 
 
 def static_digest() -> str:
@@ -39,14 +39,15 @@ def _shown() -> dict[str, Path]:
 
 def _taken() -> set[str]:
     """The pictures the browser tests write."""
-    source = (REPO / "tests" / "test_dashboard_browser.py").read_text(encoding="utf-8")
+    source = "".join((REPO / "tests" / name).read_text(encoding="utf-8")
+                     for name in ("test_dashboard_browser.py", "test_dashboard_sets_browser.py"))
     return {f"dashboard-{name}.png" for name in re.findall(r'screenshot(?:_at)?\(browser, "([\w-]+)"\)', source)}
 
 
 def test_every_picture_shown_is_taken_by_the_browser_tests():
     shown, taken = _shown(), _taken()
     assert shown, "README.md and docs/ show dashboard screenshots"
-    assert sorted(set(shown) - taken) == [], "shown but not written by tests/test_dashboard_browser.py"
+    assert sorted(set(shown) - taken) == [], "shown but not written by the browser tests"
     assert sorted(name for name in shown if not (DOCS / name).is_file()) == []
 
 
