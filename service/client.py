@@ -94,6 +94,15 @@ def _members_body(examples: Optional[Sequence[Example]], train_ids: Optional[Seq
     return body
 
 
+def _members_query(examples, train_ids, labels, k: int, metric, normalize, rerank, exclude, exclude_self: bool,
+                   filter_label, aggregate: Optional[str] = None, member_scores: bool = False) -> dict[str, Any]:
+    """The body of a set query (`aggregate` given) or a batch (both clients)."""
+    return _members_body(examples, train_ids, labels, k, {
+        "aggregate": aggregate, "metric": metric, "normalize": normalize, "rerank": rerank,
+        "member_scores": member_scores, "exclude": list(exclude) if exclude else None,
+        "exclude_self": exclude_self, "filter_label": filter_label})
+
+
 def _params(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -143,10 +152,8 @@ class InfluenceClient:
         (`aggregate="mean"`: mean) metric. Members: `examples` (each with its `labels` entry, None = the
         prediction) and/or `train_ids`; `member_scores` gives each hit its score against every member;
         `exclude_self` leaves the set's training members out. The answer's `set` lists the members."""
-        body = _members_body(examples, train_ids, labels, k, {
-            "aggregate": aggregate, "metric": metric, "normalize": normalize, "rerank": rerank,
-            "member_scores": member_scores, "exclude": list(exclude) if exclude else None,
-            "exclude_self": exclude_self, "filter_label": filter_label})
+        body = _members_query(examples, train_ids, labels, k, metric, normalize, rerank, exclude, exclude_self,
+                              filter_label, aggregate, member_scores)
         response = self._http.post("/influence", json=body)
         _raise_for(response)
         return InfluenceResponse.model_validate(response.json())
@@ -160,9 +167,8 @@ class InfluenceClient:
         """Several queries in one request (`results`: one answer per member, examples then train_ids, each
         equal to the member's own single answer), computed together: one capture pass, candidates' gradients
         shared."""
-        body = _members_body(examples, train_ids, labels, k, {
-            "metric": metric, "normalize": normalize, "rerank": rerank, "exclude": list(exclude) if exclude else None,
-            "exclude_self": exclude_self, "filter_label": filter_label})
+        body = _members_query(examples, train_ids, labels, k, metric, normalize, rerank, exclude, exclude_self,
+                              filter_label)
         response = self._http.post("/influence", json=body)
         _raise_for(response)
         return BatchInfluenceResponse.model_validate(response.json())
@@ -235,10 +241,8 @@ class AsyncInfluenceClient:
         (`aggregate="mean"`: mean) metric. Members: `examples` (each with its `labels` entry, None = the
         prediction) and/or `train_ids`; `member_scores` gives each hit its score against every member;
         `exclude_self` leaves the set's training members out. The answer's `set` lists the members."""
-        body = _members_body(examples, train_ids, labels, k, {
-            "aggregate": aggregate, "metric": metric, "normalize": normalize, "rerank": rerank,
-            "member_scores": member_scores, "exclude": list(exclude) if exclude else None,
-            "exclude_self": exclude_self, "filter_label": filter_label})
+        body = _members_query(examples, train_ids, labels, k, metric, normalize, rerank, exclude, exclude_self,
+                              filter_label, aggregate, member_scores)
         response = await self._http.post("/influence", json=body)
         _raise_for(response)
         return InfluenceResponse.model_validate(response.json())
@@ -252,9 +256,8 @@ class AsyncInfluenceClient:
         """Several queries in one request (`results`: one answer per member, examples then train_ids, each
         equal to the member's own single answer), computed together: one capture pass, candidates' gradients
         shared."""
-        body = _members_body(examples, train_ids, labels, k, {
-            "metric": metric, "normalize": normalize, "rerank": rerank, "exclude": list(exclude) if exclude else None,
-            "exclude_self": exclude_self, "filter_label": filter_label})
+        body = _members_query(examples, train_ids, labels, k, metric, normalize, rerank, exclude, exclude_self,
+                              filter_label)
         response = await self._http.post("/influence", json=body)
         _raise_for(response)
         return BatchInfluenceResponse.model_validate(response.json())

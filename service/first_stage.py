@@ -150,17 +150,18 @@ class FirstStage:
         queries = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).T.contiguous()
         out = torch.empty(count, queries.shape[1], dtype=torch.float32)
 
-        def block(bounds: tuple[int, int]) -> None:
-            start, stop = bounds
-            torch.mm(view[start:stop], queries, out=out[start:stop])
+        self._in_row_blocks(count, dim, lambda start, stop: torch.mm(view[start:stop], queries, out=out[start:stop]))
+        return out.numpy()
 
+    def _in_row_blocks(self, count: int, dim: int, block) -> None:
+        """block(start, stop) over rows 0..count: at once for small indexes, else in `threads` contiguous row
+        blocks on the search pool (the torch ops release the GIL)."""
         parts = self.threads if count * dim >= PARALLEL_SCAN_FLOATS else 1
         if parts <= 1 or self.pool is None:
-            block((0, count))
+            block(0, count)
         else:
             edges = [count * i // parts for i in range(parts + 1)]
-            list(self.pool.map(block, zip(edges[:-1], edges[1:])))
-        return out.numpy()
+            list(self.pool.map(block, edges[:-1], edges[1:]))
 
     def _view(self):
         import torch
@@ -183,16 +184,7 @@ class FirstStage:
         query = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
         out = torch.empty(count, dtype=torch.float32)
 
-        def block(bounds: tuple[int, int]) -> None:
-            start, stop = bounds
-            torch.mv(view[start:stop], query, out=out[start:stop])
-
-        parts = self.threads if count * dim >= PARALLEL_SCAN_FLOATS else 1
-        if parts <= 1 or self.pool is None:
-            block((0, count))
-        else:
-            edges = [count * i // parts for i in range(parts + 1)]
-            list(self.pool.map(block, zip(edges[:-1], edges[1:])))
+        self._in_row_blocks(count, dim, lambda start, stop: torch.mv(view[start:stop], query, out=out[start:stop]))
         return out.numpy()
 
 

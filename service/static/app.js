@@ -3,8 +3,8 @@
 import { api, ApiError, getApiKey, setApiKey } from "./api.js";
 import { createSets } from "./sets.js";
 import {
-  ImageInput, binScores, clear, displayExtras, drawHistogram, exampleVisual, fieldColumns, fieldsTable, flippedBadge,
-  fmtInt, fmtScore, h, hasVisual, hitList, inputSpec, labelChip, labelSummary, probabilityBars, safeImageUrl,
+  ImageInput, binScores, clear, displayExtras, downloadBlob, drawHistogram, exampleVisual, fieldColumns, fieldsTable,
+  flippedBadge, fmtInt, fmtScore, h, hasVisual, hitList, inputSpec, labelChip, labelSummary, probabilityBars, safeImageUrl,
 } from "./widgets.js";
 
 const $ = (id) => document.getElementById(id);
@@ -764,13 +764,7 @@ async function exportList(format) {
   const { label } = state.self;
   const { blob, filename } = await api.labelReviewExport(format, label === "" ? undefined : label,
     currentRanking() || undefined);
-  const url = URL.createObjectURL(blob);
-  const a = h("a", { href: url, download: filename, hidden: true });
-  document.body.append(a);
-  a.click();
-  a.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 10000);
-  document.body.dataset.lastExport = filename;
+  downloadBlob(blob, filename);
 }
 
 // Histograms are cached per label and x scale ("log x" asks the server for log- or linear-spaced bins).

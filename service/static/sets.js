@@ -2,7 +2,7 @@
 // `aggregate`): which training examples helped or hurt the set's summed (or mean) metric, exact after
 // re-ranking, and which members each of them affects most (`member_scores`). Exports the answer as CSV/JSON.
 import { api, ApiError } from "./api.js";
-import { clear, exampleVisual, fmtInt, fmtScore, h, hitList, labelChip, labelSummary } from "./widgets.js";
+import { clear, downloadBlob, exampleVisual, fmtInt, fmtScore, h, hitList, labelChip, labelSummary } from "./widgets.js";
 
 const $ = (id) => document.getElementById(id);
 const LOAD = 1000; // held-out examples listed (one GET /queries?predictions=true)
@@ -210,13 +210,7 @@ export function createSets(ctx) {
       type = "text/csv";
     }
     const filename = `influence-set-${res.set.size}-${res.set.aggregate}.${format}`;
-    const url = URL.createObjectURL(new Blob([text], { type }));
-    const a = h("a", { href: url, download: filename, hidden: true });
-    document.body.append(a);
-    a.click();
-    a.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 10000);
-    document.body.dataset.lastExport = filename;
+    downloadBlob(new Blob([text], { type }), filename);
   }
 
   function init() {

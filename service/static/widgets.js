@@ -586,3 +586,15 @@ export function inputSpec(schema) {
   if (textField && (schema.required || []).length <= 1) return { kind: "text", field: textField };
   return { kind: "json" };
 }
+
+// Save a Blob as a file through a hidden link (the export buttons); the browser tests read the name back
+// from document.body.dataset.lastExport.
+export function downloadBlob(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const a = h("a", { href: url, download: filename, hidden: true });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+  document.body.dataset.lastExport = filename;
+}
