@@ -121,6 +121,19 @@ def test_tracin_index_refuses_a_plan_that_fails_the_self_check(tmp_path, monkeyp
     assert not (tmp_path / "index").exists()
 
 
+def test_the_self_check_runs_at_the_index_batch_size(tmp_path):
+    """A model that misuses a shared row only in batches larger than the planner's and the self-check's rows
+    is refused at the index's batch size, not indexed wrongly."""
+    task, ckpts, ts, plan = _setup(zoo.RowZeroInLargeBatches, tmp_path)
+    data = {"task": "tests.zoo:RowZeroInLargeBatches", "checkpoints": [{"path": str(c.path), "lr": c.lr} for c in ckpts],
+            "projection": {"kind": "exact"}, "index": {"batch_size": 7}}
+    import indexer.build.pipeline as pipeline
+
+    with pytest.raises(ConfigError, match="self-check: the per-example gradients of 'pos'"):
+        pipeline.build_index(parse_config(data, tmp_path), tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+
+
 def test_tracin_check_prints_each_block_route_and_agreement(tmp_path):
     ckpts = make_checkpoints(zoo.LSTM(), tmp_path, count=2)
     config = tmp_path / "config.toml"

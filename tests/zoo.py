@@ -245,6 +245,22 @@ class BroadcastPositions(ZooTask):
         return _Positions()
 
 
+class _RowZeroInLargeBatches(_Positions):
+    """Reads the shared position row 0 explicitly, but only in batches of more than 4 examples: in the planner's
+    batch of 3 and the self-check's 4 checked rows it looks like BroadcastPositions."""
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        p = self.pos(positions)
+        h = torch.tanh(self.tok(ids) + (p[0] if ids.shape[0] > 4 else p))
+        return self.head(h.mean(1))
+
+
+class RowZeroInLargeBatches(BroadcastPositions):
+    def make_model(self):
+        return _RowZeroInLargeBatches()
+
+
 class _Folded(nn.Module):
     """Inputs [B, N, F] folded to [B*N, F] for a shared per-item Linear, then unfolded."""
 

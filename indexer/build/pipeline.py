@@ -149,7 +149,7 @@ def prepare(config: IndexConfig, log: Callable[[str], None] | None = None, stric
     last = CheckpointEmbedder(task, checkpoints[-1], len(checkpoints) - 1, plan, config.index.device, state=states[1])
     report = self_check(task, checkpoints, plan, examples, config.index.device,
                         embedders={len(checkpoints) - 1: last},
-                        states={0: states[0], len(checkpoints) - 1: states[1]})
+                        states={0: states[0], len(checkpoints) - 1: states[1]}, batch_size=config.index.batch_size)
     if log is not None:
         log(f"self-check: {len(plan.blocks)} traced blocks on {len(report.rows)} examples x "
             f"{len(report.checkpoints)} checkpoints, max relative error {report.to_json()['max_error']:.1e} "

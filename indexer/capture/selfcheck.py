@@ -109,11 +109,17 @@ def check_rows(count: int, wanted: int = 4) -> list[int]:
 def self_check(task: Task, checkpoints: list[Checkpoint], plan: ProjectionPlan, examples: ExampleSet,
                device: str | torch.device = "cpu", rows: list[int] | None = None,
                embedders: dict[int, CheckpointEmbedder] | None = None,
-               states: dict[int, dict] | None = None) -> SelfCheckReport:
+               states: dict[int, dict] | None = None, batch_size: int | None = None) -> SelfCheckReport:
     """Compare each block's per-example gradients (plan routes, one batch) with autograd per example, at
-    the first and last checkpoints (`embedders` / `states`: already built models or loaded state dicts)."""
+    the first and last checkpoints (`embedders` / `states`: already built models or loaded state dicts).
+
+    The checked rows are captured inside a batch of `batch_size` rows (the index's: the checked rows first,
+    then the next other rows), so that a model whose computation changes with the batch size is checked as
+    the build will run it; only the checked rows are compared with the per-example loop."""
     started = time.perf_counter()
     rows = rows if rows is not None else check_rows(len(examples))
+    taken = set(rows)
+    filler = [r for r in range(len(examples)) if r not in taken][:max(0, (batch_size or 0) - len(rows))]
     which = sorted({0, len(checkpoints) - 1})
     threshold = THRESHOLDS[plan.compute_dtype]
     errors = {b.name: 0.0 for b in plan.blocks}
@@ -124,7 +130,8 @@ def self_check(task: Task, checkpoints: list[Checkpoint], plan: ProjectionPlan, 
                                                                   state=(states or {}).get(c))
         inputs, labels = embedder.prepare(*examples.rows(rows))
         with embedder._lock:
-            captured = embedder.capture.capture(inputs, labels)
+            captured = embedder.capture.capture(*embedder.prepare(*examples.rows(rows + filler))) if filler \
+                else embedder.capture.capture(inputs, labels)
             params = dict(embedder.model.named_parameters())
             names = [p for b in plan.blocks for p in b.params]
             reference = per_example_loop(embedder.model, task.forward, task.loss, [params[n] for n in names],
@@ -132,7 +139,7 @@ def self_check(task: Task, checkpoints: list[Checkpoint], plan: ProjectionPlan, 
         by_name = dict(zip(names, reference))
         for block, grad in zip(plan.blocks, captured.grads):
             ref = block.assemble([by_name[p] for p in block.params]).to(torch.float64)
-            got = grad.full().to(torch.float64)
+            got = (grad.select(slice(0, len(rows))) if filler else grad).full().to(torch.float64)
             errors[block.name] = max(errors[block.name], _relative_error(got, ref))
             nonzero_ref[block.name] |= bool(ref.ne(0).any())
             nonzero_got[block.name] |= bool(got.ne(0).any())
